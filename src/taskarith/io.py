@@ -1,0 +1,168 @@
+"""Reading and writing weights and records safely.
+
+Weights are read from safetensors (never unpickled); legacy ``.bin``/``.pt`` files go through
+``torch.load(weights_only=True)``, which refuses arbitrary objects. Every write goes to a temporary
+file in the destination folder and is renamed into place, so a crash mid-save leaves the previous
+file intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from taskarith.errors import TaskArithError
+
+StateDict = dict[str, torch.Tensor]
+
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+_SAFETENSORS_SINGLE = "model.safetensors"
+_PICKLE_INDEX = "pytorch_model.bin.index.json"
+_PICKLE_SINGLE = "pytorch_model.bin"
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise TaskArithError(f"could not write {target}: {exc.strerror or exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TaskArithError(f"{path}: file not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TaskArithError(f"{path}: not valid JSON ({exc})") from None
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Save tensors as safetensors, atomically."""
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=dict(metadata))
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
+    """Load every tensor of a safetensors file plus its string metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskArithError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise TaskArithError(f"{path}: not a readable safetensors file ({exc})") from None
+    return tensors, metadata
+
+
+def _load_pickle_weights(path: Path) -> StateDict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types here; all mean "refused or unreadable"
+        raise TaskArithError(
+            f"{path}: refused to load (only plain tensors are read from pickle files, "
+            f"with torch.load(weights_only=True); convert it to safetensors): {exc}"
+        ) from None
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TaskArithError(f"{path}: expected a mapping from names to tensors")
+    return dict(obj)
+
+
+def _load_weight_file(path: Path) -> StateDict:
+    if path.suffix in {".bin", ".pt", ".pth"}:
+        return _load_pickle_weights(path)
+    return load_tensors(path)[0]
+
+
+def _load_sharded(directory: Path, index_name: str) -> StateDict:
+    index = read_json(directory / index_name)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise TaskArithError(f"{directory / index_name}: missing 'weight_map'")
+    state: StateDict = {}
+    for shard in sorted(set(weight_map.values())):
+        state.update(_load_weight_file(directory / shard))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise TaskArithError(f"{directory / index_name}: tensors listed but absent from shards: {missing[:5]}")
+    return state
+
+
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+    """Read weights from a safetensors file, a weights_only pickle, or a Hugging Face model folder (sharded or not)."""
+    path = Path(path)
+    if path.is_dir():
+        for name, loader in (
+            (_SAFETENSORS_INDEX, lambda: _load_sharded(path, _SAFETENSORS_INDEX)),
+            (_SAFETENSORS_SINGLE, lambda: load_tensors(path / _SAFETENSORS_SINGLE)[0]),
+            (_PICKLE_INDEX, lambda: _load_sharded(path, _PICKLE_INDEX)),
+            (_PICKLE_SINGLE, lambda: _load_pickle_weights(path / _PICKLE_SINGLE)),
+        ):
+            if (path / name).is_file():
+                return loader()
+        raise TaskArithError(
+            f"{path}: no weights found (looked for {_SAFETENSORS_SINGLE}, {_SAFETENSORS_INDEX}, {_PICKLE_SINGLE})"
+        )
+    if not path.exists():
+        raise TaskArithError(f"{path}: file not found")
+    return _load_weight_file(path)
+
+
+def floating_only(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """Keep the tensors that fine-tuning can change: integer buffers and position ids take no part."""
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+def state_hash(state: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of the floating-point tensors: the identity of a base model, independent of file layout."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name]
+        if not tensor.is_floating_point():
+            continue
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def ensure_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights with NaN or Inf: arithmetic on them silently poisons every merged model."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise TaskArithError(f"{source}: tensor '{name}' contains NaN or Inf")

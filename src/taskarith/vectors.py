@@ -1,0 +1,271 @@
+"""Task vectors: tau = theta_finetuned - theta_pretrained, with algebra that reads like the math.
+
+>>> tau_a = TaskVector.from_models(pre, finetuned_a)
+>>> multi = pre + 0.5 * (tau_a + tau_b)      # a new model; `pre` is untouched
+>>> forget = pre + (-tau_c)
+
+A task vector remembers the content hash of the base it was built from and refuses to be applied to
+any other base, because a delta only means something relative to the weights it was measured on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from os import PathLike
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from taskarith import __version__
+from taskarith.errors import TaskArithError
+from taskarith.io import ensure_finite, floating_only, load_tensors, read_state_dict, save_tensors, state_hash
+
+FORMAT = "taskarith.task_vector/1"
+MODES = ("standard", "linear")
+
+Base = TypeVar("Base", nn.Module, dict)
+
+
+def _check_same_keys(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], a_name: str, b_name: str) -> None:
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_a or only_b:
+        raise TaskArithError(
+            f"{a_name} and {b_name} have different parameters: "
+            f"only in {a_name}: {only_a[:5]}{'...' if len(only_a) > 5 else ''}; "
+            f"only in {b_name}: {only_b[:5]}{'...' if len(only_b) > 5 else ''}"
+        )
+    for key in a:
+        if a[key].shape != b[key].shape:
+            raise TaskArithError(
+                f"parameter '{key}' has shape {tuple(a[key].shape)} in {a_name} but {tuple(b[key].shape)} in {b_name}"
+            )
+        if a[key].dtype != b[key].dtype:
+            raise TaskArithError(f"parameter '{key}' is {a[key].dtype} in {a_name} but {b[key].dtype} in {b_name}")
+
+
+def _target_module(module: nn.Module, keys: Iterable[str]) -> nn.Module:
+    """The module whose parameter names the task vector uses: the module itself, or its `.encoder`."""
+    names = set(module.state_dict())
+    keys = set(keys)
+    if keys <= names:
+        return module
+    encoder = getattr(module, "encoder", None)
+    if isinstance(encoder, nn.Module) and keys <= set(encoder.state_dict()):
+        return encoder
+    missing = sorted(keys - names)
+    raise TaskArithError(f"the model has no parameters named {missing[:5]} that the task vector changes")
+
+
+@dataclass(frozen=True, eq=False)
+class TaskVector:
+    """A difference of weights plus what is needed to use it correctly later."""
+
+    deltas: dict[str, torch.Tensor]
+    base_hash: str | None = None
+    task: str | None = None
+    mode: str = "standard"
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise TaskArithError(f"unknown fine-tuning mode '{self.mode}' (known: {', '.join(MODES)})")
+
+    # construction ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_state_dicts(
+        cls, pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], **meta: Any
+    ) -> TaskVector:
+        pre, ft = floating_only(pretrained), floating_only(finetuned)
+        _check_same_keys(pre, ft, "the pre-trained weights", "the fine-tuned weights")
+        deltas = {k: (ft[k].detach() - pre[k].detach()).clone() for k in sorted(pre)}
+        return cls(deltas=deltas, base_hash=state_hash(pre), **meta)
+
+    @classmethod
+    def from_models(cls, pretrained: nn.Module, finetuned: nn.Module, **meta: Any) -> TaskVector:
+        return cls.from_state_dicts(pretrained.state_dict(), finetuned.state_dict(), **meta)
+
+    @classmethod
+    def from_checkpoints(cls, pretrained: str | PathLike, finetuned: str | PathLike, **meta: Any) -> TaskVector:
+        """From two safetensors files or Hugging Face model folders (sharded or not)."""
+        pre, ft = read_state_dict(pretrained), read_state_dict(finetuned)
+        ensure_finite(pre, str(pretrained))
+        ensure_finite(ft, str(finetuned))
+        try:
+            return cls.from_state_dicts(pre, ft, **meta)
+        except TaskArithError as exc:
+            raise TaskArithError(f"{pretrained} vs {finetuned}: {exc}") from None
+
+    # persistence ----------------------------------------------------------------------------------
+
+    def save(self, path: str | PathLike) -> None:
+        metadata = {
+            "format": FORMAT,
+            "base_hash": self.base_hash or "",
+            "task": self.task or "",
+            "mode": self.mode,
+            "config": json.dumps(self.config, sort_keys=True, default=str),
+            "taskarith_version": __version__,
+        }
+        save_tensors(path, self.deltas, metadata)
+
+    @classmethod
+    def load(cls, path: str | PathLike) -> TaskVector:
+        tensors, metadata = load_tensors(path)
+        if metadata.get("format") != FORMAT:
+            raise TaskArithError(
+                f"{path}: not a taskarith task vector (metadata 'format' is {metadata.get('format')!r}, "
+                f"expected {FORMAT!r}); build one with TaskVector.from_checkpoints"
+            )
+        try:
+            config = json.loads(metadata.get("config") or "{}")
+        except json.JSONDecodeError:
+            raise TaskArithError(f"{path}: metadata 'config' is not valid JSON") from None
+        ensure_finite(tensors, str(path))
+        try:
+            return cls(
+                deltas=dict(sorted(tensors.items())),
+                base_hash=metadata.get("base_hash") or None,
+                task=metadata.get("task") or None,
+                mode=metadata.get("mode", "standard"),
+                config=config,
+            )
+        except TaskArithError as exc:
+            raise TaskArithError(f"{path}: {exc}") from None
+
+    # algebra --------------------------------------------------------------------------------------
+
+    def _combine_meta(self, other: TaskVector) -> dict[str, Any]:
+        if self.base_hash and other.base_hash and self.base_hash != other.base_hash:
+            raise TaskArithError(
+                f"cannot combine task vectors of different base models: "
+                f"{self.task or '?'} (base {self.base_hash}) and {other.task or '?'} (base {other.base_hash})"
+            )
+        if self.mode != other.mode:
+            raise TaskArithError(
+                f"cannot combine a {self.mode}-mode task vector ({self.task or '?'}) with a {other.mode}-mode one "
+                f"({other.task or '?'}): they edit different functions"
+            )
+        _check_same_keys(self.deltas, other.deltas, f"task vector {self.task or '?'}", f"task vector {other.task or '?'}")
+        return {"base_hash": self.base_hash or other.base_hash, "mode": self.mode}
+
+    def __add__(self, other: object) -> TaskVector:
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        meta = self._combine_meta(other)
+        deltas = {k: v + other.deltas[k] for k, v in self.deltas.items()}
+        return TaskVector(deltas=deltas, task=f"{self.task}+{other.task}", **meta)
+
+    def __radd__(self, other: Any) -> Any:
+        if isinstance(other, (int, float)) and other == 0:  # lets sum([...]) start from 0
+            return self
+        if isinstance(other, (nn.Module, dict)):
+            return self.apply_to(other)
+        return NotImplemented
+
+    def __neg__(self) -> TaskVector:
+        return self.scale(-1.0, label=f"-{self.task}")
+
+    def __sub__(self, other: object) -> TaskVector:
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        return self + (-other)
+
+    def __mul__(self, alpha: object) -> TaskVector:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            return NotImplemented
+        return self.scale(float(alpha))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, divisor: object) -> TaskVector:
+        if isinstance(divisor, bool) or not isinstance(divisor, (int, float)):
+            return NotImplemented
+        return self.scale(1.0 / float(divisor))
+
+    def scale(self, alpha: float, label: str | None = None) -> TaskVector:
+        if not math.isfinite(alpha):
+            raise TaskArithError(f"scaling coefficient must be finite, got {alpha}")
+        return replace(self, deltas={k: alpha * v for k, v in self.deltas.items()}, task=label or f"{alpha:g}*{self.task}")
+
+    # measurements ---------------------------------------------------------------------------------
+
+    def dot(self, other: TaskVector) -> float:
+        _check_same_keys(self.deltas, other.deltas, "the first task vector", "the second task vector")
+        return float(sum((v.double() * other.deltas[k].double()).sum() for k, v in self.deltas.items()))
+
+    def norm(self) -> float:
+        return math.sqrt(self.dot(self))
+
+    def allclose(self, other: TaskVector, atol: float = 1e-6, rtol: float = 1e-5) -> bool:
+        return set(self.deltas) == set(other.deltas) and all(
+            torch.allclose(v, other.deltas[k], atol=atol, rtol=rtol) for k, v in self.deltas.items()
+        )
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(v.numel() for v in self.deltas.values())
+
+    # application ----------------------------------------------------------------------------------
+
+    def check_base(self, base_state: Mapping[str, torch.Tensor]) -> None:
+        """Refuse a base model other than the one this vector was measured on."""
+        if self.base_hash is None:
+            return
+        actual = state_hash({k: base_state[k] for k in self.deltas})
+        if actual != self.base_hash:
+            raise TaskArithError(
+                f"task vector {self.task or '?'} was built on base model {self.base_hash}, "
+                f"but it is being applied to base model {actual}"
+            )
+
+    def apply_to(self, base: Base, alpha: float = 1.0, *, check_base: bool = True) -> Base:
+        """Return base + alpha * tau as a new state dict or a new module; the base is left untouched."""
+        if isinstance(base, dict):
+            _check_same_keys(
+                self.deltas, {k: base[k] for k in self.deltas if k in base}, "the task vector", "the base weights"
+            )
+            if check_base:
+                self.check_base(base)
+            edited = dict(base)
+            for key, delta in self.deltas.items():
+                edited[key] = base[key] + alpha * delta.to(base[key].dtype)
+            return edited
+        if isinstance(base, nn.Module):
+            edited_module = copy.deepcopy(base)
+            target = _target_module(edited_module, self.deltas)
+            state = target.state_dict()
+            _check_same_keys(self.deltas, {k: state[k] for k in self.deltas}, "the task vector", "the model")
+            if check_base:
+                self.check_base(state)
+            with torch.no_grad():
+                for key, delta in self.deltas.items():
+                    state[key].add_(alpha * delta.to(state[key].dtype))
+            return edited_module
+        raise TaskArithError(f"cannot apply a task vector to a {type(base).__name__}; pass a model or a state dict")
+
+
+def combine(vectors: Sequence[TaskVector], alphas: Sequence[float] | float = 1.0) -> TaskVector:
+    """sum_t alpha_t * tau_t, with one coefficient per vector or one for all."""
+    if not vectors:
+        raise TaskArithError("no task vectors to combine")
+    coefficients = [float(alphas)] * len(vectors) if isinstance(alphas, (int, float)) else [float(a) for a in alphas]
+    if len(coefficients) != len(vectors):
+        raise TaskArithError(f"{len(vectors)} task vectors but {len(coefficients)} coefficients")
+    return sum((a * tau for a, tau in zip(coefficients, vectors)), start=0)  # type: ignore[return-value]
+
+
+def cosine_similarity_matrix(vectors: Sequence[TaskVector]) -> torch.Tensor:
+    """Pairwise cosine similarity of flattened task vectors (as in the task-arithmetic paper's analysis)."""
+    n = len(vectors)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i, n):
+            gram[i, j] = gram[j, i] = vectors[i].dot(vectors[j])
+    norms = gram.diagonal().sqrt().clamp_min(1e-30)
+    return gram / norms[:, None] / norms[None, :]

@@ -1,0 +1,57 @@
+"""Tiny random-weight encoders and tasks, so the suite exercises the real Hugging Face code paths offline."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+ANIMALS = ["cat", "dog", "horse", "mouse", "bird", "fish", "cow", "sheep"]
+FILLER = ["the", "a", "is", "very", "quite", "big", "small", "my", "your", "this", "that", "color", "animal"]
+
+
+def write_tiny_bert(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *COLORS, *ANIMALS, *FILLER]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=2 * hidden, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_csv(path: Path, n_per_class: int = 40, seed: int = 0) -> Path:
+    """Sentences that mention either a colour or an animal: separable, so fine-tuning must learn it."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for label, words in (("colour", COLORS), ("animal", ANIMALS)):
+        for _ in range(n_per_class):
+            pick = lambda pool: pool[int(torch.randint(len(pool), (1,), generator=generator))]  # noqa: E731
+            rows.append((f"{pick(FILLER)} {pick(FILLER)} {pick(words)} {pick(FILLER)} {pick(words)}", label))
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_bert(tmp_path_factory.mktemp("other-bert"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_csv(tmp_path_factory.mktemp("data") / "colours.csv")
