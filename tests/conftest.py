@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, BertTokenizerFast
+from transformers import BertConfig, BertModel, BertTokenizer
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 ANIMALS = ["cat", "dog", "horse", "mouse", "bird", "fish", "cow", "sheep"]
@@ -17,9 +17,8 @@ FILLER = ["the", "a", "is", "very", "quite", "big", "small", "my", "your", "this
 def write_tiny_bert(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *COLORS, *ANIMALS, *FILLER]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *COLORS, *ANIMALS, *FILLER, "colour", "about"]
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=2 * hidden, max_position_embeddings=64)
     BertModel(config).save_pretrained(folder)

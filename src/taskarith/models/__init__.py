@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -73,8 +74,16 @@ class Pretrained:
     def trainable_copy(self) -> nn.Module:
         return copy.deepcopy(self.encoder).requires_grad_(True)
 
-    def tokenize(self, texts: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return tokenize(self.tokenizer, texts, self.max_length)
+
+    def batches(self, texts: Sequence[str], batch_size: int) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Batches of similar length (so little compute goes to padding), with the positions they came from."""
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            yield torch.tensor(chunk), self.tokenize([texts[i] for i in chunk])
 
 
 def load_pretrained(
