@@ -27,7 +27,7 @@ def predict(model: Pretrained, task: Task, examples: Examples, encoder: nn.Modul
     classifier = model.classifier(task, encoder)
     predictions = torch.empty(len(examples), dtype=torch.long)
     for indices, batch in model.batches(examples.texts, batch_size):
-        predictions[indices] = classifier(**batch).argmax(dim=-1)
+        predictions[indices] = classifier(**batch).argmax(dim=-1).cpu()
     return predictions
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -144,8 +145,8 @@ def _load_checkpoint(path: Path, config: FinetuneConfig, base_hash: str,
             if f"exp_avg/{name}" in tensors:
                 optimizer.state[param] = {
                     "step": torch.tensor(float(step)),
-                    "exp_avg": tensors[f"exp_avg/{name}"].clone(),
-                    "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].clone(),
+                    "exp_avg": tensors[f"exp_avg/{name}"].to(param.device),
+                    "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(param.device),
                 }
     return step
 
@@ -187,12 +188,14 @@ def finetune(
         start_step = _load_checkpoint(checkpoint, config, base_hash, encoder, optimizer)
 
     train = task.train
-    labels = torch.tensor(train.labels)
+    labels = torch.tensor(train.labels, device=pretrained.device)
     history: list[dict[str, float]] = []
+    step_seconds: list[float] = []
     started = time.perf_counter()
     bar = tqdm(range(start_step, config.steps), desc=f"fine-tune {task.name}", disable=not progress,
                initial=start_step, total=config.steps, leave=False)
     for step in bar:
+        step_started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = config.lr * schedule(step)
         indices = batch_indices(len(train), config.batch_size, config.seed, step)
@@ -207,6 +210,7 @@ def finetune(
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
+        step_seconds.append(time.perf_counter() - step_started)
 
         if step % 10 == 0 or step == config.steps - 1:
             history.append({"step": step, "loss": round(loss.item(), 5), "lr": group["lr"], "grad_norm": round(float(grad_norm), 5)})
@@ -225,6 +229,7 @@ def finetune(
         "base_model": {"name": pretrained.name, "hash": base_hash},
         "resumed_from_step": start_step,
         "train_seconds": round(train_seconds, 3),
+        "step_seconds_median": round(statistics.median(step_seconds), 4) if step_seconds else None,
         "history": history,
         "val_accuracy": accuracy(pretrained, task, "val", encoder),
         "task_vector_norm": tau.norm(),

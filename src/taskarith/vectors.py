@@ -234,7 +234,7 @@ class TaskVector:
                 self.check_base(base)
             edited = dict(base)
             for key, delta in self.deltas.items():
-                edited[key] = base[key] + alpha * delta.to(base[key].dtype)
+                edited[key] = base[key] + alpha * delta.to(base[key].device, base[key].dtype)
             return edited
         if isinstance(base, nn.Module):
             edited_module = copy.deepcopy(base)
@@ -245,7 +245,7 @@ class TaskVector:
                 self.check_base(state)
             with torch.no_grad():
                 for key, delta in self.deltas.items():
-                    state[key].add_(alpha * delta.to(state[key].dtype))
+                    state[key].add_(alpha * delta.to(state[key].device, state[key].dtype))
             return edited_module
         raise TaskArithError(f"cannot apply a task vector to a {type(base).__name__}; pass a model or a state dict")
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from taskarith.errors import TaskArithError
 from taskarith.io import state_hash
 from taskarith.models.hf import (
     DEFAULT_MODEL,
@@ -37,6 +38,18 @@ __all__ = [
     "resolve_model",
     "tokenize",
 ]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise TaskArithError(f"unknown device '{device}' (use auto, cpu, cuda or cuda:N)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise TaskArithError(f"device '{device}' requested but CUDA is not available")
+    return resolved
 
 
 @dataclass(eq=False)
@@ -74,8 +87,13 @@ class Pretrained:
     def trainable_copy(self) -> nn.Module:
         return copy.deepcopy(self.encoder).requires_grad_(True)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return tokenize(self.tokenizer, texts, self.max_length)
+        """A padded batch on the model's device."""
+        return {k: v.to(self.device) for k, v in tokenize(self.tokenizer, texts, self.max_length).items()}
 
     def batches(self, texts: Sequence[str], batch_size: int) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """Batches of similar length (so little compute goes to padding), with the positions they came from."""
@@ -92,8 +110,10 @@ def load_pretrained(
     max_length: int = 64,
     logit_scale: float = DEFAULT_LOGIT_SCALE,
     attn_implementation: str = JVP_SAFE_ATTENTION,
+    device: str = "auto",
 ) -> Pretrained:
-    """Load an encoder by name or folder; the default is the embedded all-MiniLM-L6-v2."""
+    """Load an encoder by name or folder (default: the embedded all-MiniLM-L6-v2) onto ``device`` ('auto': CUDA if present)."""
     encoder, tokenizer = load_hf_encoder(spec, attn_implementation=attn_implementation)
+    encoder = encoder.to(resolve_device(device))
     name = DEFAULT_MODEL if is_default_model(spec) else str(spec)
     return Pretrained(name=name, encoder=encoder, tokenizer=tokenizer, max_length=max_length, logit_scale=logit_scale)

@@ -48,7 +48,9 @@ def zero_shot_head(
     rows = []
     for name in classes:
         prompts = [template.format(name) for template in templates]
-        rows.append(F.normalize(embed(encoder, tokenize(tokenizer, prompts, max_length)).mean(dim=0), dim=-1))
+        device = next(encoder.parameters()).device
+        batch = {k: v.to(device) for k, v in tokenize(tokenizer, prompts, max_length).items()}
+        rows.append(F.normalize(embed(encoder, batch).mean(dim=0), dim=-1))
     return torch.stack(rows)
 
 

@@ -1,0 +1,3 @@
+from taskarith.cli import main
+
+main()

@@ -1,0 +1,218 @@
+"""The taskarith command line: parse, call a library function, print.
+
+User errors (TaskArithError) print one line and exit with status 2; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from taskarith.errors import TaskArithError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Edit pre-trained networks by task arithmetic: fine-tune, build task vectors, add and negate them.",
+)
+out = Console()
+err = Console(stderr=True)
+
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Encoder: 'all-MiniLM-L6-v2' (embedded), a local Hugging Face folder, or a hub id.")]
+
+DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")]
+
+
+def _parse_weighted(spec: str, default_alpha: float) -> tuple[Path, float]:
+    """'file.safetensors' or 'file.safetensors:0.5'."""
+    path, sep, alpha = spec.rpartition(":")
+    if sep and path and not Path(spec).exists():
+        try:
+            return Path(path), float(alpha)
+        except ValueError:
+            raise TaskArithError(f"'{spec}': expected FILE or FILE:ALPHA with a number after the colon") from None
+    return Path(spec), default_alpha
+
+
+def _load_model(model: str, device: str, max_length: int = 64):
+    from taskarith.models import load_pretrained
+
+    with err.status(f"loading {model}"):
+        return load_pretrained(model, max_length=max_length, device=device)
+
+
+@app.command()
+def tasks(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the registry as JSON.")] = False,
+    zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="Also measure zero-shot test accuracy.")] = True,
+    model: ModelOption = "all-MiniLM-L6-v2",
+    device: DeviceOption = "auto",
+) -> None:
+    """List the built-in tasks with sizes, classes and zero-shot accuracy."""
+    from taskarith.data import BUILTIN_TASKS, load_task
+    from taskarith.evaluate import accuracy
+
+    pretrained = _load_model(model, device) if zero_shot else None
+    rows = []
+    for name in BUILTIN_TASKS:
+        try:
+            task = load_task(name)
+        except TaskArithError as exc:
+            rows.append({"name": name, "error": str(exc)})
+            continue
+        row = {"name": name, "domain": task.domain, "classes": list(task.classes),
+               "sizes": {s: len(task.split(s)) for s in ("train", "val", "test")}, "source": task.source}
+        if pretrained is not None:
+            with err.status(f"zero-shot accuracy of {name}"):
+                row["zero_shot_accuracy"] = round(accuracy(pretrained, task, "test"), 4)
+        rows.append(row)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title="built-in tasks")
+    for column in ("name", "domain", "train/val/test", "classes", "zero-shot"):
+        table.add_column(column)
+    for row in rows:
+        if "error" in row:
+            table.add_row(row["name"], "[red]unavailable[/red]", "", row["error"], "")
+            continue
+        sizes = "/".join(str(row["sizes"][s]) for s in ("train", "val", "test"))
+        zs = f"{100 * row['zero_shot_accuracy']:.1f}%" if "zero_shot_accuracy" in row else "-"
+        table.add_row(row["name"], row["domain"], sizes, ", ".join(row["classes"]), zs)
+    out.print(table)
+
+
+@app.command()
+def finetune(
+    task: Annotated[str, typer.Argument(help="Built-in task name, or a .csv/.jsonl file with text,label.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for task_vector.safetensors, run.json and checkpoints.")] = Path("runs/finetune"),
+    model: ModelOption = "all-MiniLM-L6-v2",
+    steps: int = 200,
+    batch_size: int = 32,
+    lr: float = 5e-5,
+    weight_decay: float = 0.1,
+    warmup_fraction: float = 0.1,
+    max_grad_norm: float = 1.0,
+    seed: int = 0,
+    max_length: int = 64,
+    checkpoint_every: int = 50,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from a checkpoint in --out if one exists.")] = True,
+    device: DeviceOption = "auto",
+) -> None:
+    """Fine-tune the encoder on one task (head frozen) and save its task vector."""
+    from taskarith.data import load_task
+    from taskarith.finetune import FinetuneConfig, finetune as run_finetune
+
+    loaded = load_task(task)
+    config = FinetuneConfig(task=loaded.name, model=model, steps=steps, batch_size=batch_size, lr=lr,
+                            weight_decay=weight_decay, warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
+                            seed=seed, max_length=max_length, checkpoint_every=checkpoint_every)
+    pretrained = _load_model(model, device, max_length)
+    result = run_finetune(config, pretrained, loaded, out_dir, resume=resume)
+    out.print(f"task vector: {out_dir / 'task_vector.safetensors'} (norm {result.task_vector.norm():.4f})")
+    out.print(f"validation accuracy: {100 * result.record['val_accuracy']:.1f}%  record: {out_dir / 'run.json'}")
+
+
+@app.command("eval")
+def evaluate(
+    task: Annotated[list[str], typer.Option("--task", "-t", help="Task to score (repeatable): built-in name or file.")],
+    vector: Annotated[Optional[list[str]], typer.Option("--vector", "-v", help="Task vector to add, FILE or FILE:ALPHA (repeatable); none: the pre-trained model.")] = None,
+    alpha: Annotated[float, typer.Option(help="Coefficient for vectors given without :ALPHA.")] = 1.0,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    model: ModelOption = "all-MiniLM-L6-v2",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Accuracy of pre + sum(alpha_t * tau_t) on each task, with each task's own zero-shot head."""
+    from taskarith.data import load_task
+    from taskarith.evaluate import accuracies, edited_encoder
+    from taskarith.vectors import TaskVector
+
+    loaded = [load_task(t) for t in task]
+    weighted = [_parse_weighted(v, alpha) for v in vector or []]
+    vectors = [TaskVector.load(path) for path, _ in weighted]
+    pretrained = _load_model(model, device)
+    encoder = edited_encoder(pretrained, vectors, [a for _, a in weighted]) if vectors else None
+    with err.status("evaluating"):
+        scores = accuracies(pretrained, loaded, split, encoder)
+    if as_json:
+        print(json.dumps({"split": split, "vectors": [f"{p}:{a:g}" for p, a in weighted], "accuracy": scores}, indent=2))
+        return
+    for name, value in scores.items():
+        out.print(f"{name}: {100 * value:.2f}% ({split})")
+
+
+@app.command()
+def compose(
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="Where to write the composed task vector (.safetensors).")],
+    add: Annotated[Optional[list[str]], typer.Option("--add", "-a", help="Task vector to add, FILE or FILE:ALPHA (repeatable).")] = None,
+    negate: Annotated[Optional[list[str]], typer.Option("--negate", "-n", help="Task vector to subtract, FILE or FILE:ALPHA (repeatable).")] = None,
+    alpha: Annotated[float, typer.Option(help="Coefficient for vectors given without :ALPHA.")] = 1.0,
+    model_out: Annotated[Optional[Path], typer.Option(help="Also write the edited encoder as a Hugging Face model folder.")] = None,
+    model: ModelOption = "all-MiniLM-L6-v2",
+    device: DeviceOption = "auto",
+) -> None:
+    """Write sum(alpha * added) - sum(alpha * negated) as one task vector (and optionally the edited model)."""
+    from taskarith.vectors import TaskVector, combine
+
+    terms = [_parse_weighted(spec, alpha) for spec in add or []]
+    terms += [(path, -a) for path, a in (_parse_weighted(spec, alpha) for spec in negate or [])]
+    if not terms:
+        raise TaskArithError("nothing to compose: give at least one --add or --negate")
+    composed = combine([TaskVector.load(path) for path, _ in terms], [a for _, a in terms])
+    composed.save(out_file)
+    out.print(f"wrote {out_file}: {composed.task} (norm {composed.norm():.4f})")
+    if model_out is not None:
+        from taskarith.models.hf import save_hf_encoder
+
+        pretrained = _load_model(model, device)
+        save_hf_encoder(composed.apply_to(pretrained.encoder), pretrained.tokenizer, model_out)
+        out.print(f"wrote edited model to {model_out}")
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, results.md and cached task vectors.")] = Path("results/demo"),
+    steps: Annotated[int, typer.Option(help="Fine-tuning steps per task.")] = 50,
+    seed: int = 0,
+    model: ModelOption = "all-MiniLM-L6-v2",
+    device: DeviceOption = "auto",
+) -> None:
+    """Fine-tune three tasks, then print zero-shot, fine-tuned, task-addition and task-negation accuracy (a few minutes on CPU)."""
+    from taskarith.data import load_task
+    from taskarith.experiments.demo import DEMO_CONTROL, DEMO_TASKS, DemoConfig, run_demo
+    from taskarith.io import write_json, write_text
+    from taskarith.report import demo_markdown, demo_rows, negation_rows, rich_table
+
+    config = DemoConfig(steps=steps, seed=seed)
+    pretrained = _load_model(model, device)
+    tasks_ = [load_task(name) for name in DEMO_TASKS]
+    control = load_task(DEMO_CONTROL)
+    result = run_demo(pretrained, tasks_, control, out_dir / "vectors", config,
+                      on_stage=lambda stage: err.print(f"[bold]>[/bold] {stage}"))
+    write_json(out_dir / "results.json", result)
+    write_text(out_dir / "results.md", demo_markdown(result))
+    out.print(rich_table(*demo_rows(result), title=f"task addition on {pretrained.name}: test accuracy (%)"))
+    out.print(rich_table(*negation_rows(result), title=f"task negation, control task {control.name}: test accuracy (%)"))
+    out.print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}")
+
+
+def main() -> None:
+    try:
+        app()
+    except TaskArithError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,80 @@
+import json
+import sys
+
+import pytest
+
+from taskarith.cli import main
+from taskarith.data import BUILTIN_TASKS
+from taskarith.vectors import TaskVector
+
+
+def run(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["taskarith", *map(str, args)])
+    with pytest.raises(SystemExit) as info:
+        main()
+    captured = capsys.readouterr()
+    return info.value.code or 0, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def finetuned_dir(tmp_path_factory, tiny_model_dir, tiny_csv):
+    folder = tmp_path_factory.mktemp("run")
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(sys, "argv", ["taskarith", "finetune", str(tiny_csv), "--model", str(tiny_model_dir), "--out", str(folder),
+                                      "--steps", "6", "--batch-size", "8", "--lr", "3e-3", "--max-length", "16"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    monkeypatch.undo()
+    assert info.value.code in (0, None)
+    return folder
+
+
+def test_tasks_json_lists_the_registry(capsys, monkeypatch):
+    code, out, _ = run(capsys, monkeypatch, "tasks", "--json", "--no-zero-shot")
+    rows = json.loads(out)
+    assert code == 0 and [row["name"] for row in rows] == list(BUILTIN_TASKS)
+    for row in rows:
+        assert "error" in row or (row["sizes"]["train"] > 0 and len(row["classes"]) >= 2)
+
+
+def test_finetune_writes_vector_and_record(finetuned_dir):
+    tau = TaskVector.load(finetuned_dir / "task_vector.safetensors")
+    record = json.loads((finetuned_dir / "run.json").read_text())
+    assert tau.task == "colours" and record["config"]["steps"] == 6 and tau.norm() > 0
+
+
+def test_eval_and_compose(capsys, monkeypatch, tmp_path, finetuned_dir, tiny_model_dir, tiny_csv):
+    vector = finetuned_dir / "task_vector.safetensors"
+    code, out, _ = run(capsys, monkeypatch, "eval", "--task", tiny_csv, "--vector", f"{vector}:0.5", "--model", tiny_model_dir, "--json")
+    report = json.loads(out)
+    assert code == 0 and 0.0 <= report["accuracy"]["colours"] <= 1.0 and report["vectors"][0].endswith(":0.5")
+
+    code, out, _ = run(capsys, monkeypatch, "compose", "--add", f"{vector}:2", "--negate", vector, "--out", tmp_path / "c.safetensors",
+                       "--model-out", tmp_path / "edited", "--model", tiny_model_dir)
+    assert code == 0
+    composed, tau = TaskVector.load(tmp_path / "c.safetensors"), TaskVector.load(vector)
+    assert composed.allclose(tau, atol=1e-6)
+    edited = TaskVector.from_checkpoints(tiny_model_dir, tmp_path / "edited")
+    assert edited.allclose(tau, atol=1e-6)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (("finetune", "no_such_task"), "no_such_task"),
+    (("eval", "--task", "missing.csv"), "missing.csv"),
+    (("compose", "--add", "nothing.safetensors", "--out", "x.safetensors"), "nothing.safetensors"),
+    (("compose", "--out", "x.safetensors"), "nothing to compose"),
+    (("finetune", "rt_sentiment", "--steps", "0"), "steps=0"),
+])
+def test_user_errors_are_one_line_without_traceback(capsys, monkeypatch, tmp_path, args, expected):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, monkeypatch, *args)
+    assert code == 2
+    assert expected in err and "Traceback" not in err
+    assert err.strip().startswith("error:")
+
+
+def test_vector_of_another_base_is_refused(capsys, monkeypatch, finetuned_dir, other_model_dir, tiny_csv):
+    code, _, err = run(capsys, monkeypatch, "eval", "--task", tiny_csv, "--vector", finetuned_dir / "task_vector.safetensors",
+                       "--model", other_model_dir)
+    tau = TaskVector.load(finetuned_dir / "task_vector.safetensors")
+    assert code == 2 and tau.base_hash in err and "Traceback" not in err
