@@ -49,21 +49,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--task", default="rt_sentiment")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--model", default="all-MiniLM-L6-v2", help="Encoder; a folder of the same architecture times the same.")
+    parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS / "finetune_step.json")
     args = parser.parse_args()
 
-    pretrained = load_pretrained()
+    pretrained = load_pretrained(args.model, device=args.device)
     task = load_task(args.task)
-    config = FinetuneConfig(task=task.name, steps=args.steps, batch_size=args.batch_size, checkpoint_every=0)
-    _reset_peak_rss()
+    config = FinetuneConfig(task=task.name, model=args.model, steps=args.steps, batch_size=args.batch_size, checkpoint_every=0)
+    on_gpu = pretrained.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
     record = finetune(config, pretrained, task, progress=False).record
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else _peak_rss_mb()
     result = {
-        "standard": {"step_s": record["step_seconds_median"], "peak_mb": round(_peak_rss_mb(), 1)},
+        "standard": {"step_s": record["step_seconds_median"], "peak_mb": round(peak_mb, 1)},
+        "model": pretrained.name,
         "task": task.name,
         "batch_size": args.batch_size,
         "max_length": config.max_length,
         "steps_timed": args.steps,
-        "peak_measure": "process peak RSS during fine-tuning (CPU)",
+        "peak_measure": "CUDA allocator peak" if on_gpu else "process peak RSS during fine-tuning (CPU)",
         "machine": machine(),
     }
     write_json(args.out, result)

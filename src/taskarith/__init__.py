@@ -7,10 +7,12 @@
 
 __version__ = "0.1.0"
 
+# `finetune` the function stays in `taskarith.finetune`: exporting it here would shadow the module.
+
 from taskarith.data import Task, load_task, task_from_file  # noqa: E402
 from taskarith.errors import TaskArithError  # noqa: E402
 from taskarith.evaluate import accuracies, accuracy, edited_encoder  # noqa: E402
-from taskarith.finetune import FinetuneConfig, finetune  # noqa: E402
+from taskarith.finetune import FinetuneConfig  # noqa: E402
 from taskarith.models import Pretrained, load_pretrained  # noqa: E402
 from taskarith.vectors import TaskVector, combine, cosine_similarity_matrix  # noqa: E402
 
@@ -25,7 +27,6 @@ __all__ = [
     "combine",
     "cosine_similarity_matrix",
     "edited_encoder",
-    "finetune",
     "load_pretrained",
     "load_task",
     "task_from_file",

@@ -83,7 +83,9 @@ class TaskVector:
     ) -> TaskVector:
         pre, ft = floating_only(pretrained), floating_only(finetuned)
         _check_same_keys(pre, ft, "the pre-trained weights", "the fine-tuned weights")
-        deltas = {k: (ft[k].detach() - pre[k].detach()).clone() for k in sorted(pre)}
+        # Task vectors live on the CPU: they are data to save, combine and compare, and they move to
+        # the model's device only when applied.
+        deltas = {k: (ft[k].detach() - pre[k].detach().to(ft[k].device)).cpu() for k in sorted(pre)}
         return cls(deltas=deltas, base_hash=state_hash(pre), **meta)
 
     @classmethod
