@@ -15,6 +15,7 @@ import math
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import transformers
+from torch import nn
 from tqdm.auto import tqdm
 
 from taskarith import __version__
-from taskarith.data import Task
+from taskarith.data import Task, load_task
 from taskarith.errors import TaskArithError
 from taskarith.evaluate import accuracy
-from taskarith.io import load_tensors, read_json, save_tensors, write_json
+from taskarith.io import load_tensors, read_json, save_tensors, state_hash, write_json
+from taskarith.linearize import LinearizedEncoder, hidden_and_tangent
 from taskarith.models import DEFAULT_MODEL, Pretrained, ZeroShotClassifier
+from taskarith.models.zero_shot import mean_pool
+from taskarith.regularizers import REGULARIZERS, PenaltyInputs, get_regularizer, pooled_tangents
 from taskarith.vectors import TaskVector
 
 TASK_VECTOR_FILE = "task_vector.safetensors"
@@ -54,10 +59,28 @@ class FinetuneConfig:
     seed: int = 0
     max_length: int = 64
     checkpoint_every: int = 50
+    # Interference regularization: lambda * penalty, see taskarith.regularizers.
+    regularizer: str | None = None
+    reg_strength: float = 0.0
+    reg_tasks: tuple[str, ...] = ()  # tasks whose unlabelled inputs tau-Jp uses (only already-seen ones, incrementally)
+    reg_factors: tuple[str, ...] = ()  # K-FAC factor files (dataless: no other task's data needed)
+    reg_batch_size: int = 32
+    reg_every: int = 1
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "reg_tasks", tuple(self.reg_tasks))
+        object.__setattr__(self, "reg_factors", tuple(str(f) for f in self.reg_factors))
+        regularized = self.regularizer is not None
         checks = [
-            ("mode", self.mode in ("standard",), "must be 'standard'"),
+            ("mode", self.mode in MODES, f"must be one of {', '.join(MODES)}"),
+            ("regularizer", not regularized or self.regularizer in REGULARIZERS, f"must be one of {', '.join(REGULARIZERS)}"),
+            ("reg_strength", (self.reg_strength > 0) if regularized else self.reg_strength == 0,
+             "must be > 0 with a regularizer, and 0 without one"),
+            ("reg_tasks", self.regularizer != "taujp" or bool(self.reg_tasks), "must name at least one other task for taujp"),
+            ("reg_tasks", self.task not in self.reg_tasks, "must not include the task being fine-tuned"),
+            ("reg_factors", self.regularizer != "kfac" or bool(self.reg_factors), "must name at least one factor file for kfac"),
+            ("reg_batch_size", 1 <= self.reg_batch_size <= 65_536, "must be between 1 and 65,536"),
+            ("reg_every", self.reg_every >= 1, "must be >= 1"),
             ("steps", 1 <= self.steps <= 10_000_000, "must be between 1 and 10,000,000"),
             ("batch_size", 1 <= self.batch_size <= 65_536, "must be between 1 and 65,536"),
             ("lr", 0 < self.lr < 1, "must be in (0, 1)"),
@@ -79,6 +102,10 @@ class FinetuneConfig:
         if unknown:
             raise TaskArithError(f"{source}: unknown fine-tuning options {unknown} (known: {sorted(known)})")
         return cls(**data)
+
+    def to_json(self) -> dict[str, Any]:
+        """The configuration as it reads back from JSON (tuples become lists)."""
+        return json.loads(json.dumps(asdict(self)))
 
 
 @dataclass(frozen=True)
@@ -114,33 +141,33 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
 
 
 def _save_checkpoint(path: Path, step: int, config: FinetuneConfig, base_hash: str,
-                     encoder: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+                     named_params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer) -> None:
     # Raw weights, not deltas: pre + (theta - pre) is not always theta in floating point, and resuming
     # must continue from exactly the same numbers.
     tensors: dict[str, torch.Tensor] = {}
-    for name, param in encoder.named_parameters():
+    for name, param in named_params:
         tensors[f"param/{name}"] = param.detach()
         state = optimizer.state.get(param, {})
         for moment in ("exp_avg", "exp_avg_sq"):
             if moment in state:
                 tensors[f"{moment}/{name}"] = state[moment]
     metadata = {"format": CHECKPOINT_FORMAT, "step": str(step), "base_hash": base_hash,
-                "config": json.dumps(asdict(config), sort_keys=True)}
+                "config": json.dumps(config.to_json(), sort_keys=True)}
     save_tensors(path, tensors, metadata)
 
 
 def _load_checkpoint(path: Path, config: FinetuneConfig, base_hash: str,
-                     encoder: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+                     named_params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer) -> int:
     tensors, metadata = load_tensors(path)
     if metadata.get("format") != CHECKPOINT_FORMAT:
         raise TaskArithError(f"{path}: not a taskarith fine-tuning checkpoint")
     if metadata.get("base_hash") != base_hash:
         raise TaskArithError(f"{path}: checkpoint of base model {metadata.get('base_hash')}, not {base_hash}")
-    if json.loads(metadata.get("config", "{}")) != asdict(config):
+    if json.loads(metadata.get("config", "{}")) != config.to_json():
         raise TaskArithError(f"{path}: checkpoint was made with another configuration; delete it or use another --out")
     step = int(metadata["step"])
     with torch.no_grad():
-        for name, param in encoder.named_parameters():
+        for name, param in named_params:
             param.copy_(tensors[f"param/{name}"])
             if f"exp_avg/{name}" in tensors:
                 optimizer.state[param] = {
@@ -162,6 +189,56 @@ def environment() -> dict[str, str]:
     }
 
 
+@dataclass
+class Trainable:
+    """What a fine-tuning mode trains: the encoder the head runs on, its parameters, and theta - theta0."""
+
+    encoder: nn.Module
+    named_params: list[tuple[str, nn.Parameter]]
+    delta: Callable[[], dict[str, torch.Tensor]]
+
+
+def standard_trainable(pretrained: Pretrained) -> Trainable:
+    encoder = pretrained.trainable_copy()
+    theta0 = dict(pretrained.encoder.named_parameters())
+    named = list(encoder.named_parameters())
+    return Trainable(encoder, named, lambda: {name: param - theta0[name] for name, param in named})
+
+
+def linear_trainable(pretrained: Pretrained) -> Trainable:
+    encoder = LinearizedEncoder(pretrained.encoder, trainable=True)
+    named = list(encoder.deltas().items())
+    return Trainable(encoder, named, encoder.deltas)  # type: ignore[arg-type]
+
+
+TRAINABLES: dict[str, Callable[[Pretrained], Trainable]] = {"standard": standard_trainable, "linear": linear_trainable}
+MODES = tuple(TRAINABLES)
+
+
+def regularization_pool(config: FinetuneConfig) -> list[str]:
+    """Unlabelled inputs of the other tasks named in the config (their training splits)."""
+    return [text for name in config.reg_tasks for text in load_task(name).train.texts]
+
+
+def regularization_factors(config: FinetuneConfig, pretrained: Pretrained) -> Any:
+    if config.regularizer != "kfac":
+        return None
+    from taskarith.kfac import KFACFactors, merge_factors
+
+    factors = merge_factors([KFACFactors.load(path) for path in config.reg_factors])
+    if factors.base_hash != pretrained.base_hash:
+        raise TaskArithError(
+            f"K-FAC factors {list(config.reg_factors)} were computed on base model {factors.base_hash}, "
+            f"not on {pretrained.base_hash}"
+        )
+    return factors.to(pretrained.device)
+
+
+def regularization_batch(pool: list[str], config: FinetuneConfig, step: int) -> list[str]:
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step + 1)
+    return [pool[i] for i in torch.randint(len(pool), (config.reg_batch_size,), generator=generator).tolist()]
+
+
 def finetune(
     config: FinetuneConfig,
     pretrained: Pretrained,
@@ -171,36 +248,58 @@ def finetune(
     progress: bool = True,
     resume: bool = True,
 ) -> FinetuneResult:
-    """Fine-tune a copy of the encoder on ``task``; write the task vector and run record to ``out_dir``."""
+    """Fine-tune on ``task`` in the config's mode; write the task vector and run record to ``out_dir``."""
     out = Path(out_dir) if out_dir is not None else None
     torch.manual_seed(config.seed)
     base_hash = pretrained.base_hash
-    encoder = pretrained.trainable_copy()
-    classifier = ZeroShotClassifier(encoder, pretrained.head(task), pretrained.logit_scale).eval()
-    params = [p for p in encoder.parameters() if p.requires_grad]
+    trainable = TRAINABLES[config.mode](pretrained)
+    classifier = ZeroShotClassifier(trainable.encoder, pretrained.head(task), pretrained.logit_scale).eval()
+    params = [param for _, param in trainable.named_params]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warmup_steps = int(config.warmup_fraction * config.steps)
-    schedule = warmup_cosine(config.steps, warmup_steps)
+    schedule = warmup_cosine(config.steps, int(config.warmup_fraction * config.steps))
+    regularizer = get_regularizer(config.regularizer) if config.regularizer else None
+    reg_pool = regularization_pool(config) if regularizer and regularizer.needs_inputs else []
+    factors = regularization_factors(config, pretrained)
+    theta0 = dict(pretrained.encoder.named_parameters())
 
     start_step = 0
     checkpoint = out / CHECKPOINT_FILE if out is not None else None
     if resume and checkpoint is not None and checkpoint.exists():
-        start_step = _load_checkpoint(checkpoint, config, base_hash, encoder, optimizer)
+        start_step = _load_checkpoint(checkpoint, config, base_hash, trainable.named_params, optimizer)
 
     train = task.train
     labels = torch.tensor(train.labels, device=pretrained.device)
     history: list[dict[str, float]] = []
     step_seconds: list[float] = []
     started = time.perf_counter()
-    bar = tqdm(range(start_step, config.steps), desc=f"fine-tune {task.name}", disable=not progress,
+    bar = tqdm(range(start_step, config.steps), desc=f"fine-tune {task.name} ({config.mode})", disable=not progress,
                initial=start_step, total=config.steps, leave=False)
     for step in bar:
         step_started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = config.lr * schedule(step)
         indices = batch_indices(len(train), config.batch_size, config.seed, step)
-        batch = pretrained.tokenize([train.texts[i] for i in indices])
-        loss = F.cross_entropy(classifier(**batch), labels[indices])
+        texts = [train.texts[i] for i in indices]
+        regularize = regularizer is not None and step % config.reg_every == 0
+        reg_texts = regularization_batch(reg_pool, config, step) if regularize and reg_pool else []
+
+        tangents = None
+        if reg_texts and config.mode == "linear":
+            # One JVP serves both: the task's inputs give f_lin, the other tasks' inputs give J f . delta.
+            batch = pretrained.tokenize(texts + reg_texts)
+            primal, tangent = trainable.encoder.hidden_and_tangent(**batch)
+            mask, n = batch["attention_mask"], len(texts)
+            logits = classifier.logits_from_pooled(mean_pool(primal[:n] + tangent[:n], mask[:n]))
+            tangents = pooled_tangents(tangent[n:], mask[n:])
+        else:
+            logits = classifier(**pretrained.tokenize(texts))
+            if reg_texts:
+                reg_batch = pretrained.tokenize(reg_texts)
+                _, tangent = hidden_and_tangent(pretrained.encoder, theta0, trainable.delta(), reg_batch)
+                tangents = pooled_tangents(tangent, reg_batch["attention_mask"])
+        task_loss = F.cross_entropy(logits, labels[indices])
+        penalty = regularizer.penalty(PenaltyInputs(trainable.delta(), tangents, factors)) if regularize else None
+        loss = task_loss + config.reg_strength * penalty if penalty is not None else task_loss
         if not torch.isfinite(loss):
             raise TaskArithError(
                 f"loss became {loss.item()} at step {step} of fine-tuning '{task.name}' (lr={config.lr}); "
@@ -213,17 +312,23 @@ def finetune(
         step_seconds.append(time.perf_counter() - step_started)
 
         if step % 10 == 0 or step == config.steps - 1:
-            history.append({"step": step, "loss": round(loss.item(), 5), "lr": group["lr"], "grad_norm": round(float(grad_norm), 5)})
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            entry = {"step": step, "loss": round(task_loss.item(), 5), "lr": group["lr"], "grad_norm": round(float(grad_norm), 5)}
+            if penalty is not None:
+                entry["penalty"] = round(penalty.item(), 6)
+            history.append(entry)
+            bar.set_postfix(loss=f"{task_loss.item():.3f}")
         done = step + 1
         if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            _save_checkpoint(checkpoint, done, config, base_hash, encoder, optimizer)
+            _save_checkpoint(checkpoint, done, config, base_hash, trainable.named_params, optimizer)
     bar.close()
     train_seconds = time.perf_counter() - started
 
-    tau = TaskVector.from_models(pretrained.encoder, encoder, task=task.name, mode=config.mode, config=asdict(config))
+    with torch.no_grad():
+        deltas = {name: value.detach().cpu() for name, value in sorted(trainable.delta().items())}
+    tau = TaskVector(deltas=deltas, base_hash=state_hash({k: theta0[k] for k in deltas}), task=task.name,
+                     mode=config.mode, config=config.to_json())
     record = {
-        "config": asdict(config),
+        "config": config.to_json(),
         "task": {"name": task.name, "classes": list(task.classes), "train": len(task.train), "val": len(task.val),
                  "test": len(task.test), "source": task.source},
         "base_model": {"name": pretrained.name, "hash": base_hash},
@@ -231,7 +336,7 @@ def finetune(
         "train_seconds": round(train_seconds, 3),
         "step_seconds_median": round(statistics.median(step_seconds), 4) if step_seconds else None,
         "history": history,
-        "val_accuracy": accuracy(pretrained, task, "val", encoder),
+        "val_accuracy": accuracy(pretrained, task, "val", trainable.encoder),
         "task_vector_norm": tau.norm(),
         "environment": environment(),
     }
@@ -245,7 +350,7 @@ def finetune(
 
 def run_key(config: FinetuneConfig, base_hash: str) -> str:
     """Content hash of what determines a task vector: base model, task, mode, hyper-parameters, seed."""
-    payload = json.dumps({"base": base_hash, **asdict(config)}, sort_keys=True)
+    payload = json.dumps({"base": base_hash, **config.to_json()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

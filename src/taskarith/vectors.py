@@ -226,8 +226,28 @@ class TaskVector:
                 f"but it is being applied to base model {actual}"
             )
 
-    def apply_to(self, base: Base, alpha: float = 1.0, *, check_base: bool = True) -> Base:
-        """Return base + alpha * tau as a new state dict or a new module; the base is left untouched."""
+    def with_mode(self, mode: str) -> TaskVector:
+        """The same deltas read in another mode: ``tau.with_mode("linear")`` is post-hoc linearization."""
+        return replace(self, mode=mode)
+
+    def apply_to(self, base: Base, alpha: float = 1.0, *, check_base: bool = True) -> Base | nn.Module:
+        """Return base + alpha * tau as a new state dict or a new module; the base is left untouched.
+
+        A linear-mode vector edits the linearized model f_lin, not the weights: applied to a module it
+        returns a :class:`~taskarith.linearize.LinearizedEncoder` sharing the base's weights.
+        """
+        if self.mode == "linear":
+            if not isinstance(base, nn.Module):
+                raise TaskArithError(
+                    f"task vector {self.task or '?'} is linear-mode: it edits the linearized model, so apply it to a "
+                    f"model, or read it as weights with tau.with_mode('standard')"
+                )
+            from taskarith.linearize import LinearizedEncoder
+
+            target = _target_module(base, self.deltas)
+            if check_base:
+                self.check_base(target.state_dict())
+            return LinearizedEncoder(target, {k: alpha * v for k, v in self.deltas.items()})
         if isinstance(base, dict):
             _check_same_keys(
                 self.deltas, {k: base[k] for k in self.deltas if k in base}, "the task vector", "the base weights"

@@ -72,7 +72,8 @@ class Pretrained:
 
     @cached_property
     def base_hash(self) -> str:
-        return state_hash(self.encoder.state_dict())
+        """Content hash of the parameters fine-tuning changes (the keys of its task vectors)."""
+        return state_hash(dict(self.encoder.named_parameters()))
 
     def head(self, task: Task) -> torch.Tensor:
         key = (task.name, tuple(task.classes), tuple(task.templates))

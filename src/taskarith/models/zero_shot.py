@@ -63,5 +63,9 @@ class ZeroShotClassifier(nn.Module):
         self.register_buffer("head", head.detach().clone(), persistent=False)
         self.scale = scale
 
+    def logits_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(pooled, dim=-1) @ self.head.T
+
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        return self.scale * embed(self.encoder, batch) @ self.head.T
+        hidden = self.encoder(**batch).last_hidden_state
+        return self.logits_from_pooled(mean_pool(hidden, batch["attention_mask"]))
