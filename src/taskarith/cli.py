@@ -97,6 +97,7 @@ def finetune(
     task: Annotated[str, typer.Argument(help="Built-in task name, or a .csv/.jsonl file with text,label.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for task_vector.safetensors, run.json and checkpoints.")] = Path("runs/finetune"),
     model: ModelOption = "all-MiniLM-L6-v2",
+    mode: Annotated[str, typer.Option(help="standard (the weights) or linear (tangent space: f_lin around the pre-trained weights).")] = "standard",
     steps: int = 200,
     batch_size: int = 32,
     lr: float = 5e-5,
@@ -106,17 +107,26 @@ def finetune(
     seed: int = 0,
     max_length: int = 64,
     checkpoint_every: int = 50,
+    regularizer: Annotated[Optional[str], typer.Option(help="Interference penalty: taujp (needs --reg-task) or kfac (needs --reg-factors).")] = None,
+    reg_strength: Annotated[float, typer.Option(help="lambda, the penalty's weight.")] = 0.0,
+    reg_task: Annotated[Optional[list[str]], typer.Option(help="Task whose unlabelled inputs tau-Jp protects (repeatable).")] = None,
+    reg_factors: Annotated[Optional[list[Path]], typer.Option(help="K-FAC factor file from `taskarith kfac` (repeatable).")] = None,
+    reg_batch_size: Annotated[int, typer.Option(help="Regularization inputs per step.")] = 32,
+    reg_every: Annotated[int, typer.Option(help="Apply the penalty every N steps.")] = 1,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from a checkpoint in --out if one exists.")] = True,
     device: DeviceOption = "auto",
 ) -> None:
-    """Fine-tune the encoder on one task (head frozen) and save its task vector."""
+    """Fine-tune the encoder on one task (head frozen), optionally regularized, and save its task vector."""
     from taskarith.data import load_task
     from taskarith.finetune import FinetuneConfig, finetune as run_finetune
 
     loaded = load_task(task)
-    config = FinetuneConfig(task=loaded.name, model=model, steps=steps, batch_size=batch_size, lr=lr,
+    config = FinetuneConfig(task=loaded.name, model=model, mode=mode, steps=steps, batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
-                            seed=seed, max_length=max_length, checkpoint_every=checkpoint_every)
+                            seed=seed, max_length=max_length, checkpoint_every=checkpoint_every,
+                            regularizer=regularizer, reg_strength=reg_strength, reg_tasks=tuple(reg_task or ()),
+                            reg_factors=tuple(str(f) for f in reg_factors or ()), reg_batch_size=reg_batch_size,
+                            reg_every=reg_every)
     pretrained = _load_model(model, device, max_length)
     result = run_finetune(config, pretrained, loaded, out_dir, resume=resume)
     out.print(f"task vector: {out_dir / 'task_vector.safetensors'} (norm {result.task_vector.norm():.4f})")
@@ -178,6 +188,71 @@ def compose(
         pretrained = _load_model(model, device)
         save_hf_encoder(composed.apply_to(pretrained.encoder), pretrained.tokenizer, model_out)
         out.print(f"wrote edited model to {model_out}")
+
+
+@app.command()
+def interference(
+    vectors: Annotated[list[Path], typer.Argument(help="Task vector files (rows of the matrix).")],
+    task: Annotated[list[str], typer.Option("--task", "-t", help="Task whose inputs are measured (repeatable; columns).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for taujp.json, taujp.md and heatmaps.")] = Path("results/interference"),
+    split: str = "val",
+    max_examples: Annotated[int, typer.Option(help="Inputs per task.")] = 200,
+    model: ModelOption = "all-MiniLM-L6-v2",
+    device: DeviceOption = "auto",
+) -> None:
+    """The tau-Jp matrix: how much each task vector moves the outputs on each task's inputs."""
+    from taskarith.data import load_task
+    from taskarith.experiments.interference import taujp_markdown, taujp_matrix
+    from taskarith.io import write_json, write_text
+    from taskarith.plots import heatmap
+    from taskarith.vectors import TaskVector
+
+    loaded_vectors = [TaskVector.load(path) for path in vectors]
+    loaded_tasks = [load_task(name) for name in task]
+    pretrained = _load_model(model, device)
+    with err.status("measuring tau-Jp"):
+        result = taujp_matrix(pretrained, loaded_vectors, loaded_tasks, split=split, max_examples=max_examples)
+    write_json(out_dir / "taujp.json", result)
+    write_text(out_dir / "taujp.md", taujp_markdown(result))
+    for key, title in (("taujp", "tau-Jp: mean ||J f(x) tau||^2"), ("normalized", "tau-Jp, normalized")):
+        heatmap(result[key], result["vectors"], result["tasks"], out_dir / f"{key}.png", title=title,
+                xlabel="inputs of task", ylabel="task vector")
+    out.print(taujp_markdown(result))
+    out.print(f"wrote {out_dir / 'taujp.json'}, {out_dir / 'taujp.png'}, {out_dir / 'normalized.png'}")
+
+
+@app.command()
+def kfac(
+    task: Annotated[str, typer.Argument(help="Task whose data makes the factors (built-in name or file).")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="Factor file to write (.safetensors).")],
+    num_examples: Annotated[int, typer.Option(help="Training inputs used.")] = 512,
+    seed: int = 0,
+    model: ModelOption = "all-MiniLM-L6-v2",
+    device: DeviceOption = "auto",
+) -> None:
+    """Compute a task's K-FAC factors once; others then regularize against it without its data."""
+    from taskarith.data import load_task
+    from taskarith.kfac import compute_kfac_factors
+
+    loaded = load_task(task)
+    pretrained = _load_model(model, device)
+    factors = compute_kfac_factors(pretrained, loaded, num_examples=num_examples, seed=seed)
+    factors.save(out_file)
+    size = sum(factors.memory_bytes().values()) / 2**20
+    out.print(f"wrote {out_file}: K-FAC factors of {loaded.name} ({factors.num_examples} examples, {size:.1f} MiB)")
+
+
+@app.command("kfac-merge")
+def kfac_merge(
+    factor_files: Annotated[list[Path], typer.Argument(help="Factor files to merge.")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="Merged factor file to write.")],
+) -> None:
+    """Merge several tasks' K-FAC factors into one file of the same size."""
+    from taskarith.kfac import KFACFactors, merge_factors
+
+    merged = merge_factors([KFACFactors.load(path) for path in factor_files])
+    merged.save(out_file)
+    out.print(f"wrote {out_file}: K-FAC factors of {', '.join(merged.tasks)}")
 
 
 @app.command()
