@@ -12,11 +12,12 @@ CUDA allocator's peak on a GPU.
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 from pathlib import Path
 
 import torch
+
+from environment import machine
 
 from taskarith.data import load_task
 from taskarith.finetune import FinetuneConfig, finetune
@@ -32,6 +33,9 @@ VARIANTS: dict[str, dict] = {
     "standard_taujp": {"mode": "standard", "regularizer": "taujp", "reg_strength": 1.0, "reg_tasks": (OTHER,)},
     "linear_taujp": {"mode": "linear", "regularizer": "taujp", "reg_strength": 1.0, "reg_tasks": (OTHER,)},
     "linear_kfac": {"mode": "linear", "regularizer": "kfac", "reg_strength": 1.0},
+    # The penalty's cost grows with its batch; the default above is a quarter of the task batch.
+    "linear_taujp_full_batch": {"mode": "linear", "regularizer": "taujp", "reg_strength": 1.0, "reg_tasks": (OTHER,),
+                                "reg_batch_size": "batch"},
 }
 
 
@@ -46,11 +50,9 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
-def machine() -> str:
-    text = f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    if torch.cuda.is_available():
-        text += f", {torch.cuda.get_device_name()}"
-    return text
+def _reg_batch(name: str, batch_size: int) -> int:
+    size = VARIANTS[name].get("reg_batch_size", FinetuneConfig.reg_batch_size)
+    return batch_size if size == "batch" else size
 
 
 def main() -> None:
@@ -76,10 +78,12 @@ def main() -> None:
             compute_kfac_factors(pretrained, load_task(OTHER), num_examples=256).save(factors_file)
         for name in args.variants:
             settings = dict(VARIANTS[name])
+            if settings.get("reg_batch_size") == "batch":
+                settings["reg_batch_size"] = args.batch_size
             if settings.get("regularizer") == "kfac":
                 settings["reg_factors"] = (str(factors_file),)
             config = FinetuneConfig(task=task.name, model=args.model, steps=args.steps, batch_size=args.batch_size,
-                                    reg_batch_size=args.batch_size, checkpoint_every=0, **settings)
+                                    checkpoint_every=0, **settings)
             if on_gpu:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -89,14 +93,16 @@ def main() -> None:
             peak_mb = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else _peak_rss_mb()
             result[name] = {"step_s": record["step_seconds_median"], "peak_mb": round(peak_mb, 1)}
             print(name, result[name], flush=True)
-    for name, reference in (("linear", "standard"), ("linear_taujp", "linear"), ("standard_taujp", "standard"), ("linear_kfac", "linear")):
+    for name, reference in (("linear", "standard"), ("linear_taujp", "linear"), ("standard_taujp", "standard"), ("linear_kfac", "linear"),
+                            ("linear_taujp_full_batch", "linear")):
         if name in result and reference in result:
             result.setdefault("ratios", {})[f"{name}/{reference}"] = round(result[name]["step_s"] / result[reference]["step_s"], 3)
     result.update({
         "model": pretrained.name,
         "note": args.note,
         "task": task.name,
-        "regularization_inputs": f"{args.batch_size} inputs of {OTHER} per step",
+        "regularization_inputs": {name: f"{_reg_batch(name, args.batch_size)} inputs of {OTHER} per step"
+                                  for name in args.variants if VARIANTS[name].get("regularizer") == "taujp"},
         "batch_size": args.batch_size,
         "max_length": pretrained.max_length,
         "steps_timed": args.steps,

@@ -78,3 +78,45 @@ def test_vector_of_another_base_is_refused(capsys, monkeypatch, finetuned_dir, o
                        "--model", other_model_dir)
     tau = TaskVector.load(finetuned_dir / "task_vector.safetensors")
     assert code == 2 and tau.base_hash in err and "Traceback" not in err
+
+
+def test_regularized_finetuning_kfac_files_and_interference_matrix(capsys, monkeypatch, tmp_path, finetuned_dir,
+                                                                   tiny_model_dir, tiny_csv):
+    from taskarith.kfac import KFACFactors
+
+    other = tmp_path / "sizes.csv"
+    other.write_text("text,label\n" + "".join(f"{f} {w} is quite {s},{s}\n" for f in ("the", "a", "my", "this")
+                                             for w in ("cow", "bird", "sheep") for s in ("big", "small")))
+    model = ("--model", tiny_model_dir)
+    for source, name in ((other, "sizes"), (tiny_csv, "colours")):
+        code, out, _ = run(capsys, monkeypatch, "kfac", source, "--out", tmp_path / f"{name}.safetensors",
+                           "--num-examples", "16", *model)
+        assert code == 0 and "K-FAC factors of" in out
+    code, _, _ = run(capsys, monkeypatch, "kfac-merge", tmp_path / "sizes.safetensors", tmp_path / "colours.safetensors",
+                     "--out", tmp_path / "merged.safetensors")
+    merged = KFACFactors.load(tmp_path / "merged.safetensors")
+    assert code == 0 and merged.tasks == ("sizes", "colours") and merged.num_examples == 32
+
+    linear = tmp_path / "linear"
+    code, _, _ = run(capsys, monkeypatch, "finetune", tiny_csv, "--mode", "linear", "--regularizer", "kfac",
+                     "--reg-strength", "1", "--reg-factors", tmp_path / "sizes.safetensors", "--out", linear,
+                     "--steps", "3", "--batch-size", "8", "--max-length", "16", *model)
+    record = json.loads((linear / "run.json").read_text())
+    assert code == 0 and TaskVector.load(linear / "task_vector.safetensors").mode == "linear"
+    assert record["config"]["regularizer"] == "kfac" and "penalty" in record["history"][0]
+
+    code, out, _ = run(capsys, monkeypatch, "interference", finetuned_dir / "task_vector.safetensors",
+                       linear / "task_vector.safetensors", "--task", tiny_csv, "--task", other,
+                       "--out", tmp_path / "taujp", "--max-examples", "8", *model)
+    result = json.loads((tmp_path / "taujp" / "taujp.json").read_text())
+    assert code == 0 and result["tasks"] == ["colours", "sizes"]
+    # Two vectors of the same task get distinct row names.
+    assert result["vectors"] == ["colours (standard)", "colours (linear)"]
+    assert len(result["taujp"]) == 2 and all(len(row) == 2 and min(row) > 0 for row in result["taujp"])
+    assert (tmp_path / "taujp" / "taujp.png").stat().st_size > 0 and "tau-Jp" in out
+
+
+def test_taujp_without_other_tasks_is_a_clear_error(capsys, monkeypatch, tmp_path, tiny_model_dir, tiny_csv):
+    code, _, err = run(capsys, monkeypatch, "finetune", tiny_csv, "--regularizer", "taujp", "--reg-strength", "1",
+                       "--out", tmp_path / "run", "--model", tiny_model_dir)
+    assert code == 2 and "reg_tasks" in err and "Traceback" not in err

@@ -132,7 +132,6 @@ def test_modules_edit_a_copy(tiny_model_dir):
 
 
 def test_from_checkpoints_sharded_equals_single_file(tmp_path, tiny_model_dir):
-    pre = BertModel.from_pretrained(tiny_model_dir)
     finetuned = BertModel.from_pretrained(tiny_model_dir)
     with torch.no_grad():
         for i, p in enumerate(finetuned.parameters()):

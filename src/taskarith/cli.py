@@ -111,7 +111,7 @@ def finetune(
     reg_strength: Annotated[float, typer.Option(help="lambda, the penalty's weight.")] = 0.0,
     reg_task: Annotated[Optional[list[str]], typer.Option(help="Task whose unlabelled inputs tau-Jp protects (repeatable).")] = None,
     reg_factors: Annotated[Optional[list[Path]], typer.Option(help="K-FAC factor file from `taskarith kfac` (repeatable).")] = None,
-    reg_batch_size: Annotated[int, typer.Option(help="Regularization inputs per step.")] = 32,
+    reg_batch_size: Annotated[int, typer.Option(help="Regularization inputs per step.")] = 8,
     reg_every: Annotated[int, typer.Option(help="Apply the penalty every N steps.")] = 1,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from a checkpoint in --out if one exists.")] = True,
     device: DeviceOption = "auto",
@@ -253,6 +253,50 @@ def kfac_merge(
     merged = merge_factors([KFACFactors.load(path) for path in factor_files])
     merged.save(out_file)
     out.print(f"wrote {out_file}: K-FAC factors of {', '.join(merged.tasks)}")
+
+
+@app.command()
+def bench(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.md, results.json, PNG plots and cached vectors.")] = Path("results/bench"),
+    quick: Annotated[bool, typer.Option("--quick/--full", help="A few minutes (one seed, short runs) or the full profile (about an hour on 2 CPU cores).")] = True,
+    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="Task of the suite (repeatable; default: the profile's).")] = None,
+    control: Annotated[Optional[str], typer.Option(help="Control task for negation (default: the profile's).")] = None,
+    method: Annotated[Optional[list[str]], typer.Option("--method", "-m", help="Fine-tuning method (repeatable; default: all).")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="Number of seeds (default: the profile's).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Fine-tuning steps per task (default: the profile's).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Folder of cached task vectors (default: OUT/cache).")] = None,
+    model: ModelOption = "all-MiniLM-L6-v2",
+    device: DeviceOption = "auto",
+) -> None:
+    """The papers' protocol: every fine-tuning method, addition, negation, disentanglement, tau-Jp, incremental."""
+    from dataclasses import replace
+
+    from taskarith.data import load_task
+    from taskarith.experiments.bench import PROFILES, run_bench
+    from taskarith.io import write_json, write_text
+    from taskarith.report import bench_figures, bench_main_rows, bench_markdown, rich_table
+
+    profile = PROFILES["quick" if quick else "full"]
+    overrides = {key: value for key, value in (("tasks", tuple(task or ())), ("methods", tuple(method or ())),
+                                               ("control", control), ("steps", steps)) if value}
+    if seeds is not None:
+        overrides["seeds"] = tuple(range(seeds))
+    if method:
+        overrides["incremental_methods"] = tuple(m for m in profile.incremental_methods if m in method)
+    profile = replace(profile, **overrides)
+    pretrained = _load_model(model, device)
+    tasks_ = [load_task(name) for name in profile.tasks]
+    control_task = load_task(profile.control)
+    result = run_bench(pretrained, tasks_, control_task, profile, cache or out_dir / "cache",
+                       on_stage=lambda stage: err.print(f"[bold]>[/bold] {stage}"))
+    write_json(out_dir / "results.json", result)
+    figures = bench_figures(result, out_dir)
+    write_text(out_dir / "report.md", bench_markdown(result, figures))
+    header, rows = bench_main_rows(result)
+    keep = [header.index(name) for name in ("method", "add abs a=1", "add norm a=1", "add norm a*", "neg target a*", "neg control a*")]
+    out.print(rich_table([header[i] for i in keep], [[row[i] for i in keep] for row in rows],
+                         title=f"task arithmetic on {pretrained.name}: test accuracy (%), all columns in report.md"))
+    out.print(f"report: {out_dir / 'report.md'}, numbers: {out_dir / 'results.json'}")
 
 
 @app.command()

@@ -6,7 +6,7 @@ merged encoder ``pre + sum_t alpha_t * tau_t`` is evaluated on each task with th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +15,7 @@ from torch import nn
 from taskarith.data import Examples, Task
 from taskarith.errors import TaskArithError
 from taskarith.models import Pretrained
+from taskarith.models.zero_shot import mean_pool
 from taskarith.vectors import TaskVector, combine
 
 DEFAULT_ALPHA_GRID = tuple(round(0.1 * i, 2) for i in range(1, 11))
@@ -92,8 +93,154 @@ def choose_negation_alpha(
     """
     floor = keep * accuracy(model, control, "val")
     curve = {alpha: accuracies(model, (target, control), "val", edited_encoder(model, [-vector], alpha)) for alpha in grid}
-    allowed = [alpha for alpha in grid if curve[alpha][control.name] >= floor]
-    if not allowed:
-        return AlphaChoice(alpha=min(grid), curve=curve)
-    best = min(allowed, key=lambda alpha: (curve[alpha][target.name], alpha))
-    return AlphaChoice(alpha=best, curve=curve)
+    best = control_constrained_alpha(grid, lambda a: curve[a][target.name], lambda a: curve[a][control.name], floor)
+    return AlphaChoice(alpha=min(grid) if best is None else best, curve=curve)
+
+
+def control_constrained_alpha(
+    grid: Sequence[float], target: Callable[[float], float], control: Callable[[float], float], floor: float
+) -> float | None:
+    """The negation coefficient: lowest target accuracy among alphas whose control accuracy stays >= floor.
+
+    Ties go to the smaller alpha (the smaller edit); None when no alpha keeps the control task.
+    """
+    allowed = [alpha for alpha in grid if control(alpha) >= floor]
+    return min(allowed, key=lambda alpha: (target(alpha), alpha)) if allowed else None
+
+
+# -------------------------------------------------------------------------------------------------
+# Many edits of one encoder, evaluated on the same inputs
+
+
+Edit = tuple[tuple[str, float], ...]  # (vector name, alpha) pairs: the model pre + sum alpha * tau
+
+
+class EditedOutputs:
+    """Pooled embeddings of fixed evaluation inputs under many edits ``pre + sum_t alpha_t * tau_t``.
+
+    Linear-mode vectors edit f_lin, whose pooled output is f(x; theta0) + sum_t alpha_t J(x) tau_t: affine
+    in the alphas. So one JVP per (vector, input set) gives every alpha on every grid at the cost of a
+    weighted sum, where the direct way runs one JVP per grid point per input set. Standard-mode edits
+    have no such shortcut and run one forward per distinct edit (memoised).
+    """
+
+    def __init__(self, model: Pretrained, vectors: Mapping[str, TaskVector], *, shortcut: bool = True,
+                 batch_size: int = 128) -> None:
+        modes = {vector.mode for vector in vectors.values()}
+        if len(modes) > 1:
+            raise TaskArithError(f"vectors of one EditedOutputs must share a mode, got {sorted(modes)}")
+        for name, vector in vectors.items():
+            vector.check_base(model.encoder.state_dict())
+        self.model = model
+        self.vectors = dict(vectors)
+        self.linear = modes == {"linear"}
+        self.shortcut = shortcut and self.linear
+        self.batch_size = batch_size
+        self._base: dict[tuple, torch.Tensor] = {}
+        self._tangents: dict[tuple, torch.Tensor] = {}
+        self._edited: dict[tuple, torch.Tensor] = {}
+        self.passes = 0  # encoder passes (forwards or JVPs) run so far, for the benchmarks
+
+    @staticmethod
+    def _key(task: Task, split: str, limit: int | None) -> tuple:
+        return (task.name, split, limit)
+
+    @staticmethod
+    def _examples(task: Task, split: str, limit: int | None) -> Examples:
+        examples = task.split(split)
+        if len(examples) == 0:
+            raise TaskArithError(f"task '{task.name}' has no {split} examples")
+        return examples if limit is None else Examples(examples.texts[:limit], examples.labels[:limit])
+
+    @torch.no_grad()
+    def _run(self, encoder: nn.Module, texts: Sequence[str]) -> torch.Tensor:
+        pooled = None
+        for indices, batch in self.model.batches(texts, self.batch_size):
+            out = mean_pool(encoder(**batch).last_hidden_state, batch["attention_mask"]).float()
+            pooled = pooled if pooled is not None else out.new_zeros(len(texts), out.shape[1])
+            pooled[indices.to(out.device)] = out
+        self.passes += 1
+        assert pooled is not None
+        return pooled
+
+    @torch.no_grad()
+    def _tangent(self, name: str, task: Task, split: str, limit: int | None) -> torch.Tensor:
+        key = (name, *self._key(task, split, limit))
+        if key not in self._tangents:
+            from taskarith.linearize import hidden_and_tangent
+
+            texts = self._examples(task, split, limit).texts
+            theta0 = dict(self.model.encoder.named_parameters())
+            delta = {k: v.to(self.model.device) for k, v in self.vectors[name].deltas.items()}
+            base = tangents = None
+            for indices, batch in self.model.batches(texts, self.batch_size):
+                primal, tangent = hidden_and_tangent(self.model.encoder, theta0, delta, batch)
+                mask = batch["attention_mask"]
+                p, t = mean_pool(primal, mask).float(), mean_pool(tangent, mask).float()
+                if base is None:
+                    base, tangents = p.new_zeros(len(texts), p.shape[1]), p.new_zeros(len(texts), p.shape[1])
+                base[indices.to(p.device)], tangents[indices.to(p.device)] = p, t
+            self.passes += 1
+            self._base.setdefault(self._key(task, split, limit), base)
+            self._tangents[key] = tangents
+        return self._tangents[key]
+
+    def pooled(self, task: Task, split: str, edit: Edit = (), limit: int | None = None) -> torch.Tensor:
+        """(examples, dim) pooled embeddings of the task's split (first ``limit`` examples) under ``edit``."""
+        edit = tuple((name, float(alpha)) for name, alpha in edit if alpha != 0)
+        unknown = [name for name, _ in edit if name not in self.vectors]
+        if unknown:
+            raise TaskArithError(f"no task vector named {unknown} (known: {sorted(self.vectors)})")
+        key = self._key(task, split, limit)
+        if not edit:
+            if key not in self._base:
+                self._base[key] = self._run(self.model.encoder, self._examples(task, split, limit).texts)
+            return self._base[key]
+        if self.shortcut:
+            parts = [alpha * self._tangent(name, task, split, limit) for name, alpha in edit]
+            return self._base[key] + sum(parts)
+        memo = (edit, *key)
+        if memo not in self._edited:
+            encoder = combine([self.vectors[n] for n, _ in edit], [a for _, a in edit]).apply_to(self.model.encoder)
+            self._edited[memo] = self._run(encoder, self._examples(task, split, limit).texts)
+        return self._edited[memo]
+
+    def taujp(self, name: str, task: Task, split: str, limit: int | None = None) -> float:
+        """Mean ||J(x) tau||^2 of the named vector over the task's inputs: the tau-Jp of taskarith.interference.
+
+        Defined at theta0 for a vector of either mode; for linear-mode vectors it reuses the shortcut's JVPs.
+        """
+        return float(self._tangent(name, task, split, limit).double().pow(2).sum(dim=-1).mean())
+
+    def predictions(self, task: Task, split: str, edit: Edit = (), limit: int | None = None) -> torch.Tensor:
+        logits = self.model.classifier(task).logits_from_pooled(self.pooled(task, split, edit, limit))
+        return logits.argmax(dim=-1).cpu()
+
+    def accuracy(self, task: Task, split: str, edit: Edit = (), limit: int | None = None) -> float:
+        labels = torch.tensor(self._examples(task, split, limit).labels)
+        return float((self.predictions(task, split, edit, limit) == labels).float().mean())
+
+
+def disentanglement_error(
+    outputs: EditedOutputs, pair: tuple[Task, Task], names: tuple[str, str], grid: Sequence[float],
+    split: str = "test", limit: int | None = None,
+) -> list[list[float]]:
+    """Weight disentanglement error xi(alpha_1, alpha_2) over ``grid`` x ``grid`` (Ortiz-Jimenez et al., 2023).
+
+    xi = sum over t in the pair of E_{x ~ task t} 1[prediction of pre + alpha_t tau_t != prediction of
+    pre + alpha_1 tau_1 + alpha_2 tau_2], each task scored with its own head. Zero where the two edits do
+    not disturb each other's task; zero at alpha_1 = alpha_2 = 0 by definition.
+    """
+    errors = []
+    for a1 in grid:
+        row = []
+        for a2 in grid:
+            both = ((names[0], a1), (names[1], a2))
+            total = 0.0
+            for task, name, alpha in ((pair[0], names[0], a1), (pair[1], names[1], a2)):
+                alone = outputs.predictions(task, split, ((name, alpha),), limit)
+                joint = outputs.predictions(task, split, both, limit)
+                total += float((alone != joint).float().mean())
+            row.append(total)
+        errors.append(row)
+    return errors

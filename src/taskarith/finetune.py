@@ -64,7 +64,7 @@ class FinetuneConfig:
     reg_strength: float = 0.0
     reg_tasks: tuple[str, ...] = ()  # tasks whose unlabelled inputs tau-Jp uses (only already-seen ones, incrementally)
     reg_factors: tuple[str, ...] = ()  # K-FAC factor files (dataless: no other task's data needed)
-    reg_batch_size: int = 32
+    reg_batch_size: int = 8  # other tasks' inputs per penalty step: an unbiased estimate at any size, cost linear in it
     reg_every: int = 1
 
     def __post_init__(self) -> None:
@@ -355,9 +355,12 @@ def run_key(config: FinetuneConfig, base_hash: str) -> str:
 
 
 def finetune_cached(config: FinetuneConfig, pretrained: Pretrained, task: Task, cache_dir: str | Path,
-                    *, progress: bool = True) -> FinetuneResult:
-    """Fine-tune once per content hash: a second call with the same inputs loads the saved vector."""
-    out = Path(cache_dir) / f"{task.name}-{config.mode}-{run_key(config, pretrained.base_hash)}"
+                    *, progress: bool = True, key: str | None = None) -> FinetuneResult:
+    """Fine-tune once per content hash: a second call with the same inputs loads the saved vector.
+
+    ``key`` replaces the config's own hash where the caller knows better (e.g. factor files named by content).
+    """
+    out = Path(cache_dir) / f"{task.name}-{config.mode}-{key or run_key(config, pretrained.base_hash)}"
     vector_file, record_file = out / TASK_VECTOR_FILE, out / RECORD_FILE
     if vector_file.is_file() and record_file.is_file():
         return FinetuneResult(task_vector=TaskVector.load(vector_file), record=read_json(record_file))

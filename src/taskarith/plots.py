@@ -51,10 +51,6 @@ def heatmap(
     dpi: int = 150,
 ) -> Path:
     """Write ``matrix`` (rows x columns, numbers; NaN shows as a blank cell) as an annotated heatmap PNG."""
-    # Deferred: importing matplotlib costs time that commands without figures should not pay.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     try:
         values = np.asarray(matrix, dtype=float)
     except (TypeError, ValueError) as exc:
@@ -74,9 +70,7 @@ def heatmap(
     longest_col = max(len(c) for c in cols)
     width = min(30.0, 2.5 + 0.09 * longest_row + 0.85 * n_cols + 1.5)
     height = min(30.0, 1.8 + 0.06 * longest_col + 0.6 * n_rows)
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, axes = _figure(width, height)
 
     masked = np.ma.masked_invalid(values)
     image = axes.imshow(masked, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
@@ -106,9 +100,69 @@ def heatmap(
                 color = _text_color(image.cmap(image.norm(value)))
                 axes.text(c, r, format(value, value_format), ha="center", va="center", color=color, fontsize=size)
 
+    return _save(figure, path, dpi)
+
+
+def _figure(width: float, height: float) -> tuple[Any, Any]:
+    # Deferred: importing matplotlib costs time that commands without figures should not pay.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
+
+
+def _save(figure: Any, path: str | os.PathLike, dpi: int) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     target = Path(path)
     with atomic_path(target) as tmp:
         tmp.write_bytes(buffer.getvalue())
     return target
+
+
+def scatter(
+    groups: dict[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | os.PathLike,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logx: bool = False,
+    dpi: int = 150,
+) -> Path:
+    """One coloured point series per group (name -> (xs, ys)), with a legend."""
+    if not groups or any(len(xs) != len(ys) for xs, ys in groups.values()):
+        raise TaskArithError(f"scatter {title!r}: needs at least one group of equally long x and y values")
+    figure, axes = _figure(6.0, 4.2)
+    for name, (xs, ys) in groups.items():
+        axes.scatter(list(xs), list(ys), label=name, s=28, alpha=0.8)
+    if logx:
+        axes.set_xscale("log")
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axes.axhline(0.0, color="grey", linewidth=0.6)
+    axes.legend(fontsize=8)
+    return _save(figure, path, dpi)
+
+
+def lines(
+    series: dict[str, Sequence[float]],
+    x_labels: Sequence[Any],
+    path: str | os.PathLike,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    dpi: int = 150,
+) -> Path:
+    """One line per series (name -> one value per x label), with markers and a legend."""
+    if not series or any(len(values) != len(x_labels) for values in series.values()):
+        raise TaskArithError(f"line plot {title!r}: every series needs one value per x label ({len(x_labels)})")
+    figure, axes = _figure(6.0, 4.2)
+    for name, values in series.items():
+        axes.plot(range(len(x_labels)), list(values), marker="o", label=name)
+    axes.set_xticks(range(len(x_labels)), labels=[_label(x) for x in x_labels])
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axes.legend(fontsize=8)
+    return _save(figure, path, dpi)

@@ -65,3 +65,157 @@ def demo_markdown(result: dict[str, Any]) -> str:
         + markdown_table(*negation_rows(result))
         + "\n"
     )
+
+
+# -------------------------------------------------------------------------------------------------
+# The bench report
+
+
+def _pm(spread: dict[str, float], scale: float = 100.0, digits: int = 1) -> str:
+    if spread["n"] == 0:
+        return "n/a"
+    text = f"{scale * spread['mean']:.{digits}f}"
+    return text + (f" ± {scale * spread['std']:.{digits}f}" if spread["n"] > 1 else "")
+
+
+def bench_main_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per method: task addition (absolute, normalized) and negation (target, control), in percent."""
+    header = ["method", "fine-tuned", "add abs a=1", "add norm a=1", "add abs a*", "add norm a*", "a*",
+              "neg target a=1", "neg control a=1", "neg target a*", "neg control a*", "xi mean"]
+    rows = []
+    for method in result["profile"]["methods"]:
+        s = result["summary"][method]
+        chosen = ", ".join(f"{a:g}" for a in s["addition_alpha_chosen"])
+        rows.append([method, _pm(s["finetuned_mean"]), _pm(s["addition_alpha_1_accuracy"]),
+                     _pm(s["addition_alpha_1_normalized"]), _pm(s["addition_alpha_searched_accuracy"]),
+                     _pm(s["addition_alpha_searched_normalized"]), chosen, _pm(s["negation_alpha_1_target"]),
+                     _pm(s["negation_alpha_1_control"]), _pm(s["negation_alpha_searched_target"]),
+                     _pm(s["negation_alpha_searched_control"]), _pm(s["xi_mean"], scale=1.0, digits=3)])
+    return header, rows
+
+
+def _claims(result: dict[str, Any]) -> list[str]:
+    """The papers' orderings, each checked against this run's numbers and stated as held or not."""
+    summary, methods = result["summary"], result["profile"]["methods"]
+    lines = []
+
+    def compare(better: str, worse: str, key: str, what: str, higher: bool = True) -> None:
+        if better not in methods or worse not in methods:
+            return
+        a, b = summary[better][key]["mean"], summary[worse][key]["mean"]
+        holds = a > b if higher else a < b
+        scale = 1.0 if key == "xi_mean" else 100.0
+        lines.append(f"- {what}: {better} {scale * a:.4g} vs {worse} {scale * b:.4g} — "
+                     f"**{'holds' if holds else 'does not hold'}** here.")
+
+    compare("linear", "standard", "addition_alpha_searched_normalized",
+            "Tangent-space fine-tuning improves task addition (normalized accuracy, alpha searched)")
+    compare("linear", "standard", "xi_mean", "Tangent-space vectors are more weight-disentangled (lower mean xi)",
+            higher=False)
+    for regularized, plain in (("standard_taujp", "standard"), ("linear_taujp", "linear"), ("linear_kfac", "linear")):
+        compare(regularized, plain, "addition_alpha_1_normalized",
+                "Regularization makes alpha = 1 work (normalized accuracy at alpha = 1)")
+    pooled = summary["taujp_vs_drop_all_methods"]
+    if pooled["points"] >= 3:
+        holds = pooled["spearman"] > 0
+        lines.append(f"- tau-Jp predicts interference: Spearman {pooled['spearman']:.2f}, Pearson {pooled['pearson']:.2f} "
+                     f"over {pooled['points']} (vector, other task) pairs — **{'holds' if holds else 'does not hold'}** "
+                     f"(positive correlation) here.")
+    return lines
+
+
+def bench_markdown(result: dict[str, Any], figures: dict[str, str]) -> str:
+    """The report: main table, claims checked, per-task numbers, interference, incremental learning."""
+    p = result["profile"]
+    seeds = len(p["seeds"])
+    header, rows = bench_main_rows(result)
+    parts = [
+        f"# taskarith bench: {result['model']['name']}",
+        "",
+        f"Tasks: {', '.join(result['tasks'])}; control task for negation: {result['control_task']}. "
+        f"{p['steps']} steps of batch {p['batch_size']} at lr {p['lr']:g} per task vector; regularized methods use "
+        f"lambda = {p['reg_strength']:g} against all other tasks of the suite ({p['reg_batch_size']} inputs per step "
+        f"for tau-Jp, {p['kfac_examples']} examples per task for K-FAC). Test accuracy in percent on up to "
+        f"{p['eval_limit']} examples per task, mean ± standard deviation over {seeds} seed(s). "
+        f"a* is the addition coefficient chosen on validation from {p['alpha_grid']}; negation's a* is the largest "
+        f"drop on the target keeping control >= 95% of its pre-trained validation accuracy, from {p['negation_grid']}. "
+        f"Wall time {result['wall_seconds']:.0f} s.",
+        "",
+        markdown_table(header, rows),
+        "",
+        "Zero-shot test accuracy: " + ", ".join(f"{k} {_pct(v)}" for k, v in result["zero_shot"].items()) + ".",
+        "",
+        "## The papers' claims on this run",
+        "",
+        *_claims(result),
+        "",
+    ]
+    first_seed = next(iter(result["per_seed"].values()))
+    parts += ["## Per task (first seed, alpha = 1)", "",
+              markdown_table(["method", *result["tasks"]],
+                             [[m, *(f"{_pct(r['addition']['alpha_1']['accuracy'][t])} / {_pct(r['finetuned'][t])}"
+                                    for t in result["tasks"])] for m, r in first_seed["methods"].items()]),
+              "", "Each cell: merged model / the task's own fine-tuned model.", ""]
+    parts += ["## tau-Jp against measured interference", "",
+              "For every method, vector i and other task j: tau-Jp (mean squared first-order change of task j's "
+              "embeddings, validation inputs) and the drop of task j's test accuracy when vector i is added to "
+              "vector j.", "",
+              markdown_table(["method", "Spearman", "Pearson", "pairs"],
+                             [[m, f"{result['summary'][m]['taujp_vs_drop']['spearman']:.2f}",
+                               f"{result['summary'][m]['taujp_vs_drop']['pearson']:.2f}",
+                               str(result['summary'][m]['taujp_vs_drop']['points'])] for m in p["methods"]]), ""]
+    if "taujp_scatter" in figures:
+        parts += [f"![tau-Jp vs accuracy drop]({figures['taujp_scatter']})", ""]
+    parts += ["## Weight disentanglement error", "",
+              f"xi(alpha_1, alpha_2) on up to {p['xi_limit']} test examples per task, grid {p['xi_grid']}; "
+              "lower is more disentangled.", ""]
+    parts += [f"![xi {name}]({path})" for name, path in figures.items() if name.startswith("xi_")]
+    parts += [""]
+    incremental = first_seed["incremental"]
+    if incremental:
+        arrivals = [step["arrived"] for step in next(iter(incremental.values()))["after_each_arrival"]]
+        parts += ["## Incremental learning", "",
+                  "Tasks arrive in order; regularized methods protect only the tasks seen so far. Mean test accuracy "
+                  "of the running sum (alpha = 1) over the tasks seen, after each arrival (first seed).", "",
+                  markdown_table(["method", *[f"+{a}" for a in arrivals]],
+                                 [[m, *(_pct(step["mean_accuracy"]) for step in run["after_each_arrival"])]
+                                  for m, run in incremental.items()]), ""]
+        if "incremental" in figures:
+            parts += [f"![incremental]({figures['incremental']})", ""]
+    parts += ["All numbers are in results.json; this report was generated from it by `taskarith bench`.", ""]
+    return "\n".join(parts)
+
+
+def bench_figures(result: dict[str, Any], out_dir: Any) -> dict[str, str]:
+    """Heatmaps of xi (first seed, first pair, every method), tau-Jp vs drop scatter, incremental curves."""
+    from pathlib import Path
+
+    from taskarith.plots import heatmap, lines, scatter
+
+    out = Path(out_dir)
+    figures: dict[str, str] = {}
+    first_seed = next(iter(result["per_seed"].values()))
+    grid = result["profile"]["xi_grid"]
+    for method, run in first_seed["methods"].items():
+        pair, values = next(iter(run["xi"].items()))
+        name = f"xi_{method}.png"
+        first, second = pair.split("+", 1)
+        heatmap(values, grid, grid, out / name, title=f"xi ({method}): {pair}", xlabel=f"alpha {second}",
+                ylabel=f"alpha {first}", vmin=0.0, vmax=2.0, cmap="magma_r")
+        figures[f"xi_{method}"] = name
+    groups = {}
+    for method, run in first_seed["methods"].items():
+        xs = [x for i, row in enumerate(run["taujp"]) for j, x in enumerate(row) if i != j]
+        ys = [y for i, row in enumerate(run["interference_drop"]) for j, y in enumerate(row) if i != j]
+        groups[method] = (xs, [100 * y for y in ys])
+    scatter(groups, out / "taujp_vs_drop.png", title="tau-Jp vs interference", xlabel="tau-Jp (log scale)",
+            ylabel="accuracy drop (points)", logx=True)
+    figures["taujp_scatter"] = "taujp_vs_drop.png"
+    incremental = first_seed["incremental"]
+    if incremental:
+        arrivals = [step["arrived"] for step in next(iter(incremental.values()))["after_each_arrival"]]
+        lines({m: [100 * s["mean_accuracy"] for s in run["after_each_arrival"]] for m, run in incremental.items()},
+              arrivals, out / "incremental.png", title="incremental learning", xlabel="task arrived",
+              ylabel="mean accuracy of seen tasks (%)")
+        figures["incremental"] = "incremental.png"
+    return figures

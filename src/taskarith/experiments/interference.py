@@ -41,8 +41,14 @@ DEFINITION = (
 )
 
 
-def _vector_name(vector: TaskVector, index: int) -> str:
-    return vector.task or f"vector {index}"
+def _vector_names(vectors: Sequence[TaskVector]) -> list[str]:
+    """Row names: the task, then the mode where two vectors share a task, then the position if still ambiguous."""
+    names = [vector.task or f"vector {i}" for i, vector in enumerate(vectors)]
+    if len(set(names)) < len(names):
+        names = [f"{name} ({vector.mode})" for name, vector in zip(names, vectors)]
+    if len(set(names)) < len(names):
+        names = [f"{name} #{i}" for i, name in enumerate(names)]
+    return names
 
 
 def _checked_deltas(pretrained: Pretrained, vector: TaskVector, name: str,
@@ -99,7 +105,7 @@ def taujp_matrix(
 
     encoder = pretrained.encoder
     state = encoder.state_dict()
-    names = [_vector_name(vector, i) for i, vector in enumerate(vectors)]
+    names = _vector_names(vectors)
     # Check every vector before any compute, so a bad one fails fast rather than after minutes.
     deltas = [_checked_deltas(pretrained, vector, name, state) for vector, name in zip(vectors, names)]
     theta0 = _theta0(encoder, set().union(*(d.keys() for d in deltas)))

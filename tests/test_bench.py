@@ -1,0 +1,178 @@
+"""The protocol's metrics on a tiny model with hand-checkable values, and the bench end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from taskarith.cli import main
+from taskarith.data import task_from_file
+from taskarith.evaluate import (
+    EditedOutputs,
+    control_constrained_alpha,
+    disentanglement_error,
+    normalized_accuracy,
+)
+from taskarith.experiments.bench import BenchProfile, correlation, run_bench
+from taskarith.finetune import FinetuneConfig, finetune
+from taskarith.models import load_pretrained
+
+SIZES = [("the", "cow"), ("a", "bird"), ("my", "sheep"), ("this", "mouse"), ("your", "horse")]
+
+
+def write_task(path: Path, template: str, labels: tuple[str, str]) -> Path:
+    rows = [f"{template.format(f=f, w=w, s=s)},{s}" for f, w in SIZES for s in labels for _ in range(2)]
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_model_dir):
+    return load_pretrained(tiny_model_dir, max_length=16, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory, tiny_csv):
+    folder = tmp_path_factory.mktemp("suite")
+    sizes = task_from_file(write_task(folder / "sizes.csv", "{f} {w} is quite {s}", ("big", "small")))
+    moods = task_from_file(write_task(folder / "moods.csv", "{f} {w} is very {s}", ("red", "blue")))
+    return task_from_file(tiny_csv), sizes, moods
+
+
+@pytest.fixture(scope="module")
+def linear_vectors(pretrained, suite):
+    colours, sizes, _ = suite
+    return {task.name: finetune(FinetuneConfig(task=task.name, mode="linear", steps=4, batch_size=8, lr=3e-3,
+                                               max_length=16), pretrained, task, progress=False).task_vector
+            for task in (colours, sizes)}
+
+
+def test_normalized_accuracy_hand_checked():
+    assert normalized_accuracy({"a": 0.45, "b": 0.9}, {"a": 0.9, "b": 0.9}) == {"a": 0.5, "b": 1.0}
+
+
+def test_control_constrained_alpha_hand_checked():
+    target = {0.5: 0.6, 1.0: 0.4, 1.5: 0.2}.__getitem__
+    control = {0.5: 0.80, 1.0: 0.76, 1.5: 0.70}.__getitem__
+    # floor 0.95 * 0.8 = 0.76: alpha 1.5 breaks the control task, 1.0 is the deepest allowed drop.
+    assert control_constrained_alpha((0.5, 1.0, 1.5), target, control, 0.95 * 0.8) == 1.0
+    assert control_constrained_alpha((0.5, 1.0, 1.5), target, control, 0.9) is None
+    # Equal target accuracy: the smaller edit wins.
+    assert control_constrained_alpha((0.5, 1.0), lambda a: 0.3, lambda a: 1.0, 0.5) == 0.5
+
+
+def test_correlation_hand_checked():
+    perfect = correlation([1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0])
+    assert perfect["pearson"] == pytest.approx(1.0) and perfect["spearman"] == pytest.approx(1.0)
+    # Monotone but not linear: Spearman 1, Pearson below 1; ties get averaged ranks.
+    bent = correlation([1.0, 2.0, 3.0, 10.0], [1.0, 2.0, 3.0, 4.0])
+    assert bent["spearman"] == pytest.approx(1.0) and bent["pearson"] < 0.99
+    assert correlation([1.0, 1.0, 2.0], [0.0, 1.0, 2.0])["spearman"] == pytest.approx(math.sqrt(3) / 2)
+    assert math.isnan(correlation([1.0, 1.0], [0.0, 1.0])["pearson"])
+
+
+def test_linear_alpha_shortcut_equals_brute_force(pretrained, suite, linear_vectors):
+    colours, sizes, _ = suite
+    fast = EditedOutputs(pretrained, linear_vectors)
+    slow = EditedOutputs(pretrained, linear_vectors, shortcut=False)
+    assert fast.shortcut and not slow.shortcut
+    for alphas in ((1.0, 1.0), (0.3, -0.7), (2.0, 0.5)):
+        edit = tuple(zip(("colours", "sizes"), alphas))
+        for task in (colours, sizes):
+            torch.testing.assert_close(fast.pooled(task, "test", edit), slow.pooled(task, "test", edit), atol=1e-5, rtol=1e-4)
+            assert fast.accuracy(task, "test", edit) == slow.accuracy(task, "test", edit)
+    # Three grid points on two input sets: the shortcut ran one JVP per (vector, input set) and stops there.
+    assert fast.passes == 4 and slow.passes == 6
+
+
+def test_edited_outputs_match_the_evaluator(pretrained, suite, linear_vectors):
+    from taskarith.evaluate import accuracy, edited_encoder
+
+    colours, sizes, _ = suite
+    outputs = EditedOutputs(pretrained, linear_vectors)
+    vectors = [linear_vectors["colours"], linear_vectors["sizes"]]
+    direct = accuracy(pretrained, sizes, "test", edited_encoder(pretrained, vectors, [0.5, 1.0]))
+    assert outputs.accuracy(sizes, "test", (("colours", 0.5), ("sizes", 1.0))) == pytest.approx(direct)
+    assert outputs.accuracy(colours, "test") == pytest.approx(accuracy(pretrained, colours, "test"))
+
+
+def test_cached_taujp_equals_the_interference_matrix(pretrained, suite, linear_vectors):
+    from taskarith.experiments.interference import taujp_matrix
+
+    colours, sizes, _ = suite
+    outputs = EditedOutputs(pretrained, linear_vectors)
+    matrix = taujp_matrix(pretrained, [linear_vectors["colours"], linear_vectors["sizes"]], [colours, sizes],
+                          split="val", max_examples=1000)["taujp"]
+    for i, name in enumerate(("colours", "sizes")):
+        for j, task in enumerate((colours, sizes)):
+            assert outputs.taujp(name, task, "val") == pytest.approx(matrix[i][j], rel=1e-4)
+
+
+def test_disentanglement_error_is_zero_at_the_origin_and_bounded(pretrained, suite, linear_vectors):
+    colours, sizes, _ = suite
+    outputs = EditedOutputs(pretrained, linear_vectors)
+    grid = disentanglement_error(outputs, (colours, sizes), ("colours", "sizes"), (0.0, 1.0, 3.0))
+    assert grid[0][0] == 0.0
+    assert all(0.0 <= value <= 2.0 for row in grid for value in row)
+    # A larger second edit can only be checked against a direct count: row alpha_1 = 0 is sizes' own edit.
+    alone = outputs.predictions(colours, "test")
+    joint = outputs.predictions(colours, "test", (("sizes", 3.0),))
+    assert grid[0][2] == pytest.approx(float((alone != joint).float().mean()))
+
+
+def test_mixed_modes_are_refused(pretrained, linear_vectors):
+    from taskarith.errors import TaskArithError
+
+    mixed = {"a": linear_vectors["colours"], "b": linear_vectors["sizes"].with_mode("standard")}
+    with pytest.raises(TaskArithError, match="share a mode"):
+        EditedOutputs(pretrained, mixed)
+
+
+def test_bench_end_to_end_and_cached(tmp_path, pretrained, suite):
+    colours, sizes, moods = suite
+    profile = BenchProfile(tasks=(colours.name, sizes.name), control=moods.name, steps=3, batch_size=8, lr=3e-3,
+                           seeds=(0, 1), kfac_examples=16, eval_limit=None, xi_limit=10,
+                           xi_grid=(0.0, 1.0), alpha_grid=(0.5, 1.0), negation_grid=(0.5, 1.0))
+    stages: list[str] = []
+    result = run_bench(pretrained, [colours, sizes], moods, profile, tmp_path / "cache", on_stage=stages.append)
+    assert set(result["summary"]) >= set(profile.methods)
+    for method in profile.methods:
+        run = result["per_seed"]["0"]["methods"][method]
+        assert run["xi"]["colours+sizes"][0][0] == 0.0
+        assert len(run["taujp"]) == 2 and run["taujp"][0][1] > 0
+        assert math.isnan(run["interference_drop"][0][0]) and not math.isnan(run["interference_drop"][0][1])
+        assert run["addition"]["alpha_searched"]["alpha"] in (0.5, 1.0)
+        spread = result["summary"][method]["addition_alpha_1_accuracy"]
+        assert spread["n"] == 2 and 0.0 <= spread["mean"] <= 1.0
+    incremental = result["per_seed"]["0"]["incremental"]
+    assert set(incremental) == {"standard_taujp", "standard"}
+    # The first arrival protects nothing, so it is the plain run, shared through the cache.
+    first = [run["after_each_arrival"][0]["accuracy"] for run in incremental.values()]
+    assert first[0] == first[1]
+    assert any(stage.startswith("K-FAC") for stage in stages)
+    again: list[str] = []
+    second = run_bench(pretrained, [colours, sizes], moods, profile, tmp_path / "cache", on_stage=again.append)
+    # Everything came from the cache: the recorded training times are the first run's, no factors were recomputed.
+    assert second["finetune_seconds"] == result["finetune_seconds"]
+    assert second["summary"]["linear"] == result["summary"]["linear"]
+    assert not any(stage.startswith("K-FAC") for stage in again)
+
+
+def test_bench_cli_writes_report(tmp_path, monkeypatch, capsys, tiny_model_dir, tiny_csv):
+    sizes = write_task(tmp_path / "sizes.csv", "{f} {w} is quite {s}", ("big", "small"))
+    moods = write_task(tmp_path / "moods.csv", "{f} {w} is very {s}", ("red", "blue"))
+    monkeypatch.setattr(sys, "argv", ["taskarith", "bench", "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir),
+                                      "--task", str(tiny_csv), "--task", str(sizes), "--control", str(moods),
+                                      "--method", "standard", "--method", "linear", "--steps", "2"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code in (0, None)
+    report = (tmp_path / "out" / "report.md").read_text()
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["profile"]["methods"] == ["standard", "linear"] and "| linear |" in report
+    assert (tmp_path / "out" / "xi_linear.png").stat().st_size > 0 and ("**holds**" in report or "**does not hold**" in report)
