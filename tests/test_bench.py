@@ -193,7 +193,7 @@ def hf_trained_checkpoint(model_dir: Path, csv: Path, out: Path, steps: int = 4)
     model.train()
     torch.manual_seed(0)
     for step in range(steps):
-        texts, labels = task.train.texts[step * 8:(step + 1) * 8], task.train.labels[step * 8:(step + 1) * 8]
+        texts, labels = task.train.inputs[step * 8:(step + 1) * 8], task.train.labels[step * 8:(step + 1) * 8]
         batch = tokenizer(list(texts), padding=True, return_tensors="pt")
         model(**batch, labels=torch.tensor(labels)).loss.backward()
         optimizer.step()

@@ -26,6 +26,7 @@ from taskarith.data import (
     task_from_file,
 )
 from taskarith.data import builtin
+from taskarith.data.images import BUILTIN_IMAGE_TASKS
 from taskarith.errors import TaskArithError
 
 SPLITS = ("train", "val", "test")
@@ -43,7 +44,7 @@ def synthetic(n_per_class=(300, 150, 60)):
 def digest(splits) -> str:
     h = hashlib.sha256()
     for ex in splits:
-        h.update(json.dumps([list(ex.texts), list(ex.labels)]).encode())
+        h.update(json.dumps([list(ex.inputs), list(ex.labels)]).encode())
     return h.hexdigest()
 
 
@@ -58,7 +59,7 @@ def test_split_is_deterministic_within_process():
     order = sorted(range(len(texts)), key=lambda i: texts[i][::-1])
     shuffled = split_examples([texts[i] for i in order], [labels[i] for i in order])
     for a, b in zip(split_examples(texts, labels), shuffled):
-        assert sorted(zip(a.texts, a.labels)) == sorted(zip(b.texts, b.labels))
+        assert sorted(zip(a.inputs, a.labels)) == sorted(zip(b.inputs, b.labels))
 
 
 SPLIT_SCRIPT = """
@@ -70,7 +71,7 @@ for c, n in enumerate((300, 150, 60)):
         texts.append(f"class {c} example number {i}"); labels.append(c)
 h = hashlib.sha256()
 for ex in split_examples(texts, labels):
-    h.update(json.dumps([list(ex.texts), list(ex.labels)]).encode())
+    h.update(json.dumps([list(ex.inputs), list(ex.labels)]).encode())
 print(h.hexdigest())
 """
 
@@ -92,9 +93,9 @@ def test_split_is_stratified_and_disjoint():
     texts, labels = synthetic((300, 150, 60))
     train, val, test = split_examples(texts, labels, max_train=None, max_val=None, max_test=None)
     assert len(train) + len(val) + len(test) == len(texts)
-    assert not set(train.texts) & set(val.texts)
-    assert not set(train.texts) & set(test.texts)
-    assert not set(val.texts) & set(test.texts)
+    assert not set(train.inputs) & set(val.inputs)
+    assert not set(train.inputs) & set(test.inputs)
+    assert not set(val.inputs) & set(test.inputs)
     total = Counter(labels)
     for ex, frac in ((val, 0.10), (test, 0.15)):
         counts = Counter(ex.labels)
@@ -136,7 +137,7 @@ def test_split_groups_never_straddle_splits():
             groups.append(f"speaker{g}")
     parts = split_examples(texts, labels, groups=groups, max_train=None, max_val=None, max_test=None)
     owner = dict(zip(texts, groups))
-    seen = [{owner[t] for t in ex.texts} for ex in parts]
+    seen = [{owner[t] for t in ex.inputs} for ex in parts]
     assert not seen[0] & seen[1] and not seen[0] & seen[2] and not seen[1] & seen[2]
     for ex in parts:
         assert set(ex.labels) == {0, 1}
@@ -151,7 +152,7 @@ def test_split_rejects_bad_arguments():
 
 def test_examples_and_task_validation():
     ex = Examples(["a", "b"], [0, 1])
-    assert ex.texts == ("a", "b") and len(ex) == 2
+    assert ex.inputs == ("a", "b") and len(ex) == 2
     with pytest.raises(TaskArithError):
         Examples(("a",), (0, 1))
     task = Task("t", ("x", "y"), ("a {}.",), ex, ex, ex, "d", "s")
@@ -188,7 +189,7 @@ def test_csv_without_split_column(tmp_path):
     assert sum(len(task.split(s)) for s in SPLITS) == 30
     for s in SPLITS:
         assert set(task.split(s).labels) == {0, 1}
-    assert "text number 0, with comma" in task.train.texts + task.val.texts + task.test.texts
+    assert "text number 0, with comma" in task.train.inputs + task.val.inputs + task.test.inputs
     assert load_task(str(p)) == task
 
 
@@ -200,8 +201,8 @@ def test_csv_with_split_column_and_custom_keys(tmp_path):
     task = task_from_file(p, text_key="sentence", label_key="y", name="mine", templates=["a {} thing"])
     assert task.name == "mine" and task.classes == ("0", "1", "2") and task.templates == ("a {} thing",)
     assert len(task.train) == 12 and len(task.val) == 6 and len(task.test) == 6
-    assert "s1" in task.val.texts and "s2" in task.test.texts and "s0" in task.train.texts
-    assert task.train.labels[task.train.texts.index("s4")] == 1
+    assert "s1" in task.val.inputs and "s2" in task.test.inputs and "s0" in task.train.inputs
+    assert task.train.labels[task.train.inputs.index("s4")] == 1
 
 
 def test_jsonl_with_split_field(tmp_path):
@@ -211,7 +212,7 @@ def test_jsonl_with_split_field(tmp_path):
     task = task_from_file(p)
     assert task.classes == ("0", "1")
     assert (len(task.train), len(task.val), len(task.test)) == (4, 4, 4)
-    assert "t1" in task.val.texts
+    assert "t1" in task.val.inputs
 
 
 def test_json_array_and_numeric_class_order(tmp_path):
@@ -223,7 +224,7 @@ def test_json_array_and_numeric_class_order(tmp_path):
 def test_duplicate_texts_with_conflicting_labels_are_dropped(tmp_path):
     p = write(tmp_path, "d.csv", "text,label\nsame,a\nsame,b\nsame,a\n" + csv_rows(12, ("a", "b")))
     task = task_from_file(p)
-    assert all("same" not in task.split(s).texts for s in SPLITS)
+    assert all("same" not in task.split(s).inputs for s in SPLITS)
 
 
 @pytest.mark.parametrize(
@@ -378,11 +379,15 @@ def skip_if_missing(name: str) -> None:
                 pytest.skip(f"{p} not installed")
 
 
+# Image tasks (pixel inputs) are checked in test_images.py.
+TEXT_TASKS = sorted(set(BUILTIN_TASKS) - set(BUILTIN_IMAGE_TASKS))
+
+
 def test_every_builtin_has_a_requirement_entry():
-    assert set(REQUIRES) == set(BUILTIN_TASKS) and len(BUILTIN_TASKS) >= 8
+    assert set(REQUIRES) == set(TEXT_TASKS) and len(TEXT_TASKS) >= 8
 
 
-@pytest.mark.parametrize("name", sorted(BUILTIN_TASKS))
+@pytest.mark.parametrize("name", TEXT_TASKS)
 def test_builtin_task(name):
     skip_if_missing(name)
     task = load_task(name)
@@ -397,10 +402,10 @@ def test_builtin_task(name):
         counts = Counter(ex.labels)
         assert set(counts) == set(range(len(task.classes))), f"{split} lacks a class"
         assert max(counts.values()) - min(counts.values()) <= 1, f"{split} unbalanced: {counts}"
-        assert all(t and t == t.strip() and "  " not in t for t in ex.texts)
-        assert len(set(ex.texts)) == len(ex)
-        assert not seen & set(ex.texts), f"{split} overlaps an earlier split"
-        seen |= set(ex.texts)
+        assert all(t and t == t.strip() and "  " not in t for t in ex.inputs)
+        assert len(set(ex.inputs)) == len(ex)
+        assert not seen & set(ex.inputs), f"{split} overlaps an earlier split"
+        seen |= set(ex.inputs)
 
 
 def test_builtins_share_domains_pairwise():

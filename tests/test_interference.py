@@ -30,7 +30,7 @@ def pretrained(tiny_model_dir) -> Pretrained:
 def tasks(tiny_csv):
     task = task_from_file(tiny_csv, templates=("this is about {}.",))
     # A second column with other inputs (the train texts), so the matrix has two different tasks.
-    other = dataclasses.replace(task, name="colours-train", val=Examples(task.train.texts[:10], task.train.labels[:10]))
+    other = dataclasses.replace(task, name="colours-train", val=Examples(task.train.inputs[:10], task.train.labels[:10]))
     return [task, other]
 
 
@@ -78,7 +78,7 @@ def test_matches_float64_finite_differences(pretrained, tasks):
     minus = {k: v - eps * vector.deltas[k].double() for k, v in theta.items()}
     squared, energy = [], []
     with torch.no_grad():
-        for text in tasks[0].val.texts[:n]:
+        for text in tasks[0].val.inputs[:n]:
             batch = pretrained.tokenize([text])  # one text at a time: no padding at all
             change = (_pooled_f(encoder64, plus, batch) - _pooled_f(encoder64, minus, batch)) / (2 * eps)
             squared.append(float(change.pow(2).sum()))

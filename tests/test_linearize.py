@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from transformers.modeling_outputs import BaseModelOutput
 
 from taskarith.data import task_from_file
 from taskarith.errors import TaskArithError
@@ -72,10 +73,46 @@ def test_only_delta_is_trained_and_theta0_is_shared(pretrained):
     assert all(a is b for a, b in zip(linear.theta0().values(), pretrained.encoder.parameters()))
 
 
-def test_fused_attention_is_refused(tiny_model_dir):
+def test_sdpa_attention_linearizes_to_the_same_function_as_eager(tiny_model_dir, pretrained):
+    # SDPA's fused CPU kernel has no forward-mode rule; under jvp_safe_kernels it runs its math kernel.
     sdpa = load_pretrained(tiny_model_dir, attn_implementation="sdpa", device="cpu")
+    batch = pretrained.tokenize(TEXTS)
+    delta = random_delta(pretrained.encoder, 1e-2)
+    with torch.no_grad():
+        eager_out = LinearizedEncoder(pretrained.encoder, delta)(**batch).last_hidden_state
+        sdpa_out = LinearizedEncoder(sdpa.encoder, delta)(**batch).last_hidden_state
+    assert torch.allclose(eager_out, sdpa_out, atol=1e-5)
+
+
+def test_multihead_attention_fast_path_is_bypassed_under_jvp():
+    # nn.MultiheadAttention's fused inference path (taken by open_clip and timm blocks) has no JVP rule.
+    attention = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, inputs_embeds, attention_mask):
+            out = self.attention(inputs_embeds, inputs_embeds, inputs_embeds, need_weights=False)[0]
+            return BaseModelOutput(last_hidden_state=out)
+
+    encoder = Encoder().eval()
+    batch = {"inputs_embeds": torch.randn(3, 5, 8), "attention_mask": torch.ones(3, 5, dtype=torch.long)}
+    delta = {n: 1e-4 * torch.randn_like(p) for n, p in encoder.named_parameters()}
+    with torch.no_grad():
+        linear = LinearizedEncoder(encoder, delta)(**batch).last_hidden_state
+        moved = torch.func.functional_call(encoder, {n: p + delta[n] for n, p in encoder.named_parameters()},
+                                           args=(), kwargs=batch).last_hidden_state
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after the JVP
+    assert torch.allclose(linear, moved, atol=1e-6)  # first order: they differ by O(|delta|^2)
+
+
+def test_unsupported_attention_is_refused(tiny_model_dir, pretrained):
+    encoder = pretrained.trainable_copy()
+    encoder.config._attn_implementation = "flash_attention_2"
     with pytest.raises(TaskArithError, match="eager"):
-        LinearizedEncoder(sdpa.encoder)
+        LinearizedEncoder(encoder)
 
 
 def test_taujp_penalty_is_zero_for_zero_vector_and_matches_direct_computation(pretrained):
@@ -143,7 +180,7 @@ def test_taujp_regularization_reduces_interference(pretrained, task, tmp_path, m
                                               enumerate((f, w) for f in fillers for w in ["bird", "cow", "sheep", "mouse"])))
 
     def measured(tau: TaskVector) -> float:
-        batch = pretrained.tokenize(list(task_from_file(other).train.texts))
+        batch = pretrained.tokenize(list(task_from_file(other).train.inputs))
         _, tangent = hidden_and_tangent(pretrained.encoder, dict(pretrained.encoder.named_parameters()), tau.deltas, batch)
         return float(taujp_penalty(PenaltyInputs(tau.deltas, pooled_tangents(tangent, batch["attention_mask"]))))
 

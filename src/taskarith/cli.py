@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Any, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -26,7 +26,7 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="Encoder: 'all-MiniLM-L6-v2' (embedded), a local Hugging Face folder, or a hub id.")]
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model: 'all-MiniLM-L6-v2' (embedded text encoder), 'efficientnet-lite0' (embedded image backbone), a Hugging Face folder (text encoder, sequence classifier or CLIPModel) or hub id, 'open_clip:NAME@WEIGHTS', or 'timm:NAME@WEIGHTS'.")]
 
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")]
 
@@ -54,13 +54,20 @@ def tasks(
     as_json: Annotated[bool, typer.Option("--json", help="Print the registry as JSON.")] = False,
     zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="Also measure zero-shot test accuracy.")] = True,
     model: ModelOption = "all-MiniLM-L6-v2",
+    vision_model: Annotated[str, typer.Option(help="Model for the image tasks (their heads are linear probes).")] = "efficientnet-lite0",
     device: DeviceOption = "auto",
 ) -> None:
-    """List the built-in tasks with sizes, classes and zero-shot accuracy."""
+    """List the built-in tasks with sizes, classes and pre-trained (zero-shot or linear-probe) accuracy."""
     from taskarith.data import BUILTIN_TASKS, load_task
     from taskarith.evaluate import accuracy
 
-    pretrained = _load_model(model, device) if zero_shot else None
+    models: dict[str, Any] = {}
+
+    def model_for(task: Any) -> Any:
+        if task.modality not in models:
+            models[task.modality] = _load_model(model if task.modality == "text" else vision_model, device)
+        return models[task.modality]
+
     rows = []
     for name in BUILTIN_TASKS:
         try:
@@ -70,8 +77,10 @@ def tasks(
             continue
         row = {"name": name, "domain": task.domain, "classes": list(task.classes),
                "sizes": {s: len(task.split(s)) for s in ("train", "val", "test")}, "source": task.source}
-        if pretrained is not None:
-            with err.status(f"zero-shot accuracy of {name}"):
+        if zero_shot:
+            pretrained = model_for(task)
+            with err.status(f"pre-trained accuracy of {name}"):
+                row["model"] = pretrained.name
                 row["zero_shot_accuracy"] = round(accuracy(pretrained, task, "test"), 4)
         rows.append(row)
     if as_json:
@@ -190,6 +199,9 @@ def compose(
         from taskarith.models.hf import save_hf_encoder
 
         pretrained = _load_model(model, device)
+        if pretrained.tokenizer is None:
+            raise TaskArithError(f"--model-out writes Hugging Face text encoders; '{model}' is not one. Apply the "
+                                 "vector with TaskVector.apply_to, or to a model folder with 'taskarith merge'")
         save_hf_encoder(composed.apply_to(pretrained.encoder), pretrained.tokenizer, model_out)
         out.print(f"wrote edited model to {model_out}")
 
@@ -322,15 +334,19 @@ def kfac_merge(
 def bench(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.md, results.json, PNG plots and cached vectors.")] = Path("results/bench"),
     quick: Annotated[bool, typer.Option("--quick/--full", help="A few minutes (one seed, short runs) or the full profile (about an hour on 2 CPU cores).")] = True,
+    suite: Annotated[str, typer.Option(help="Task suite: 'text' (all-MiniLM-L6-v2 on text tasks) or 'vision' (EfficientNet-Lite0 on image tasks).")] = "text",
     task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="Task of the suite (repeatable; default: the profile's).")] = None,
     control: Annotated[Optional[str], typer.Option(help="Control task for negation (default: the profile's).")] = None,
     method: Annotated[Optional[list[str]], typer.Option("--method", "-m", help="Fine-tuning method (repeatable; default: all).")] = None,
     seeds: Annotated[Optional[int], typer.Option(help="Number of seeds (default: the profile's).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Fine-tuning steps per task (default: the profile's).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Fine-tuning batch size (default: the profile's).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Fine-tuning learning rate (default: the profile's).")] = None,
+    eval_limit: Annotated[Optional[int], typer.Option(help="Examples per validation and test split (default: the profile's).")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="Folder of cached task vectors (default: OUT/cache).")] = None,
     checkpoint: Annotated[Optional[list[str]], typer.Option(help="TASK=FOLDER: a model fine-tuned on TASK elsewhere (repeatable).")] = None,
     new_task: Annotated[Optional[str], typer.Option(help="Task fine-tuned on top of the --checkpoint vectors (default: the first suite task without one).")] = None,
-    model: ModelOption = "all-MiniLM-L6-v2",
+    model: Annotated[Optional[str], typer.Option("--model", help="Model (default: the suite's; see 'taskarith finetune --help').")] = None,
     device: DeviceOption = "auto",
 ) -> None:
     """The papers' protocol: every fine-tuning method, addition, negation, disentanglement, tau-Jp, incremental."""
@@ -341,15 +357,21 @@ def bench(
     from taskarith.io import write_json, write_text
     from taskarith.report import bench_figures, bench_main_rows, bench_markdown, rich_table
 
-    profile = PROFILES["quick" if quick else "full"]
+    from taskarith.experiments.bench import SUITES
+
+    if suite not in SUITES:
+        raise TaskArithError(f"--suite {suite!r}: unknown suite (known: {', '.join(SUITES)})")
+    profile = PROFILES[(suite, "quick" if quick else "full")]
     overrides = {key: value for key, value in (("tasks", tuple(task or ())), ("methods", tuple(method or ())),
-                                               ("control", control), ("steps", steps)) if value}
+                                               ("control", control), ("steps", steps),
+                                               ("batch_size", batch_size), ("lr", lr),
+                                               ("eval_limit", eval_limit)) if value}
     if seeds is not None:
         overrides["seeds"] = tuple(range(seeds))
     if method:
         overrides["incremental_methods"] = tuple(m for m in profile.incremental_methods if m in method)
     profile = replace(profile, **overrides)
-    pretrained = _load_model(model, device)
+    pretrained = _load_model(model or profile.model, device)
     tasks_ = [load_task(name) for name in profile.tasks]
     control_task = load_task(profile.control)
     checkpoints = []

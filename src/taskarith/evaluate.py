@@ -27,7 +27,7 @@ def predict(model: Pretrained, task: Task, examples: Examples, encoder: nn.Modul
     """Predicted class indices for ``examples`` with the task's zero-shot head on ``encoder``."""
     classifier = model.classifier(task, encoder)
     predictions = torch.empty(len(examples), dtype=torch.long)
-    for indices, batch in model.batches(examples.texts, batch_size):
+    for indices, batch in model.batches(examples.inputs, batch_size):
         predictions[indices] = classifier(**batch).argmax(dim=-1).cpu()
     return predictions
 
@@ -150,7 +150,7 @@ class EditedOutputs:
         examples = task.split(split)
         if len(examples) == 0:
             raise TaskArithError(f"task '{task.name}' has no {split} examples")
-        return examples if limit is None else Examples(examples.texts[:limit], examples.labels[:limit])
+        return examples if limit is None else Examples(examples.inputs[:limit], examples.labels[:limit])
 
     @torch.no_grad()
     def _run(self, encoder: nn.Module, texts: Sequence[str]) -> torch.Tensor:
@@ -169,7 +169,7 @@ class EditedOutputs:
         if key not in self._tangents:
             from taskarith.linearize import hidden_and_tangent
 
-            texts = self._examples(task, split, limit).texts
+            texts = self._examples(task, split, limit).inputs
             theta0 = dict(self.model.encoder.named_parameters())
             delta = {k: v.to(self.model.device) for k, v in self.vectors[name].deltas.items()}
             base = tangents = None
@@ -194,7 +194,7 @@ class EditedOutputs:
         key = self._key(task, split, limit)
         if not edit:
             if key not in self._base:
-                self._base[key] = self._run(self.model.encoder, self._examples(task, split, limit).texts)
+                self._base[key] = self._run(self.model.encoder, self._examples(task, split, limit).inputs)
             return self._base[key]
         if self.shortcut:
             parts = [alpha * self._tangent(name, task, split, limit) for name, alpha in edit]
@@ -202,7 +202,7 @@ class EditedOutputs:
         memo = (edit, *key)
         if memo not in self._edited:
             encoder = combine([self.vectors[n] for n, _ in edit], [a for _, a in edit]).apply_to(self.model.encoder)
-            self._edited[memo] = self._run(encoder, self._examples(task, split, limit).texts)
+            self._edited[memo] = self._run(encoder, self._examples(task, split, limit).inputs)
         return self._edited[memo]
 
     def taujp(self, name: str, task: Task, split: str, limit: int | None = None) -> float:

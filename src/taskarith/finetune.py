@@ -218,7 +218,7 @@ MODES = tuple(TRAINABLES)
 
 def regularization_pool(config: FinetuneConfig) -> list[str]:
     """Unlabelled inputs of the other tasks named in the config (their training splits)."""
-    return [text for name in config.reg_tasks for text in load_task(name).train.texts]
+    return [text for name in config.reg_tasks for text in load_task(name).train.inputs]
 
 
 def regularization_factors(config: FinetuneConfig, pretrained: Pretrained) -> Any:
@@ -291,7 +291,7 @@ def finetune(
             group["lr"] = config.lr * schedule(step)
         global_indices = batch_indices(len(train), config.batch_size, config.seed, step)
         indices = cluster.shard(global_indices)
-        texts = [train.texts[i] for i in indices]
+        texts = [train.inputs[i] for i in indices]
         regularize = regularizer is not None and step % config.reg_every == 0
         global_reg_texts = regularization_batch(reg_pool, config, step) if regularize and reg_pool else []
         reg_texts = cluster.shard(global_reg_texts)

@@ -8,18 +8,23 @@ Here f is the encoder's token states; mean pooling is linear, so linearizing the
 pooled embedding is the same thing, and the zero-shot head (normalisation and cosine) stays outside
 the linearization, as in the tangent-space paper's CLIP setting.
 
-Forward-mode AD has no rule for the fused scaled-dot-product attention kernels, so encoders must run
-their plain ("eager") attention; `load_pretrained` does so by default for every mode, which keeps the
-non-linear and linearized models computing the same function.
+Forward-mode AD has no rule for the fused attention kernels (SDPA's flash/memory-efficient kernels,
+nn.MultiheadAttention's inference fast path). Every JVP therefore runs under :func:`jvp_safe_kernels`,
+which routes SDPA to its math kernel and turns the MHA fast path off for the duration: Hugging Face
+encoders with eager or SDPA attention, open_clip and timm models all linearize. ``load_pretrained`` still
+loads Hugging Face encoders with eager attention by default, so the non-linear and linearized models
+run literally the same operations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_outputs import BaseModelOutput
 
 from taskarith.errors import TaskArithError
@@ -27,14 +32,30 @@ from taskarith.errors import TaskArithError
 Params = dict[str, torch.Tensor]
 
 
+# Attention implementations whose every kernel has a forward-mode rule once SDPA is held to its math kernel.
+JVP_COMPATIBLE_ATTENTION = (None, "eager", "sdpa")
+
+
 def _check_attention(encoder: nn.Module) -> None:
     config = getattr(encoder, "config", None)
     implementation = getattr(config, "_attn_implementation", "eager")
-    if implementation not in (None, "eager"):
+    if implementation not in JVP_COMPATIBLE_ATTENTION:
         raise TaskArithError(
-            f"linearization needs the encoder's eager attention (forward-mode AD has no rule for "
-            f"'{implementation}'); load it with attn_implementation='eager'"
+            f"linearization needs eager or sdpa attention (forward-mode AD has no rule for "
+            f"'{implementation}'); load the model with attn_implementation='eager'"
         )
+
+
+@contextmanager
+def jvp_safe_kernels() -> Iterator[None]:
+    """Attention kernels that forward-mode AD can differentiate: SDPA's math kernel, no fused MHA fast path."""
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 def hidden_and_tangent(encoder: nn.Module, theta0: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
@@ -46,7 +67,8 @@ def hidden_and_tangent(encoder: nn.Module, theta0: Mapping[str, torch.Tensor], d
 
     primal = dict(theta0)
     tangent = {name: delta[name] if name in delta else torch.zeros_like(value) for name, value in primal.items()}
-    return jvp(token_states, (primal,), (tangent,))
+    with jvp_safe_kernels():
+        return jvp(token_states, (primal,), (tangent,))
 
 
 def _slot(name: str) -> str:

@@ -13,6 +13,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from taskarith.errors import TaskArithError
 
@@ -37,25 +38,41 @@ DEFAULT_MAX_VAL = 300
 DEFAULT_MAX_TEST = 500
 
 
+def input_bytes(item: Any) -> bytes:
+    """Bytes that identify one input: a text's UTF-8, an array's shape, type and pixels, a file's path."""
+    if isinstance(item, str):
+        return b"s" + item.encode("utf-8", "surrogatepass") + b"\0"
+    if isinstance(item, Path):
+        return b"p" + str(item).encode("utf-8", "surrogatepass") + b"\0"
+    shape, dtype = getattr(item, "shape", None), getattr(item, "dtype", None)
+    if shape is not None and dtype is not None and hasattr(item, "tobytes"):
+        return b"a" + repr((tuple(shape), str(dtype))).encode() + item.tobytes()
+    raise TaskArithError(f"unsupported input type {type(item).__name__}: use text, a pixel array or an image path")
+
+
 @dataclass(frozen=True)
 class Examples:
-    """Parallel tuples of texts and integer labels (indices into ``Task.classes``)."""
+    """Parallel tuples of inputs and integer labels (indices into ``Task.classes``).
 
-    texts: tuple[str, ...]
+    Inputs are whatever the model's preprocessing takes: strings for text encoders; for image encoders,
+    uint8 pixel arrays (height x width x channels) or paths of image files read when batched.
+    """
+
+    inputs: tuple[Any, ...]
     labels: tuple[int, ...]
 
     def __post_init__(self) -> None:
         # Accept lists from callers but store tuples, so the object is really immutable and hashable.
-        object.__setattr__(self, "texts", tuple(self.texts))
+        object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "labels", tuple(int(label) for label in self.labels))
-        if len(self.texts) != len(self.labels):
+        if len(self.inputs) != len(self.labels):
             raise TaskArithError(
-                f"Examples: {len(self.texts)} texts but {len(self.labels)} labels; "
-                "pass one label per text."
+                f"Examples: {len(self.inputs)} inputs but {len(self.labels)} labels; "
+                "pass one label per input."
             )
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.inputs)
 
     def __repr__(self) -> str:
         return f"Examples(n={len(self)})"
@@ -106,8 +123,16 @@ class Task:
             digest.update(repr(part).encode("utf-8", "surrogatepass"))
         for split in SPLITS:
             examples = self.split(split)
-            digest.update(repr((split, examples.texts, examples.labels)).encode("utf-8", "surrogatepass"))
+            digest.update(repr((split, len(examples), examples.labels)).encode())
+            for item in examples.inputs:
+                digest.update(input_bytes(item))
         return digest.hexdigest()
+
+    @property
+    def modality(self) -> str:
+        """'text' or 'image': what kind of model can take this task's inputs."""
+        first = next((x for s in SPLITS for x in self.split(s).inputs), "")
+        return "text" if isinstance(first, str) else "image"
 
     def split(self, name: str) -> Examples:
         """Return the ``"train"``, ``"val"`` or ``"test"`` examples."""
@@ -296,11 +321,24 @@ FILE_SUFFIXES: tuple[str, ...] = (".csv", ".jsonl", ".json")
 
 
 def load_task(spec: str | Path) -> Task:
-    """Load a built-in task by name, or a user task from a ``.csv`` / ``.jsonl`` / ``.json`` path."""
+    """Load a built-in task by name, a user task from a ``.csv`` / ``.jsonl`` / ``.json`` path, an image
+    folder (one sub-folder per class, optionally under train/val/test), or ``torchvision:DATASET@ROOT``
+    (a torchvision dataset already on disk, e.g. ``torchvision:EuroSAT@/data``)."""
     key = str(spec)
     if key in BUILTIN_TASKS:
         return BUILTIN_TASKS[key]()
+    if key.startswith("torchvision:"):
+        from taskarith.data.images import task_from_torchvision  # local: images imports this module
+
+        name, sep, root = key[len("torchvision:"):].partition("@")
+        if not name or not sep or not root:
+            raise TaskArithError(f"task {key!r}: expected torchvision:DATASET@ROOT_FOLDER")
+        return task_from_torchvision(name, root)
     path = Path(key).expanduser()
+    if path.is_dir():
+        from taskarith.data.images import task_from_image_folder  # local: images imports this module
+
+        return task_from_image_folder(path)
     if path.suffix.lower() in FILE_SUFFIXES:
         from taskarith.data.files import task_from_file  # local: files imports this module
 
@@ -311,7 +349,8 @@ def load_task(spec: str | Path) -> Task:
             f"Task file {key!r} has suffix {path.suffix or '(none)'!r}; use a .csv, .jsonl or .json file."
         )
     raise TaskArithError(
-        f"Unknown task {key!r}. Known tasks: {known}. Or pass a path to a .csv / .jsonl / .json file."
+        f"Unknown task {key!r}. Known tasks: {known}. Or pass a path to a .csv / .jsonl / .json file "
+        "or to an image folder."
     )
 
 

@@ -78,7 +78,7 @@ def _theta0(encoder: nn.Module, keys: set[str]) -> dict[str, torch.Tensor]:
 
 
 def _examples(task: Task, split: str, max_examples: int) -> tuple[str, ...]:
-    texts = task.split(split).texts[:max_examples]
+    texts = task.split(split).inputs[:max_examples]
     if not texts:
         raise TaskArithError(f"task {task.name!r} has no {split} examples to measure tau-Jp on")
     return texts

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,12 +17,15 @@ from taskarith.errors import TaskArithError
 from taskarith.io import state_hash
 from taskarith.models.hf import (
     DEFAULT_MODEL,
+    hub_model_type,
     JVP_SAFE_ATTENTION,
     embedded_model_dir,
     is_default_model,
     load_hf_encoder,
     resolve_model,
 )
+from taskarith.models.clip import is_clip_folder
+from taskarith.models.vision import EMBEDDED_VISION_MODEL, load_efficientnet_lite0
 from taskarith.models.zero_shot import DEFAULT_LOGIT_SCALE, ZeroShotClassifier, embed, tokenize, zero_shot_head
 
 if TYPE_CHECKING:
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MODEL",
+    "EMBEDDED_VISION_MODEL",
     "Pretrained",
     "ZeroShotClassifier",
     "embed",
@@ -52,23 +56,39 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+MODALITIES = ("text", "image")
+Preprocess = Callable[[Sequence[Any]], dict[str, torch.Tensor]]
+HeadBuilder = Callable[["Pretrained", "Task"], torch.Tensor]
+
+
 @dataclass(eq=False)
 class Pretrained:
     """A pre-trained encoder held once, plus what turns it into a classifier for any task.
 
-    ``encoder`` is never modified: edited models are copies. Zero-shot heads depend only on the
-    pre-trained weights and the task's class names and templates, so they are built once per task.
+    ``encoder`` is never modified: edited models are copies. It maps a batch to token states
+    (``last_hidden_state``) that are mean-pooled over ``attention_mask``; image encoders return one
+    token, their pooled embedding, so one interface serves text and images. ``preprocess`` turns raw
+    inputs into a batch (default: the tokenizer). Heads depend only on the pre-trained weights and the
+    task, so each is built once per task: a zero-shot head from class names and templates (text models,
+    CLIP), or a linear probe on frozen pre-trained features (image backbones without a text tower).
     """
 
     name: str
     encoder: nn.Module
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None = None
     max_length: int = 64
     logit_scale: float = DEFAULT_LOGIT_SCALE
+    preprocess: Preprocess | None = None
+    build_head: HeadBuilder | None = None
+    modality: str = "text"
     _heads: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.encoder.eval().requires_grad_(False)
+        if self.tokenizer is None and (self.preprocess is None or self.build_head is None):
+            raise TaskArithError(f"model '{self.name}': give a tokenizer, or a preprocess function and a head builder")
+        if self.modality not in MODALITIES:
+            raise TaskArithError(f"model '{self.name}': modality {self.modality!r} is not one of {MODALITIES}")
 
     @cached_property
     def base_hash(self) -> str:
@@ -76,33 +96,79 @@ class Pretrained:
         return state_hash(dict(self.encoder.named_parameters()))
 
     def head(self, task: Task) -> torch.Tensor:
-        key = (task.name, tuple(task.classes), tuple(task.templates))
+        key = (task.name, task.fingerprint)
         if key not in self._heads:
-            self._heads[key] = zero_shot_head(self.encoder, self.tokenizer, task.classes, task.templates, self.max_length)
+            if self.build_head is not None:
+                self._heads[key] = self.build_head(self, task)
+            else:
+                assert self.tokenizer is not None
+                self._heads[key] = zero_shot_head(self.encoder, self.tokenizer, task.classes, task.templates,
+                                                  self.max_length)
         return self._heads[key]
 
     def classifier(self, task: Task, encoder: nn.Module | None = None) -> ZeroShotClassifier:
-        """The task's zero-shot classifier on ``encoder`` (default: the pre-trained one, shared, not copied)."""
+        """The task's classifier on ``encoder`` (default: the pre-trained one, shared, not copied)."""
         return ZeroShotClassifier(encoder if encoder is not None else self.encoder, self.head(task), self.logit_scale).eval()
 
     def trainable_copy(self) -> nn.Module:
         return copy.deepcopy(self.encoder).requires_grad_(True)
 
+    def to(self, device: torch.device | str) -> Pretrained:
+        """Move the encoder (and heads already built) to ``device``; returns self."""
+        self.encoder.to(device)
+        self._heads = {key: head.to(device) for key, head in self._heads.items()}
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.encoder.parameters()).device
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """A padded batch on the model's device."""
-        return {k: v.to(self.device) for k, v in tokenize(self.tokenizer, texts, self.max_length).items()}
+    def _check_inputs(self, inputs: Sequence[Any]) -> None:
+        text = self.modality == "text"
+        wrong = next((item for item in inputs if isinstance(item, str) != text), None)
+        if wrong is not None:
+            hint = " (image files are given as pathlib.Path, not str)" if not text else ""
+            raise TaskArithError(
+                f"model '{self.name}' takes {self.modality} inputs, got {type(wrong).__name__}: "
+                f"use a {self.modality} task with it{hint}")
 
-    def batches(self, texts: Sequence[str], batch_size: int) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        """Batches of similar length (so little compute goes to padding), with the positions they came from."""
-        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    def tokenize(self, inputs: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """A batch on the model's device (padded token ids, or preprocessed pixels)."""
+        self._check_inputs(inputs)
+        if self.preprocess is not None:
+            batch = self.preprocess(list(inputs))
+        else:
+            assert self.tokenizer is not None
+            batch = tokenize(self.tokenizer, inputs, self.max_length)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def batches(self, inputs: Sequence[Any], batch_size: int) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Batches with the positions they came from; texts grouped by length so little compute goes to padding."""
+        self._check_inputs(inputs)
+        order = list(range(len(inputs)))
+        if self.tokenizer is not None and self.preprocess is None:
+            ids = self.tokenizer(list(inputs), truncation=True, max_length=self.max_length)["input_ids"]
+            order.sort(key=lambda i: len(ids[i]))
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            yield torch.tensor(chunk), self.tokenize([texts[i] for i in chunk])
+            yield torch.tensor(chunk), self.tokenize([inputs[i] for i in chunk])
+
+
+def _family(spec: str) -> tuple[str, str, str | None]:
+    """(family, name, weights file) of a model spec; see :func:`load_pretrained`."""
+    for prefix in ("open_clip", "timm"):
+        if spec.startswith(prefix + ":"):
+            name, _, weights = spec[len(prefix) + 1 :].partition("@")
+            if not name:
+                raise TaskArithError(f"model '{spec}': expected {prefix}:NAME or {prefix}:NAME@WEIGHTS_FILE")
+            return prefix, name, weights or None
+    if spec.lower() == EMBEDDED_VISION_MODEL:
+        return "efficientnet-lite0", spec, None
+    if Path(spec).expanduser().is_dir():
+        return ("clip" if is_clip_folder(Path(spec).expanduser()) else "hf"), spec, None
+    if not is_default_model(spec) and hub_model_type(spec) == "clip":
+        return "clip", spec, None
+    return "hf", spec, None
 
 
 def load_pretrained(
@@ -113,8 +179,36 @@ def load_pretrained(
     attn_implementation: str = JVP_SAFE_ATTENTION,
     device: str = "auto",
 ) -> Pretrained:
-    """Load an encoder by name or folder (default: the embedded all-MiniLM-L6-v2) onto ``device`` ('auto': CUDA if present)."""
-    encoder, tokenizer = load_hf_encoder(spec, attn_implementation=attn_implementation)
-    encoder = encoder.to(resolve_device(device))
-    name = DEFAULT_MODEL if is_default_model(spec) else str(spec)
-    return Pretrained(name=name, encoder=encoder, tokenizer=tokenizer, max_length=max_length, logit_scale=logit_scale)
+    """Load a pre-trained model onto ``device`` ('auto': CUDA if present). ``spec`` is one of:
+
+    * a Hugging Face text encoder: the embedded all-MiniLM-L6-v2 (default), a folder (any encoder or
+      sequence-classification model; its task head is dropped) or a hub id; zero-shot heads from templates;
+    * a Hugging Face ``CLIPModel`` folder or ``open_clip:NAME@WEIGHTS_FILE``: CLIP, zero-shot heads from its text tower;
+    * ``timm:NAME@WEIGHTS_FILE`` or ``efficientnet-lite0`` (embedded): image backbones with linear-probe heads.
+    """
+    target = resolve_device(device)
+    family, name, weights = _family(str(spec))
+    if family == "open_clip":
+        from taskarith.models.clip import load_open_clip
+
+        if weights is None:
+            raise TaskArithError(f"model '{spec}': name the weights, open_clip:{name}@FILE or @TAG (e.g. @openai); "
+                                 "without them the model would be randomly initialised")
+        pretrained = load_open_clip(name, weights)
+    elif family == "timm":
+        from taskarith.models.timm import load_timm
+
+        pretrained = load_timm(name, weights)
+    elif family == "efficientnet-lite0":
+        pretrained = load_efficientnet_lite0()
+    elif family == "clip":
+        from taskarith.models.clip import load_hf_clip
+
+        source = Path(name).expanduser()
+        pretrained = load_hf_clip(source if source.is_dir() else name, attn_implementation=attn_implementation)
+    else:
+        encoder, tokenizer = load_hf_encoder(spec, attn_implementation=attn_implementation)
+        label = DEFAULT_MODEL if is_default_model(spec) else str(spec)
+        pretrained = Pretrained(name=label, encoder=encoder, tokenizer=tokenizer, max_length=max_length,
+                                logit_scale=logit_scale)
+    return pretrained.to(target)

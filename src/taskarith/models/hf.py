@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
@@ -57,12 +58,25 @@ def resolve_model(spec: str | Path) -> str:
     return text
 
 
+def hub_model_type(spec: str) -> str | None:
+    """The ``model_type`` of a hub id whose config is in the local cache, else None (no network: the
+    loader that follows makes the one download attempt, with its own clear error)."""
+    from transformers import AutoConfig
+
+    hf_logging.disable_progress_bar()
+    try:
+        return AutoConfig.from_pretrained(spec, local_files_only=True).model_type
+    except (OSError, ValueError):
+        return None
+
+
 def load_hf_encoder(spec: str | Path, attn_implementation: str = JVP_SAFE_ATTENTION) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load the bare encoder (no task head) and its tokenizer, in eval mode."""
     source = resolve_model(spec)
     hf_logging.disable_progress_bar()
     try:
-        encoder = AutoModel.from_pretrained(source, attn_implementation=attn_implementation)
+        # float32 whatever the checkpoint's dtype: task vectors and AdamW need it (transformers' default is "auto").
+        encoder = AutoModel.from_pretrained(source, attn_implementation=attn_implementation, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise TaskArithError(
