@@ -275,3 +275,22 @@ def test_open_clip_every_mode(image_tasks, tmp_path, monkeypatch):
     loaded = load_open_clip("taskarith-tiny", weights).encoder.state_dict()
     assert all(torch.equal(loaded[f"visual.{k}"], v) for k, v in model.visual.state_dict().items())
     check_family(pretrained, task, other, tmp_path)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("open_clip:ViT-B-32", "name the weights"),  # never a silently random CLIP
+    ("timm:", "expected timm:NAME"),
+    ("open_clip:@weights.bin", "expected open_clip:NAME"),
+])
+def test_model_specs_are_checked(spec, message):
+    with pytest.raises(TaskArithError, match=message):
+        load_pretrained(spec, device="cpu")
+
+
+def test_task_specs_for_torchvision_are_checked(tmp_path):
+    from taskarith.data import load_task
+
+    with pytest.raises(TaskArithError, match="torchvision:DATASET@ROOT"):
+        load_task("torchvision:MNIST")
+    with pytest.raises(TaskArithError, match="not a folder"):
+        load_task(f"torchvision:MNIST@{tmp_path / 'missing'}")
