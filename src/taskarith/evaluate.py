@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -153,11 +154,11 @@ class EditedOutputs:
         return examples if limit is None else Examples(examples.inputs[:limit], examples.labels[:limit])
 
     @torch.no_grad()
-    def _run(self, encoder: nn.Module, texts: Sequence[str]) -> torch.Tensor:
+    def _run(self, encoder: nn.Module, inputs: Sequence[Any]) -> torch.Tensor:
         pooled = None
-        for indices, batch in self.model.batches(texts, self.batch_size):
+        for indices, batch in self.model.batches(inputs, self.batch_size):
             out = mean_pool(encoder(**batch).last_hidden_state, batch["attention_mask"]).float()
-            pooled = pooled if pooled is not None else out.new_zeros(len(texts), out.shape[1])
+            pooled = pooled if pooled is not None else out.new_zeros(len(inputs), out.shape[1])
             pooled[indices.to(out.device)] = out
         self.passes += 1
         assert pooled is not None
@@ -169,16 +170,16 @@ class EditedOutputs:
         if key not in self._tangents:
             from taskarith.linearize import hidden_and_tangent
 
-            texts = self._examples(task, split, limit).inputs
+            inputs = self._examples(task, split, limit).inputs
             theta0 = dict(self.model.encoder.named_parameters())
             delta = {k: v.to(self.model.device) for k, v in self.vectors[name].deltas.items()}
             base = tangents = None
-            for indices, batch in self.model.batches(texts, self.batch_size):
+            for indices, batch in self.model.batches(inputs, self.batch_size):
                 primal, tangent = hidden_and_tangent(self.model.encoder, theta0, delta, batch)
                 mask = batch["attention_mask"]
                 p, t = mean_pool(primal, mask).float(), mean_pool(tangent, mask).float()
                 if base is None:
-                    base, tangents = p.new_zeros(len(texts), p.shape[1]), p.new_zeros(len(texts), p.shape[1])
+                    base, tangents = p.new_zeros(len(inputs), p.shape[1]), p.new_zeros(len(inputs), p.shape[1])
                 base[indices.to(p.device)], tangents[indices.to(p.device)] = p, t
             self.passes += 1
             self._base.setdefault(self._key(task, split, limit), base)

@@ -216,7 +216,7 @@ TRAINABLES: dict[str, Callable[[Pretrained], Trainable]] = {"standard": standard
 MODES = tuple(TRAINABLES)
 
 
-def regularization_pool(config: FinetuneConfig) -> list[str]:
+def regularization_pool(config: FinetuneConfig) -> list[Any]:
     """Unlabelled inputs of the other tasks named in the config (their training splits)."""
     return [text for name in config.reg_tasks for text in load_task(name).train.inputs]
 
@@ -235,7 +235,7 @@ def regularization_factors(config: FinetuneConfig, pretrained: Pretrained) -> An
     return factors.to(pretrained.device)
 
 
-def regularization_batch(pool: list[str], config: FinetuneConfig, step: int) -> list[str]:
+def regularization_batch(pool: list[Any], config: FinetuneConfig, step: int) -> list[Any]:
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step + 1)
     return [pool[i] for i in torch.randint(len(pool), (config.reg_batch_size,), generator=generator).tolist()]
 
@@ -291,30 +291,30 @@ def finetune(
             group["lr"] = config.lr * schedule(step)
         global_indices = batch_indices(len(train), config.batch_size, config.seed, step)
         indices = cluster.shard(global_indices)
-        texts = [train.inputs[i] for i in indices]
+        inputs = [train.inputs[i] for i in indices]
         regularize = regularizer is not None and step % config.reg_every == 0
-        global_reg_texts = regularization_batch(reg_pool, config, step) if regularize and reg_pool else []
-        reg_texts = cluster.shard(global_reg_texts)
+        global_reg_inputs = regularization_batch(reg_pool, config, step) if regularize and reg_pool else []
+        reg_inputs = cluster.shard(global_reg_inputs)
 
         tangents = None
-        if reg_texts and config.mode == "linear":
+        if reg_inputs and config.mode == "linear":
             # One JVP serves both: the task's inputs give f_lin, the other tasks' inputs give J f . delta.
-            batch = pretrained.tokenize(texts + reg_texts)
+            batch = pretrained.tokenize(inputs + reg_inputs)
             primal, tangent = trainable.encoder.hidden_and_tangent(**batch)
-            mask, n = batch["attention_mask"], len(texts)
+            mask, n = batch["attention_mask"], len(inputs)
             logits = classifier.logits_from_pooled(mean_pool(primal[:n] + tangent[:n], mask[:n]))
             tangents = pooled_tangents(tangent[n:], mask[n:])
         else:
-            logits = classifier(**pretrained.tokenize(texts))
-            if reg_texts:
-                reg_batch = pretrained.tokenize(reg_texts)
+            logits = classifier(**pretrained.tokenize(inputs))
+            if reg_inputs:
+                reg_batch = pretrained.tokenize(reg_inputs)
                 _, tangent = hidden_and_tangent(pretrained.encoder, theta0, trainable.delta(), reg_batch)
                 tangents = pooled_tangents(tangent, reg_batch["attention_mask"])
         # Each process's share of the global means: summed over processes they give the full-batch loss.
         task_loss = F.cross_entropy(logits, labels[indices]) * cluster.share(len(indices), len(global_indices))
         penalty = regularizer.penalty(PenaltyInputs(trainable.delta(), tangents, factors)) if regularize else None
         if penalty is not None:
-            penalty = penalty * (cluster.share(len(reg_texts), len(global_reg_texts)) if reg_texts
+            penalty = penalty * (cluster.share(len(reg_inputs), len(global_reg_inputs)) if reg_inputs
                                  else cluster.share(1, cluster.world))
         loss = task_loss + config.reg_strength * penalty if penalty is not None else task_loss
         # Every process must see the same verdict, or the healthy ones would wait forever for the others.

@@ -77,11 +77,11 @@ def _theta0(encoder: nn.Module, keys: set[str]) -> dict[str, torch.Tensor]:
     return theta0
 
 
-def _examples(task: Task, split: str, max_examples: int) -> tuple[str, ...]:
-    texts = task.split(split).inputs[:max_examples]
-    if not texts:
+def _examples(task: Task, split: str, max_examples: int) -> tuple[Any, ...]:
+    inputs = task.split(split).inputs[:max_examples]
+    if not inputs:
         raise TaskArithError(f"task {task.name!r} has no {split} examples to measure tau-Jp on")
-    return texts
+    return inputs
 
 
 def taujp_matrix(
@@ -119,9 +119,9 @@ def taujp_matrix(
     try:
         with torch.no_grad():
             for j, task in enumerate(tasks):
-                texts = _examples(task, split, max_examples)
-                counts[task.name] = len(texts)
-                for _, batch in pretrained.batches(texts, batch_size):
+                inputs = _examples(task, split, max_examples)
+                counts[task.name] = len(inputs)
+                for _, batch in pretrained.batches(inputs, batch_size):
                     mask = batch["attention_mask"]
                     for i, delta in enumerate(deltas):
                         hidden, tangent = hidden_and_tangent(encoder, theta0, delta, batch)
@@ -131,9 +131,9 @@ def taujp_matrix(
                         change = pooled_tangents(tangent, mask).double().pow(2).sum(dim=-1)
                         squared[i, j] += change.sum()
                         norms[i, j] += change.sqrt().sum()
-                squared[:, j] /= len(texts)
-                norms[:, j] /= len(texts)
-                energy[j] /= len(texts)
+                squared[:, j] /= len(inputs)
+                norms[:, j] /= len(inputs)
+                energy[j] /= len(inputs)
     finally:
         encoder.train(was_training)
 
