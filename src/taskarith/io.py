@@ -242,3 +242,19 @@ def ensure_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
     for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise TaskArithError(f"{source}: tensor '{name}' contains NaN or Inf")
+
+
+def package_dir(module: str, install: str) -> Path:
+    """Folder of an installed package that carries data or weights, found without importing it (imports
+    can pull heavy dependencies); a clear error with the install command when it is missing."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise TaskArithError(f"the package {module} is not installed; it carries files taskarith reads. "
+                             f"Install it with: {install}")
+    return Path(locations[0])

