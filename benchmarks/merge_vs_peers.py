@@ -365,6 +365,25 @@ class Run:
     error: str | None = None
     phases: dict[str, float] | None = None
     peak_anon_mb: float | None = None
+    sync_s: float = 0.0  # fsync of the tool's output after it exited (see sync_output)
+
+
+def sync_output(folder: Path) -> float:
+    """Seconds to fsync every file a tool wrote, right after it exits.
+
+    A tool that does not sync leaves its output in the page cache for the kernel to write back later, which
+    both flatters its own wall time and slows whichever run comes next; syncing here puts the write-back in
+    its own column (durable_wall_s = wall_s + sync_s) and starts every run with a clean cache.
+    """
+    start = time.perf_counter()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    return time.perf_counter() - start
 
 
 def _descendants(pid: int) -> list[int]:
@@ -611,9 +630,11 @@ def bench_set(cset: CheckpointSet, quick: bool, tools: Sequence[str], repeats: i
                 cmd = COMMANDS[tool](method, base, fts, out, cset)
                 log = PEERS / "logs" / ("quick" if quick else "full") / cset.name / f"{tool}-{method}-{repeat}.log"
                 run = run_measured(cmd, log, timeout_s, memory_cap)
+                run.sync_s = sync_output(out)
                 runs[tool].append(run)
                 status = (f"FAILED: {run.error}" if run.error else
-                          f"{run.wall_s:7.2f} s  {run.peak_rss_mb:8.1f} MB  (anonymous {run.peak_anon_mb:8.1f} MB)")
+                          f"{run.wall_s:7.2f} s (+{run.sync_s:5.2f} s sync)  {run.peak_rss_mb:8.1f} MB  "
+                          f"(anonymous {run.peak_anon_mb:8.1f} MB)")
                 print(f"[{cset.name}] {method:15s} {tool:11s} run {repeat + 1}/{repeats}  {status}", flush=True)
         for tool in tools:
             results[tool][method] = summarize(runs[tool], unavailable.get(tool))
@@ -634,6 +655,8 @@ def summarize(runs: Sequence[Run], unavailable: str | None) -> dict[str, Any]:
                      peak_rss_mb=round(max(r.peak_rss_mb for r in good), 1),
                      peak_anon_mb=round(max(r.peak_anon_mb or 0.0 for r in good), 1),
                      wall_all_s=[round(r.wall_s, 3) for r in good],
+                     durable_wall_s=round(statistics.median(r.wall_s + r.sync_s for r in good), 3),
+                     sync_after_all_s=[round(r.sync_s, 3) for r in good],
                      peak_rss_all_mb=[round(r.peak_rss_mb, 1) for r in good])
         phases = [r.phases for r in good if r.phases]
         if phases:
@@ -698,9 +721,12 @@ DEFINITION_NOTES = [
     "Wall time is the whole process (interpreter start, imports, reading, merging, writing). FusionBench's "
     "import of fusion_bench (lightning, hydra, ...) is part of it; its phases_median_s splits import / "
     "load+merge / save. FusionBench holds the base and fine-tuned models in memory (TIES: their flattened "
-    "copies too); taskarith and mergekit stream tensor by tensor.",
+    "copies too); taskarith and mergekit stream tensor by tensor. taskarith's task-arithmetic and TIES "
+    "merges of checkpoints run on NumPy arrays and never import torch (taskarith/merging/kernels.py, the "
+    "same code its in-memory merge runs on tensors); its process still starts the typer/rich CLI.",
     "Peak RSS is GNU time's 'Maximum resident set size' of the tool's process; it counts resident pages of "
-    "memory-mapped safetensors files (taskarith and mergekit read through mmap), which the kernel can "
+    "memory-mapped safetensors files (mergekit reads through mmap; taskarith reads tensors with read() into "
+    "reused buffers, so its RSS is all anonymous memory), which the kernel can "
     "reclaim. peak_anon_mb is the anonymous part only (heap and tensors, sampled every 20 ms from "
     "/proc/PID/status RssAnon, so a lower bound): the memory a merge actually needs. "
     "machine.import_torch_floor gives each venv's `python -c 'import torch'` for scale.",
@@ -749,9 +775,12 @@ def derived_summary(results: dict[str, Any]) -> dict[str, Any]:
                 mine, theirs = ta.get(method, {}), per_set.get(peer, {}).get(method, {})
                 key = f"{set_name}/{method}/taskarith_vs_{peer}"
                 summary[key] = {"speedup": ratio(theirs.get("wall_s"), mine.get("wall_s")),
+                                "durable_speedup": ratio(theirs.get("durable_wall_s"), mine.get("durable_wall_s")),
                                 "memory_ratio": ratio(mine.get("peak_rss_mb"), theirs.get("peak_rss_mb")),
                                 "anon_memory_ratio": ratio(mine.get("peak_anon_mb"), theirs.get("peak_anon_mb"))}
     summary["_meaning"] = ("speedup = peer median wall / taskarith median wall (>1: taskarith faster); "
+                           "durable_speedup = the same for wall + fsync of the output after exit (taskarith "
+                           "syncs before it exits, mergekit and FusionBench do not); "
                            "memory_ratio = taskarith peak RSS / peer peak RSS (<1: taskarith uses less); "
                            "anon_memory_ratio = the same for the sampled anonymous (non-file) peak")
     return summary
@@ -790,7 +819,8 @@ def print_table(doc: dict[str, Any]) -> None:
     console.print(table)
     for key, value in doc["summary"].items():
         if not key.startswith("_") and (value["speedup"] or value["memory_ratio"]):
-            console.print(f"{key}: speed-up x{value['speedup']}, memory ratio {value['memory_ratio']} "
+            console.print(f"{key}: speed-up x{value['speedup']} (durable x{value.get('durable_speedup')}), "
+                          f"memory ratio {value['memory_ratio']} "
                           f"(anonymous {value.get('anon_memory_ratio')})")
 
 

@@ -236,13 +236,14 @@ def merge(
     """Merge fine-tuned models (streamed, one tensor at a time) or task vectors with a registered method."""
     from tqdm.auto import tqdm
 
-    from taskarith.merging import DEFAULTS, MERGE_METHODS
     from dataclasses import replace
+
+    from taskarith.merging.hyperparameters import DEFAULTS
 
     from taskarith.merging.recipe import MergeRecipe, Source, load_recipe, parse_size, run_recipe, with_overrides
 
     if list_methods:
-        for name in MERGE_METHODS:
+        for name in DEFAULTS:
             params = ", ".join(f"{k}={v}" for k, v in DEFAULTS[name].items()) or "(none)"
             out.print(f"{name}: {params}")
         return

@@ -15,16 +15,21 @@ import os
 import struct
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from taskarith.errors import TaskArithError
 
-StateDict = dict[str, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the functions that handle tensors, not here: the streaming merge writes safetensors
+# through this module without torch, whose import alone costs about two seconds.
+StateDict = dict[str, "torch.Tensor"]
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _SAFETENSORS_SINGLE = "model.safetensors"
@@ -87,63 +92,106 @@ def read_json(path: str | os.PathLike) -> Any:
         raise TaskArithError(f"{path}: not valid JSON ({exc})") from None
 
 
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+# Written data are synced to disk in steps of this size while a long file is being written.
+SYNC_BYTES = 256 * 1024**2
+
+# Bytes per element of each safetensors dtype.
+SAFETENSORS_ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
 }
 
-
-TensorLayout = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
+# A tensor's safetensors dtype name and shape, by tensor name: all a header needs.
+TensorLayout = Mapping[str, tuple[str, tuple[int, ...]]]
 
 
 def safetensors_dtype(dtype: torch.dtype, name: str) -> str:
-    if dtype not in SAFETENSORS_DTYPES:
+    """The safetensors name of a torch dtype (``torch.float32`` -> ``"F32"``)."""
+    import torch
+
+    names = {
+        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+        torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
+        torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    }
+    if dtype not in names:
         raise TaskArithError(f"tensor '{name}' has dtype {dtype}, which safetensors cannot store")
-    return SAFETENSORS_DTYPES[dtype]
+    return names[dtype]
 
 
-def tensor_bytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    """Bytes a tensor of this dtype and shape occupies, without allocating it."""
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+def layout_bytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of this safetensors dtype and shape occupies."""
+    return math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]
 
 
-def stream_safetensors(fh: BinaryIO, layout: TensorLayout, produce: Callable[[str], torch.Tensor],
+def stream_safetensors(fh: BinaryIO, layout: TensorLayout, produce: Callable[[str], Any],
                        metadata: Mapping[str, str]) -> None:
     """Write the safetensors format with a canonical header (sorted keys), producing one tensor at a time.
 
-    The header needs every tensor's dtype and shape first (``layout``); the data follow in sorted name order,
-    each from ``produce(name)``, so a merge of models far larger than memory holds one tensor at a time. The
-    library's own writer wants every tensor in memory at once, and orders the metadata by a per-process hash
-    (identical task vectors saved by two processes would differ byte for byte). Reading stays with the
-    library, which validates what it reads.
+    The header needs every tensor's dtype name and shape first (``layout``); the data follow in sorted name
+    order, each from ``produce(name)`` as any C-contiguous buffer (a NumPy array, bytes) of the announced
+    size, so a merge of models far larger than memory holds one tensor at a time. A buffer is written
+    while the next one is produced, so ``produce`` must leave the buffer it returned untouched until its
+    next call has returned. The library's own writer
+    wants every tensor in memory at once, and orders the metadata by a per-process hash (identical task
+    vectors saved by two processes would differ byte for byte). Reading stays with the library, which
+    validates what it reads.
     """
     header: dict[str, Any] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
     offset = 0
     names = sorted(layout)
     for name in names:
         dtype, shape = layout[name]
-        size = tensor_bytes(dtype, shape)
-        header[name] = {"dtype": safetensors_dtype(dtype, name), "shape": list(shape), "data_offsets": [offset, offset + size]}
+        if dtype not in SAFETENSORS_ITEMSIZE:
+            raise TaskArithError(f"tensor '{name}' has dtype {dtype}, which safetensors cannot store")
+        size = layout_bytes(dtype, shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # keeps the data 8-byte aligned for memory-mapped readers
     fh.write(struct.pack("<Q", len(encoded)))
     fh.write(encoded)
-    for name in names:
-        tensor = produce(name)
-        if (tensor.dtype, tuple(tensor.shape)) != (layout[name][0], tuple(layout[name][1])):
-            raise TaskArithError(f"tensor '{name}' came out {tensor.dtype} {tuple(tensor.shape)}, "
-                                 f"not the {layout[name][0]} {tuple(layout[name][1])} its header announced")
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if flat.numel():
-            fh.write(memoryview(flat.view(torch.uint8).numpy()))
+    # A helper thread writes tensor k while tensor k+1 is produced (both release the GIL), and syncs every
+    # SYNC_BYTES so that the disk works during the merge rather than in one long fsync at the end. At most
+    # one tensor is in flight: produce() may reuse a buffer once the tensor after it has been produced.
+    unsynced = 0
+
+    def write(data: memoryview) -> None:
+        nonlocal unsynced
+        fh.write(data)
+        unsynced += data.nbytes
+        if unsynced >= SYNC_BYTES:
+            fh.flush()
+            os.fdatasync(fh.fileno())
+            unsynced = 0
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-writer") as writer:
+        in_flight: Future[None] | None = None
+        for name in names:
+            data = memoryview(produce(name))
+            expected = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+            if data.nbytes != expected or not data.c_contiguous:
+                raise TaskArithError(f"tensor '{name}' came out as {data.nbytes} bytes, not the {expected} contiguous "
+                                     f"bytes of the {layout[name][0]} {list(layout[name][1])} its header announced")
+            if in_flight is not None:
+                in_flight.result()
+            in_flight = writer.submit(write, data.cast("B")) if data.nbytes else None
+        if in_flight is not None:
+            in_flight.result()
+
+
+def tensor_buffer(tensor: torch.Tensor) -> Any:
+    """A tensor's bytes as a NumPy uint8 view (a copy only if it lives off the CPU or is not contiguous)."""
+    import torch
+
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy() if flat.numel() else b""
 
 
 def write_safetensors(fh: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Write tensors already in memory (see :func:`stream_safetensors`)."""
-    layout = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()}
-    stream_safetensors(fh, layout, tensors.__getitem__, metadata)
+    layout = {name: (safetensors_dtype(tensor.dtype, name), tuple(tensor.shape)) for name, tensor in tensors.items()}
+    stream_safetensors(fh, layout, lambda name: tensor_buffer(tensors[name]), metadata)
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
@@ -167,6 +215,8 @@ def load_tensors(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
 
 
 def _load_pickle_weights(path: Path) -> StateDict:
+    import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types here; all mean "refused or unreadable"
@@ -226,6 +276,8 @@ def floating_only(state: Mapping[str, torch.Tensor]) -> StateDict:
 
 def state_hash(state: Mapping[str, torch.Tensor]) -> str:
     """Content hash of the floating-point tensors: the identity of a base model, independent of file layout."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name]
@@ -239,6 +291,8 @@ def state_hash(state: Mapping[str, torch.Tensor]) -> str:
 
 def ensure_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
     """Refuse weights with NaN or Inf: arithmetic on them silently poisons every merged model."""
+    import torch
+
     for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise TaskArithError(f"{source}: tensor '{name}' contains NaN or Inf")

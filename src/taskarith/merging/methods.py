@@ -32,15 +32,21 @@ A new method is one function, one entry in :data:`MERGE_METHODS` and one in
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from taskarith.data.tasks import stable_hash
 from taskarith.errors import TaskArithError
+from taskarith.merging import kernels
+from taskarith.merging.hyperparameters import (
+    DEFAULTS,
+    HYPERPARAMETERS,
+    Hyperparameter,
+    check_hyperparameters,
+    check_method,
+)
 from taskarith.vectors import TaskVector
 
 __all__ = [
@@ -102,94 +108,8 @@ def _stack(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(_working(deltas))
 
 
-def _sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A fresh tensor holding the sum, added one tensor at a time.
-
-    Summing in place instead of stacking keeps a merge of T models at a few tensors of memory rather
-    than T more (a 32000 x 512 embedding is 65 MB per model).
-    """
-    total = tensors[0].clone()
-    for tensor in tensors[1:]:
-        total.add_(tensor)
-    return total
-
-
-def _scaled(fresh: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``scaling * fresh``, in place (``fresh`` must be the caller's own temporary); 1 costs nothing."""
-    return fresh if scaling == 1.0 else fresh.mul_(scaling)
-
-
 def _finish(merged: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return merged.to(dtype=like.dtype)
-
-
-def _count_up(fraction: float, n: int) -> int:
-    """ceil(fraction * n), so that a small tensor (a bias) still keeps at least one entry.
-
-    Rounding first stops float noise from adding one: 0.7 * 10 is 7.000000000000001 in binary.
-    """
-    return min(n, math.ceil(round(fraction * n, 6)))
-
-
-def _count_down(fraction: float, n: int) -> int:
-    """floor(fraction * n): removing outliers from a tiny tensor should not remove its only entries."""
-    return min(n, math.floor(round(fraction * n, 6)))
-
-
-def _top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest entries of a flat tensor; ties go to the lowest indices.
-
-    ``torch.topk`` breaks ties in an unspecified order, which would let the kept set change between
-    devices or versions; a threshold plus an index-ordered tie-break is deterministic and avoids a
-    full sort of a possibly huge tensor.
-    """
-    n = magnitude.numel()
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=magnitude.device)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=magnitude.device)
-    threshold = magnitude.kthvalue(n - k + 1).values  # the k-th largest value
-    above = magnitude > threshold
-    at = magnitude == threshold
-    still_needed = k - int(above.sum())
-    if int(at.sum()) <= still_needed:  # the usual case: no tie to break, and no int64 cumsum of n entries
-        return above.logical_or_(at)
-    return above | (at & (at.cumsum(0) <= still_needed))
-
-
-def _keep_top(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """The delta with all but its top-``density`` fraction (by magnitude) set to zero."""
-    flat = delta.reshape(-1)
-    mask = _top_k_mask(flat.abs(), _count_up(density, flat.numel()))
-    return (flat * mask).reshape(delta.shape)
-
-
-def _elect_sign(values: Sequence[torch.Tensor]) -> torch.Tensor:
-    """TIES's elected sign per entry: the sign of the summed values (the "mass"), not a vote count.
-
-    Where the mass cancels exactly, the authors' code takes the majority of the elected signs over
-    the whole model; per tensor, the majority over this tensor is the closest we can do. If that
-    cancels too, the elected sign stays 0 and the entry merges to 0.
-    """
-    elected = torch.sign(_sum(values))
-    majority = torch.sign(elected.sum())
-    return torch.where(elected == 0, majority, elected)
-
-
-def _disjoint_mean(values: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean over the tasks whose (non-zero) value agrees with the elected sign, entry by entry.
-
-    Dividing by the number of agreeing tasks rather than by T keeps a parameter that only one task
-    moved at that task's full size instead of shrinking it by 1/T.
-    """
-    # One task at a time (``values`` may be a list or a stacked tensor), never a (T, ...) temporary.
-    elected = _elect_sign(values)
-    total, count = torch.zeros_like(values[0]), torch.zeros_like(values[0])
-    for value in values:
-        agrees = (torch.sign(value) == elected).logical_and_(elected != 0)
-        total.add_(torch.where(agrees, value, 0.0))
-        count.add_(agrees)
-    return total.div_(count.clamp_(min=1))
 
 
 def _drop_and_rescale(stacked: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -247,7 +167,7 @@ def task_arithmetic(
     Arithmetic", ICLR 2023, arXiv:2212.04089. The paper picks the scaling coefficient on held-out
     validation data (typically 0.3-0.5 when adding several tasks); 1.0 is the plain sum.
     """
-    return _finish(_scaled(_sum(_working(deltas)), scaling), deltas[0])
+    return _finish(kernels.task_arithmetic(_working(deltas), scaling), deltas[0])
 
 
 def ties(
@@ -274,10 +194,9 @@ def ties(
     4. Scale by ``scaling`` (lambda; the paper's recommended default without validation data is 1).
 
     All-zero input merges to zero; an entry whose mass cancels exactly takes the tensor's majority
-    elected sign (see :func:`_elect_sign`).
+    elected sign (see :func:`kernels.disjoint_mean`).
     """
-    trimmed = [_keep_top(delta, density) for delta in _working(deltas)]
-    return _finish(_scaled(_disjoint_mean(trimmed), scaling), deltas[0])
+    return _finish(kernels.ties(_working(deltas), density, scaling), deltas[0])
 
 
 def dare(
@@ -321,7 +240,7 @@ def dare_ties(
     number of agreeing tasks.
     """
     stacked = _drop_and_rescale(_stack(deltas), density, generator)
-    return _finish(scaling * _disjoint_mean(stacked), deltas[0])
+    return _finish(scaling * kernels.disjoint_mean(stacked), deltas[0])
 
 
 def breadcrumbs(
@@ -355,10 +274,10 @@ def _magnitude_band(delta: torch.Tensor, density: float, gamma: float) -> torch.
     flat = delta.reshape(-1)
     n = flat.numel()
     magnitude = flat.abs()
-    outliers = _count_down(gamma, n)
-    kept = _count_up(density, n)
+    outliers = kernels.count_down(gamma, n)
+    kept = kernels.count_up(density, n)
     # Both masks break ties the same way, so the top-`outliers` set is inside the larger one.
-    band = _top_k_mask(magnitude, min(n, outliers + kept)) & ~_top_k_mask(magnitude, outliers)
+    band = kernels.top_k_mask(magnitude, min(n, outliers + kept)) & ~kernels.top_k_mask(magnitude, outliers)
     return (flat * band).reshape(delta.shape)
 
 
@@ -432,68 +351,6 @@ def tsv(
 # registry -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Hyperparameter:
-    """One tunable number of a merging method: its default and the values that make sense."""
-
-    default: float
-    low: float = -math.inf
-    high: float = math.inf
-    low_open: bool = False  # whether `low` itself is excluded
-    high_open: bool = False  # whether `high` itself is excluded
-    integer: bool = False
-    meaning: str = ""
-
-    def contains(self, value: float) -> bool:
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return above and below
-
-    def range_text(self) -> str:
-        if math.isinf(self.low) and math.isinf(self.high):
-            return "any finite number"
-        left = "(" if self.low_open or math.isinf(self.low) else "["
-        right = ")" if self.high_open or math.isinf(self.high) else "]"
-        kind = "an integer in " if self.integer else ""
-        return f"{kind}{left}{self.low:g}, {self.high:g}{right}"
-
-
-_SCALING = Hyperparameter(1.0, meaning="multiplies the merged delta (lambda / alpha in the papers)")
-
-
-def _density(default: float, meaning: str) -> Hyperparameter:
-    # Density 0 would keep nothing (and make DARE divide by zero).
-    return Hyperparameter(default, low=0.0, high=1.0, low_open=True, meaning=meaning)
-
-
-HYPERPARAMETERS: dict[str, dict[str, Hyperparameter]] = {
-    "task_arithmetic": {"scaling": _SCALING},
-    "ties": {
-        "density": _density(0.2, "fraction of each delta's entries kept, by magnitude (top-k%)"),
-        "scaling": _SCALING,
-    },
-    "dare": {
-        "density": _density(0.5, "probability of keeping an entry (1 - drop rate p)"),
-        "scaling": _SCALING,
-    },
-    "dare_ties": {
-        "density": _density(0.5, "probability of keeping an entry (1 - drop rate p)"),
-        "scaling": _SCALING,
-    },
-    "breadcrumbs": {
-        "density": _density(0.15, "fraction of each delta's entries kept (below the outliers)"),
-        "gamma": Hyperparameter(0.01, low=0.0, high=1.0, high_open=True,
-                                meaning="fraction of largest-magnitude entries removed as outliers"),
-        "scaling": _SCALING,
-    },
-    "consensus": {
-        "tall_lambda": Hyperparameter(0.4, low=0.0, meaning="TALL-mask threshold lambda"),
-        "k": Hyperparameter(2, low=0.0, integer=True, meaning="minimum number of tasks whose masks keep an entry"),
-        "scaling": _SCALING,
-    },
-    "tsv": {"scaling": _SCALING},
-}
-
 MERGE_METHODS: dict[str, MergeMethod] = {
     "task_arithmetic": task_arithmetic,
     "ties": ties,
@@ -504,53 +361,11 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     "tsv": tsv,
 }
 
-DEFAULTS: dict[str, dict[str, float]] = {
-    method: {key: spec.default for key, spec in specs.items()} for method, specs in HYPERPARAMETERS.items()
-}
+
 
 
 def get_merge_method(name: str) -> MergeMethod:
-    if name not in MERGE_METHODS:
-        raise TaskArithError(f"unknown merging method '{name}' (known: {', '.join(MERGE_METHODS)})")
-    return MERGE_METHODS[name]
-
-
-def _number(method: str, key: str, raw: object, spec: Hyperparameter) -> float:
-    # Strings are accepted so that `--param density=0.3` from a command line needs no special casing.
-    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-        raise TaskArithError(f"{method} hyper-parameter '{key}' must be a number, got {raw!r}")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise TaskArithError(f"{method} hyper-parameter '{key}' must be a number, got {raw!r}") from None
-    if not math.isfinite(value) or not spec.contains(value) or (spec.integer and value != int(value)):
-        raise TaskArithError(
-            f"{method} hyper-parameter '{key}' = {raw!r} is out of range: it must be {spec.range_text()}"
-        )
-    return int(value) if spec.integer else value
-
-
-def check_hyperparameters(name: str, params: Mapping[str, object]) -> dict[str, float]:
-    """The method's full hyper-parameters: ``params`` validated, the rest filled from :data:`DEFAULTS`.
-
-    Raises :class:`TaskArithError` for an unknown method, an unknown key (listing the accepted ones),
-    or a value out of range (naming key and value).
-    """
-    get_merge_method(name)
-    specs = HYPERPARAMETERS[name]
-    unknown = sorted(str(key) for key in params if key not in specs)
-    if unknown:
-        raise TaskArithError(
-            f"unknown hyper-parameter{'s' if len(unknown) > 1 else ''} {', '.join(repr(k) for k in unknown)} "
-            f"for merging method '{name}' (accepted: {', '.join(specs) or 'none'})"
-        )
-    checked = {key: _number(name, key, params.get(key, spec.default), spec) for key, spec in specs.items()}
-    if name == "breadcrumbs" and checked["density"] + checked["gamma"] > 1.0 + 1e-12:
-        raise TaskArithError(
-            f"breadcrumbs keeps 'density' = {checked['density']:g} and removes 'gamma' = {checked['gamma']:g} "
-            f"as outliers; together they cannot exceed 1"
-        )
-    return checked
+    return MERGE_METHODS[check_method(name)]
 
 
 def _shared_meta(vectors: Sequence[TaskVector]) -> tuple[TaskVector, dict[str, Any]]:

@@ -30,9 +30,8 @@ from typing import Any
 import yaml
 
 from taskarith.errors import TaskArithError
-from taskarith.merging.methods import check_hyperparameters, merge_task_vectors
+from taskarith.merging.hyperparameters import check_hyperparameters
 from taskarith.merging.streaming import DEFAULT_SHARD_BYTES, merge_checkpoints
-from taskarith.vectors import TaskVector
 
 __all__ = ["MergeRecipe", "load_recipe", "parse_size", "run_recipe"]
 
@@ -171,6 +170,9 @@ def run_recipe(recipe: MergeRecipe, *, overwrite: bool = False,
                                  weights=[m.weight for m in recipe.models], seed=recipe.seed,
                                  shard_bytes=recipe.shard_size, overwrite=overwrite, on_tensor=on_tensor,
                                  **recipe.parameters)
+    from taskarith.merging.methods import merge_task_vectors  # torch, needed for task vectors only
+    from taskarith.vectors import TaskVector
+
     out = Path(recipe.out)
     if out.exists() and not overwrite:
         raise TaskArithError(f"{out} already exists; choose another output file or allow overwriting")

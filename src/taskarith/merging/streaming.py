@@ -1,10 +1,17 @@
-"""Merging checkpoints far larger than memory, one tensor at a time.
+"""Merging checkpoints far larger than memory, one tensor at a time, without importing torch.
 
 A base model and N fine-tuned copies stored as safetensors (single files or sharded Hugging Face folders)
-are read tensor by tensor through ``safe_open``; for each parameter name the N deltas are merged by a method
-of :data:`taskarith.merging.methods.MERGE_METHODS` and the result is written straight into the output shard.
-Peak memory is about N + 2 tensors, whatever the model size. The output is a loadable Hugging Face folder:
-shards, an index, and the base folder's other files (config, tokenizer) copied.
+are read tensor by tensor; for each parameter name the N deltas are merged and the result is written
+straight into the output shard. Peak memory is a few tensors per model, whatever the model size. The
+output is a loadable Hugging Face folder: shards, an index, and the base folder's other files (config,
+tokenizer) copied.
+
+Headers are validated by the safetensors library; tensor bytes are then read with plain ``read`` calls
+into NumPy arrays. Reading through a memory map instead would leave every page touched resident (and
+counted in the process's memory) until the map is closed. Task arithmetic and TIES run on the NumPy
+arrays (:mod:`taskarith.merging.kernels`, the same code the in-memory merge runs on tensors), so these
+merges never import torch, whose import alone takes longer than the rest of a 58M-parameter merge; the
+other methods wrap the same arrays as tensors (no copy) and call :data:`MERGE_METHODS`.
 """
 
 from __future__ import annotations
@@ -12,37 +19,57 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from taskarith.errors import TaskArithError
-from taskarith.io import SAFETENSORS_DTYPES, current_umask, stream_safetensors, tensor_bytes, write_json
-from taskarith.merging.methods import check_hyperparameters, merged_delta
+from taskarith.io import SAFETENSORS_ITEMSIZE, current_umask, layout_bytes, stream_safetensors, write_json
+from taskarith.merging import kernels
+from taskarith.merging.hyperparameters import check_hyperparameters
 
-__all__ = ["CheckpointIndex", "merge_checkpoints"]
+__all__ = ["CheckpointIndex", "TensorEntry", "merge_checkpoints"]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-_DTYPE_BY_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 # Files of a model folder that are weights (rewritten by the merge), as opposed to config and tokenizer files.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _WEIGHT_INDEXES = (SAFETENSORS_INDEX, "pytorch_model.bin.index.json")
+# Floating-point storage dtypes and the precision their deltas are merged in: half precision is widened to
+# float32 so that rounding does not compound across N models.
+_WORK_DTYPE = {"F64": np.float64, "F32": np.float32, "F16": np.float32, "BF16": np.float32}
+# Methods whose bodies run on NumPy arrays; the others need torch. The deltas are the merge loop's own
+# temporaries, so the kernels may overwrite them.
+_NUMPY_METHODS: dict[str, Callable[..., np.ndarray]] = {
+    "task_arithmetic": lambda deltas, scaling: kernels.task_arithmetic(deltas, scaling, in_place=True),
+    "ties": lambda deltas, density, scaling: kernels.ties(deltas, density, scaling, in_place=True),
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes lie: its file, its safetensors dtype and shape, and its byte range."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
 
 
 @dataclass(frozen=True)
 class CheckpointIndex:
-    """Which file holds each tensor of a checkpoint, and its dtype and shape, read from headers only."""
+    """Which file holds each tensor of a checkpoint, with its dtype, shape and byte range, from headers only."""
 
     source: Path
-    files: dict[str, Path]
-    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    entries: dict[str, TensorEntry]
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> CheckpointIndex:
@@ -61,25 +88,41 @@ class CheckpointIndex:
             shards = [source]
         else:
             raise TaskArithError(f"{source}: not a safetensors file or a model folder with safetensors weights")
-        files: dict[str, Path] = {}
-        layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        entries: dict[str, TensorEntry] = {}
         for shard in shards:
-            try:
-                with safe_open(str(shard), framework="pt") as fh:
-                    for name in fh.keys():
-                        piece = fh.get_slice(name)
-                        dtype_name = piece.get_dtype()
-                        if dtype_name not in _DTYPE_BY_NAME:
-                            raise TaskArithError(f"{shard}: tensor '{name}' has dtype {dtype_name}, which taskarith cannot merge")
-                        files[name] = shard
-                        layout[name] = (_DTYPE_BY_NAME[dtype_name], tuple(piece.get_shape()))
-            except (SafetensorError, OSError) as exc:
-                raise TaskArithError(f"{shard}: not a readable safetensors file ({exc})") from None
-        return cls(source=source, files=files, layout=layout)
+            entries.update(_shard_entries(shard))
+        return cls(source=source, entries=entries)
+
+    @property
+    def layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {name: (entry.dtype, entry.shape) for name, entry in self.entries.items()}
 
     @property
     def folder(self) -> Path | None:
         return self.source if self.source.is_dir() else None
+
+
+def _shard_entries(shard: Path) -> dict[str, TensorEntry]:
+    """The tensors of one safetensors file, after the library has validated its header."""
+    try:
+        with safe_open(str(shard), framework="numpy") as fh:
+            validated = set(fh.keys())
+        with open(shard, "rb") as fh:
+            (header_size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(header_size))
+    except (SafetensorError, OSError, ValueError, struct.error) as exc:
+        raise TaskArithError(f"{shard}: not a readable safetensors file ({exc})") from None
+    header.pop("__metadata__", None)
+    if set(header) != validated:  # the file changed between the two reads
+        raise TaskArithError(f"{shard}: the file changed while its header was being read")
+    entries = {}
+    for name, info in header.items():
+        if info["dtype"] not in SAFETENSORS_ITEMSIZE:
+            raise TaskArithError(f"{shard}: tensor '{name}' has dtype {info['dtype']}, which taskarith cannot merge")
+        start, end = info["data_offsets"]
+        entries[name] = TensorEntry(shard, info["dtype"], tuple(info["shape"]), 8 + header_size + start,
+                                    8 + header_size + end)
+    return entries
 
 
 def _shards_of_index(index_path: Path) -> list[Path]:
@@ -109,30 +152,68 @@ def _check_compatible(base: CheckpointIndex, other: CheckpointIndex) -> None:
                                  f"but {theirs[0]} {list(theirs[1])} in {other.source}")
 
 
-def read_tensor(index: CheckpointIndex, name: str) -> torch.Tensor:
-    """One tensor, through a handle opened for it alone.
+def read_bytes(entry: TensorEntry, buffer: np.ndarray | None = None) -> np.ndarray:
+    """One tensor's bytes, read into the front of ``buffer`` (uint8, large enough) or a fresh array."""
+    size = entry.end - entry.start
+    data = np.empty(size, dtype=np.uint8) if buffer is None else buffer[:size]
+    view, done = memoryview(data), 0
+    try:
+        with open(entry.file, "rb", buffering=0) as fh:
+            fh.seek(entry.start + done)
+            while done < len(data):
+                got = fh.readinto(view[done:])
+                if not got:
+                    raise TaskArithError(f"{entry.file}: ends before the bytes its header announces; "
+                                         "was it truncated or replaced during the merge?")
+                done += got
+    except OSError as exc:
+        raise TaskArithError(f"{entry.file}: could not be read ({exc.strerror or exc})") from None
+    return data
 
-    safetensors memory-maps the file, and every page touched through a long-lived handle stays resident
-    (and counted in RSS) until the handle closes, so a merge keeping its files open would grow to the size of
-    all the models it read. Opening costs about 0.2 ms.
-    """
-    with safe_open(str(index.files[name]), framework="pt") as fh:
-        return fh.get_tensor(name)
+
+def to_working(data: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored floating-point bytes as an array in working precision (float32, or float64 for F64)."""
+    if dtype == "BF16":  # bfloat16 is the top half of a float32: widening is a shift, and exact
+        return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    stored = data.view({"F64": np.float64, "F32": np.float32, "F16": np.float16}[dtype])
+    return stored.astype(_WORK_DTYPE[dtype], copy=False)
 
 
-def plan_shards(layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], shard_bytes: int) -> list[list[str]]:
+def from_working(values: np.ndarray, dtype: str) -> np.ndarray:
+    """The inverse of :func:`to_working`, rounding to nearest-even as torch's ``.to(dtype)`` does."""
+    if dtype != "BF16":
+        return values.astype({"F64": np.float64, "F32": np.float32, "F16": np.float16}[dtype], copy=False)
+    bits = values.view(np.uint32)
+    lowest_kept_bit = (bits >> 16) & 1
+    rounded = ((bits + np.uint32(0x7FFF) + lowest_kept_bit) >> 16).astype(np.uint16)
+    rounded[np.isnan(values)] = 0x7FC0  # the canonical quiet NaN, as torch writes it
+    return rounded
+
+
+def plan_shards(layout: Mapping[str, tuple[str, tuple[int, ...]]], shard_bytes: int) -> list[list[str]]:
     """Group tensor names, in sorted order, into shards of at most ``shard_bytes`` (a bigger tensor gets its own)."""
     shards: list[list[str]] = [[]]
     filled = 0
     for name in sorted(layout):
-        dtype, shape = layout[name]
-        size = tensor_bytes(dtype, shape)
+        size = layout_bytes(*layout[name])
         if shards[-1] and filled + size > shard_bytes:
             shards.append([])
             filled = 0
         shards[-1].append(name)
         filled += size
     return shards
+
+
+def merged_array(name: str, deltas: Sequence[np.ndarray], method: str, params: Mapping[str, Any],
+                 seed: int) -> np.ndarray:
+    """One parameter's merged delta: in NumPy where the method allows, else through torch (zero-copy)."""
+    if method in _NUMPY_METHODS:
+        return _NUMPY_METHODS[method](deltas, **params)
+    import torch
+
+    from taskarith.merging.methods import merged_delta
+
+    return merged_delta(name, [torch.from_numpy(delta) for delta in deltas], method, params, seed).numpy()
 
 
 def merge_checkpoints(
@@ -150,10 +231,13 @@ def merge_checkpoints(
 ) -> dict[str, Any]:
     """Merge ``finetuned`` checkpoints into ``base`` with ``method`` and write a Hugging Face folder to ``out_dir``.
 
-    ``weights`` scale each model's delta before the merge. Only floating-point tensors are merged; integer buffers (position ids) are copied from the base. Half
-    precision deltas are computed in float32 and the result cast back, so rounding does not compound across
-    N models. The folder is built beside ``out_dir`` and renamed into place when complete, so a crash never
-    leaves a half-written model behind; ``on_tensor`` is called with each name as it is merged (progress).
+    ``weights`` scale each model's delta before the merge. Only floating-point tensors are merged; integer
+    buffers (position ids) are copied from the base; float8 tensors are refused (their values mean nothing
+    without the scales stored beside them). Half-precision deltas are computed in float32 and the result
+    rounded once, so rounding does not compound across N models. The result equals, bit for bit, applying
+    :func:`~taskarith.merging.methods.merge_task_vectors` of the weighted task vectors to the base. The
+    folder is built beside ``out_dir`` and renamed into place when complete, so a crash never leaves a
+    half-written model behind; ``on_tensor`` is called with each name as it is merged (progress).
     Returns a summary (method, hyper-parameters, tensors, bytes, shards).
     """
     if not finetuned:
@@ -168,6 +252,10 @@ def merge_checkpoints(
     others = [CheckpointIndex.open(path) for path in finetuned]
     for other in others:
         _check_compatible(base_index, other)
+    float8 = sorted(name for name, entry in base_index.entries.items() if entry.dtype.startswith("F8"))
+    if float8:
+        raise TaskArithError(f"{base_index.source}: tensor '{float8[0]}' is {base_index.entries[float8[0]].dtype}; "
+                             "dequantize float8 checkpoints before merging them")
     target = Path(out_dir)
     if target.exists() and not overwrite:
         raise TaskArithError(f"{target} already exists; choose another output folder or allow overwriting")
@@ -175,22 +263,43 @@ def merge_checkpoints(
     shards = plan_shards(base_index.layout, shard_bytes)
     metadata = {"format": "pt", "merged_by": "taskarith", "method": method,
                 "hyperparameters": json.dumps(params, sort_keys=True), "seed": str(seed)}
-    def produce(name: str) -> torch.Tensor:
+
+    # One read buffer per model, reused from tensor to tensor: a fresh array per read would page-fault its
+    # way through every byte again, which made reading three times slower. A result that lives in a read
+    # buffer (an integer tensor, an in-place sum) is still being written while the next tensor is read
+    # (see stream_safetensors), so that buffer trades places with a spare, free by then.
+    largest = max((entry.end - entry.start for entry in base_index.entries.values()), default=0)
+    buffers = [np.empty(largest, dtype=np.uint8) for _ in range(len(others) + 1)]
+    spare = [np.empty(largest, dtype=np.uint8)]
+
+    def hand_over(result: np.ndarray) -> np.ndarray:
+        for i, buffer in enumerate(buffers):
+            if np.may_share_memory(result, buffer):
+                buffers[i], spare[0] = spare[0], buffer
+        return result
+
+    def produce(name: str) -> np.ndarray:
         if on_tensor is not None:
             on_tensor(name)
-        base_tensor = read_tensor(base_index, name)
-        if not base_tensor.is_floating_point():
-            return base_tensor
-        work = torch.float32 if base_tensor.element_size() < 4 else base_tensor.dtype
-        base_work = base_tensor.to(work)
-        deltas = [read_tensor(other, name).to(work) - base_work for other in others]
-        # The same product as scaling a TaskVector, so streamed and in-memory merges agree bit for bit.
-        deltas = [delta if w == 1.0 else w * delta for delta, w in zip(deltas, weights)]
-        return (base_work + merged_delta(name, deltas, method, params, seed)).to(base_tensor.dtype)
+        entry = base_index.entries[name]
+        stored = read_bytes(entry, buffers[0])
+        if entry.dtype not in _WORK_DTYPE:
+            return hand_over(stored)
+        base_values = to_working(stored, entry.dtype).reshape(entry.shape)
+        deltas = []
+        for other, weight, buffer in zip(others, weights, buffers[1:]):
+            delta = to_working(read_bytes(other.entries[name], buffer), entry.dtype).reshape(entry.shape)
+            delta -= base_values  # in place: the array is this loop's own
+            if weight != 1.0:  # the same product as scaling a TaskVector, so both merges agree bit for bit
+                delta *= weight
+            deltas.append(delta)
+        merged = merged_array(name, deltas, method, params, seed)
+        merged += base_values  # merged is a fresh result or one of the deltas; addition commutes exactly
+        return hand_over(from_working(merged, entry.dtype).reshape(-1).view(np.uint8))
 
     file_names = ([SAFETENSORS_SINGLE] if len(shards) == 1 else
                   [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    total = sum(tensor_bytes(dtype, shape) for dtype, shape in base_index.layout.values())
+    total = sum(layout_bytes(dtype, shape) for dtype, shape in base_index.layout.values())
     target.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     building.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the merged model private
@@ -208,7 +317,7 @@ def merge_checkpoints(
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    return {"method": method, "hyperparameters": params, "seed": seed, "tensors": len(base_index.layout),
+    return {"method": method, "hyperparameters": params, "seed": seed, "tensors": len(base_index.entries),
             "bytes": total, "shards": len(shards), "out": str(target), "models": len(others)}
 
 
