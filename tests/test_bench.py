@@ -18,7 +18,7 @@ from taskarith.evaluate import (
     disentanglement_error,
     normalized_accuracy,
 )
-from taskarith.experiments.bench import BenchProfile, correlation, run_bench
+from taskarith.experiments.bench import BenchProfile, Suite, correlation, evaluate_vectors, run_bench
 from taskarith.finetune import FinetuneConfig, finetune
 from taskarith.models import load_pretrained
 
@@ -133,6 +133,26 @@ def test_mixed_modes_are_refused(pretrained, linear_vectors):
         EditedOutputs(pretrained, mixed)
 
 
+def test_merging_methods_in_task_addition_and_the_sum_as_one_of_them(tmp_path, pretrained, suite, linear_vectors):
+    colours, sizes, moods = suite
+    profile = BenchProfile(tasks=(colours.name, sizes.name), control=moods.name, methods=("linear",), eval_limit=None,
+                           alpha_grid=(0.5, 1.0), negation_grid=(1.0,), incremental_methods=(),
+                           merge_methods=("task_arithmetic", "ties"))
+    result = evaluate_vectors(Suite(pretrained, [colours, sizes], moods, profile, tmp_path, lambda stage: None),
+                              linear_vectors, with_xi=False)
+    # Merging with task arithmetic is the plain sum, so it must reproduce the addition numbers.
+    as_method = result["merging"]["task_arithmetic"]
+    for label in ("alpha_1", "alpha_searched"):
+        assert as_method[label]["alpha"] == result["addition"][label]["alpha"]
+        assert as_method[label]["accuracy"] == pytest.approx(result["addition"][label]["accuracy"])
+    ties = result["merging"]["ties"]
+    assert set(ties["val_curve"]) == {"0.5", "1.0"} and ties["alpha_searched"]["alpha"] in (0.5, 1.0)
+    from taskarith.errors import TaskArithError
+
+    with pytest.raises(TaskArithError, match="unknown merging method 'tie'"):
+        BenchProfile(tasks=("a", "b"), control="c", merge_methods=("tie",))
+
+
 def test_bench_end_to_end_and_cached(tmp_path, pretrained, suite):
     colours, sizes, moods = suite
     profile = BenchProfile(tasks=(colours.name, sizes.name), control=moods.name, steps=3, batch_size=8, lr=3e-3,
@@ -172,7 +192,8 @@ def test_bench_cli_writes_report(tmp_path, monkeypatch, capsys, tiny_model_dir, 
     moods = write_task(tmp_path / "moods.csv", "{f} {w} is very {s}", ("red", "blue"))
     monkeypatch.setattr(sys, "argv", ["taskarith", "bench", "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir),
                                       "--task", str(tiny_csv), "--task", str(sizes), "--control", str(moods),
-                                      "--method", "standard", "--method", "linear", "--steps", "2"])
+                                      "--method", "standard", "--method", "linear", "--steps", "2",
+                                      "--merge-method", "ties", "--merge-method", "tsv"])
     with pytest.raises(SystemExit) as info:
         main()
     assert info.value.code in (0, None)
@@ -180,6 +201,9 @@ def test_bench_cli_writes_report(tmp_path, monkeypatch, capsys, tiny_model_dir, 
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     assert result["profile"]["methods"] == ["standard", "linear"] and "| linear |" in report
     assert (tmp_path / "out" / "xi_linear.png").stat().st_size > 0 and ("**holds**" in report or "**does not hold**" in report)
+    assert "## Merging methods" in report and "ties a=1" in report and "tsv a*" in report
+    assert set(result["summary"]["linear"]["merging"]) == {"ties", "tsv"}
+    assert "task addition by merging method" in capsys.readouterr().out
 
 
 def hf_trained_checkpoint(model_dir: Path, csv: Path, out: Path, steps: int = 4) -> Path:

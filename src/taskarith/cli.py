@@ -339,6 +339,7 @@ def bench(
     task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="Task of the suite (repeatable; default: the profile's).")] = None,
     control: Annotated[Optional[str], typer.Option(help="Control task for negation (default: the profile's).")] = None,
     method: Annotated[Optional[list[str]], typer.Option("--method", "-m", help="Fine-tuning method (repeatable; default: all).")] = None,
+    merge_method: Annotated[Optional[list[str]], typer.Option("--merge-method", help="Merging method compared with the plain sum in task addition (repeatable; see 'taskarith merge --list').")] = None,
     seeds: Annotated[Optional[int], typer.Option(help="Number of seeds (default: the profile's).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Fine-tuning steps per task (default: the profile's).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Fine-tuning batch size (default: the profile's).")] = None,
@@ -356,7 +357,7 @@ def bench(
     from taskarith.data import load_task
     from taskarith.experiments.bench import PROFILES, run_bench
     from taskarith.io import write_json, write_text
-    from taskarith.report import bench_figures, bench_main_rows, bench_markdown, rich_table
+    from taskarith.report import bench_figures, bench_main_rows, bench_markdown, bench_merge_rows, rich_table
 
     from taskarith.experiments.bench import SUITES
 
@@ -364,6 +365,7 @@ def bench(
         raise TaskArithError(f"--suite {suite!r}: unknown suite (known: {', '.join(SUITES)})")
     profile = PROFILES[(suite, "quick" if quick else "full")]
     overrides = {key: value for key, value in (("tasks", tuple(task or ())), ("methods", tuple(method or ())),
+                                               ("merge_methods", tuple(merge_method or ())),
                                                ("control", control), ("steps", steps),
                                                ("batch_size", batch_size), ("lr", lr),
                                                ("eval_limit", eval_limit)) if value}
@@ -393,6 +395,8 @@ def bench(
     keep = [header.index(name) for name in ("method", "add abs a=1", "add norm a=1", "add norm a*", "neg target a*", "neg control a*")]
     out.print(rich_table([header[i] for i in keep], [[row[i] for i in keep] for row in rows],
                          title=f"task arithmetic on {pretrained.name}: test accuracy (%), all columns in report.md"))
+    if profile.merge_methods:
+        out.print(rich_table(*bench_merge_rows(result), title="task addition by merging method: normalized accuracy (%)"))
     out.print(f"report: {out_dir / 'report.md'}, numbers: {out_dir / 'results.json'}")
 
 

@@ -94,6 +94,20 @@ def bench_main_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     return header, rows
 
 
+def bench_merge_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per fine-tuning method: normalized addition accuracy of the sum and of each merging method."""
+    merges = result["profile"].get("merge_methods", [])
+    header = ["method", "task_arithmetic a=1", "task_arithmetic a*",
+              *(f"{merge} {label}" for merge in merges for label in ("a=1", "a*"))]
+    rows = []
+    for method in result["profile"]["methods"]:
+        s = result["summary"][method]
+        rows.append([method, _pm(s["addition_alpha_1_normalized"]), _pm(s["addition_alpha_searched_normalized"]),
+                     *(_pm(s["merging"][merge][f"{label}_normalized"])
+                       for merge in merges for label in ("alpha_1", "alpha_searched"))])
+    return header, rows
+
+
 def _claims(result: dict[str, Any]) -> list[str]:
     """The papers' orderings, each checked against this run's numbers and stated as held or not."""
     summary, methods = result["summary"], result["profile"]["methods"]
@@ -156,6 +170,12 @@ def bench_markdown(result: dict[str, Any], figures: dict[str, str]) -> str:
                              [[m, *(f"{_pct(r['addition']['alpha_1']['accuracy'][t])} / {_pct(r['finetuned'][t])}"
                                     for t in result["tasks"])] for m, r in first_seed["methods"].items()]),
               "", "Each cell: merged model / the task's own fine-tuned model.", ""]
+    if p.get("merge_methods"):
+        parts += ["## Merging methods", "",
+                  "Normalized task-addition accuracy (%) of each merging method (default hyper-parameters) applied to "
+                  "each fine-tuning method's vectors, at scaling 1 and at the scaling chosen on validation from "
+                  f"{p['alpha_grid']}; task_arithmetic is the plain sum of the first table.", "",
+                  markdown_table(*bench_merge_rows(result)), ""]
     parts += ["## tau-Jp against measured interference", "",
               "For every method, vector i and other task j: tau-Jp (mean squared first-order change of task j's "
               "embeddings, validation inputs) and the drop of task j's test accuracy when vector i is added to "

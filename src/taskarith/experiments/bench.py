@@ -19,6 +19,8 @@ from taskarith.data import Task
 from taskarith.errors import TaskArithError
 from taskarith.evaluate import CONTROL_KEEP, EditedOutputs, control_constrained_alpha, disentanglement_error, mean
 from taskarith.finetune import FinetuneConfig, finetune_cached, run_key
+from taskarith.merging.hyperparameters import check_method
+from taskarith.merging.methods import merge_task_vectors
 from taskarith.models import Pretrained
 from taskarith.vectors import TaskVector
 
@@ -54,11 +56,16 @@ class BenchProfile:
     xi_pairs: int | None = None  # how many task pairs get a xi grid (None: all pairs)
     xi_seeds: int | None = None  # how many seeds (the first ones) get xi grids (None: all); xi is a diagnostic
     incremental_methods: tuple[str, ...] = ("standard_taujp",)
+    # Merging methods compared with the plain sum in task addition (each with its default hyper-parameters,
+    # its scaling searched on validation like the sum's alpha); any of taskarith.merging's registry.
+    merge_methods: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [m for m in (*self.methods, *self.incremental_methods) if m not in METHODS]
         if unknown:
             raise TaskArithError(f"unknown methods {unknown} (known: {', '.join(METHODS)})")
+        for name in self.merge_methods:
+            check_method(name)
         if len(self.tasks) < 2:
             raise TaskArithError(f"the protocol needs at least two tasks, got {list(self.tasks)}")
         if self.control in self.tasks:
@@ -164,30 +171,39 @@ def _edit(names: Sequence[str], alpha: float) -> tuple[tuple[str, float], ...]:
     return tuple((name, alpha) for name in names)
 
 
-def _addition(outputs: EditedOutputs, tasks: Sequence[Task], finetuned: Mapping[str, float], alpha: float,
-              limit: int | None) -> dict[str, Any]:
-    names = [t.name for t in tasks]
+def _addition(outputs: EditedOutputs, tasks: Sequence[Task], finetuned: Mapping[str, float], names: Sequence[str],
+              alpha: float, limit: int | None) -> dict[str, Any]:
+    """Test accuracy of pre + alpha * (sum of the vectors ``names``), absolute and normalized by fine-tuned."""
     accuracy = {t.name: outputs.accuracy(t, "test", _edit(names, alpha), limit) for t in tasks}
-    normalized = {name: accuracy[name] / finetuned[name] if finetuned[name] > 0 else math.nan for name in names}
+    normalized = {t.name: accuracy[t.name] / finetuned[t.name] if finetuned[t.name] > 0 else math.nan for t in tasks}
     return {"alpha": alpha, "accuracy": accuracy, "normalized": normalized,
             "mean_accuracy": mean(accuracy.values()), "mean_normalized": mean(normalized.values())}
+
+
+def _addition_with_search(outputs: EditedOutputs, tasks: Sequence[Task], finetuned: Mapping[str, float],
+                          names: Sequence[str], grid: Sequence[float], limit: int | None) -> dict[str, Any]:
+    """Addition at alpha = 1 (untuned) and at the alpha of ``grid`` with the best mean validation accuracy."""
+    val_curve = {alpha: mean(outputs.accuracy(t, "val", _edit(names, alpha), limit) for t in tasks) for alpha in grid}
+    chosen = max(grid, key=lambda a: (val_curve[a], -abs(a - 1.0)))
+    return {"alpha_1": _addition(outputs, tasks, finetuned, names, 1.0, limit),
+            "alpha_searched": _addition(outputs, tasks, finetuned, names, chosen, limit),
+            "val_curve": {str(a): v for a, v in val_curve.items()}}
 
 
 def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: bool = True) -> dict[str, Any]:
     """Addition, negation, disentanglement (unless ``with_xi`` is false) and pairwise interference of one method's vectors."""
     p, tasks, control = suite.profile, suite.tasks, suite.control
-    outputs = EditedOutputs(suite.pretrained, vectors)
     names = [t.name for t in tasks]
+    # Each merging method's merge of the vectors, under a name no task can have, beside the vectors themselves.
+    merged = {f"{method}()": merge_task_vectors([vectors[n] for n in names], method) for method in p.merge_methods}
+    outputs = EditedOutputs(suite.pretrained, {**vectors, **merged})
     limit = p.eval_limit
 
     finetuned = {t.name: outputs.accuracy(t, "test", ((t.name, 1.0),), limit) for t in tasks}
     # Task addition: one alpha for the sum, chosen on validation (mean accuracy), and alpha = 1 untuned.
-    val_curve = {alpha: mean(outputs.accuracy(t, "val", _edit(names, alpha), limit) for t in tasks)
-                 for alpha in p.alpha_grid}
-    chosen = max(p.alpha_grid, key=lambda a: (val_curve[a], -abs(a - 1.0)))
-    addition = {"alpha_1": _addition(outputs, tasks, finetuned, 1.0, limit),
-                "alpha_searched": _addition(outputs, tasks, finetuned, chosen, limit),
-                "val_curve": {str(a): v for a, v in val_curve.items()}}
+    addition = _addition_with_search(outputs, tasks, finetuned, names, p.alpha_grid, limit)
+    merging = {method: _addition_with_search(outputs, tasks, finetuned, [f"{method}()"], p.alpha_grid, limit)
+               for method in p.merge_methods}
 
     # Task negation: the largest drop on the target that keeps control >= 95% of its pre-trained accuracy.
     control_floor = CONTROL_KEEP * outputs.accuracy(control, "val", (), limit)
@@ -221,6 +237,7 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
     return {
         "finetuned": finetuned,
         "addition": addition,
+        "merging": merging,
         "negation": negation,
         "interference_drop": drops,
         "xi": xi,
@@ -343,6 +360,11 @@ def summarize(per_seed: Mapping[int, Mapping[str, Any]], methods: Sequence[str])
             entry[f"negation_{label}_target"] = _spread([mean(n[label]["target"] for n in r["negation"].values()) for r in runs])
             entry[f"negation_{label}_control"] = _spread([mean(n[label]["control"] for n in r["negation"].values()) for r in runs])
         entry["addition_alpha_chosen"] = [r["addition"]["alpha_searched"]["alpha"] for r in runs]
+        entry["merging"] = {merge: {
+            **{f"{label}_normalized": _spread([r["merging"][merge][label]["mean_normalized"] for r in runs])
+               for label in ("alpha_1", "alpha_searched")},
+            "alpha_chosen": [r["merging"][merge]["alpha_searched"]["alpha"] for r in runs],
+        } for merge in runs[0].get("merging", {})}
         xs = [x for r in runs for x in _off_diagonal(r["taujp"])]
         ys = [y for r in runs for y in _off_diagonal(r["interference_drop"])]
         entry["taujp_vs_drop"] = correlation(xs, ys)
