@@ -194,3 +194,28 @@ def test_headers_are_validated_by_the_library_before_offsets_are_trusted(tmp_pat
     (tmp_path / "bad.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
     with pytest.raises(TaskArithError, match="bad.safetensors: not a readable safetensors file"):
         CheckpointIndex.open(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_file_and_tensor(tmp_path, bad):
+    save_file({"w": torch.zeros(4)}, tmp_path / "base.safetensors")
+    save_file({"w": torch.tensor([0.0, bad, 0.0, 0.0])}, tmp_path / "ft.safetensors")
+    for method in ("task_arithmetic", "ties", "dare"):
+        with pytest.raises(TaskArithError, match=r"ft.safetensors: tensor 'w' contains NaN or Inf"):
+            merge_checkpoints(tmp_path / "base.safetensors", [tmp_path / "ft.safetensors"], tmp_path / "out", method)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "ft.safetensors"]
+
+
+def test_periodic_sync_works_on_files_and_is_skipped_for_in_memory_buffers(tmp_path, monkeypatch):
+    import io as std_io
+
+    import taskarith.io as taskarith_io
+    from safetensors.torch import load as load_bytes
+
+    monkeypatch.setattr(taskarith_io, "SYNC_BYTES", 16)  # sync after every tensor
+    tensors = {f"t{i}": torch.full((10,), float(i)) for i in range(5)}
+    buffer = std_io.BytesIO()
+    taskarith_io.write_safetensors(buffer, tensors, {})
+    assert all(torch.equal(v, tensors[k]) for k, v in load_bytes(buffer.getvalue()).items())
+    taskarith_io.save_tensors(tmp_path / "t.safetensors", tensors, {})
+    assert (tmp_path / "t.safetensors").read_bytes() == buffer.getvalue()

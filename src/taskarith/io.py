@@ -155,14 +155,18 @@ def stream_safetensors(fh: BinaryIO, layout: TensorLayout, produce: Callable[[st
     # SYNC_BYTES so that the disk works during the merge rather than in one long fsync at the end. At most
     # one tensor is in flight: produce() may reuse a buffer once the tensor after it has been produced.
     unsynced = 0
+    try:
+        file_number: int | None = fh.fileno()
+    except (AttributeError, OSError, ValueError):  # an in-memory buffer has nothing to sync
+        file_number = None
 
     def write(data: memoryview) -> None:
         nonlocal unsynced
         fh.write(data)
         unsynced += data.nbytes
-        if unsynced >= SYNC_BYTES:
+        if unsynced >= SYNC_BYTES and file_number is not None:
             fh.flush()
-            os.fdatasync(fh.fileno())
+            getattr(os, "fdatasync", os.fsync)(file_number)  # fdatasync is POSIX-only (not macOS, Windows)
             unsynced = 0
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-writer") as writer:

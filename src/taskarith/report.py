@@ -96,7 +96,8 @@ def bench_main_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]
 
 def bench_merge_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """One row per fine-tuning method: normalized addition accuracy of the sum and of each merging method."""
-    merges = result["profile"].get("merge_methods", [])
+    # The plain sum is always the first pair of columns; asking for task_arithmetic again would repeat it.
+    merges = [m for m in result["profile"].get("merge_methods", []) if m != "task_arithmetic"]
     header = ["method", "task_arithmetic a=1", "task_arithmetic a*",
               *(f"{merge} {label}" for merge in merges for label in ("a=1", "a*"))]
     rows = []

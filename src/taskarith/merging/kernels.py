@@ -6,7 +6,7 @@ checkpoint files, so that merging checkpoints with these two methods never impor
 alone takes about two seconds, more than the rest of a 58M-parameter merge). Both array libraries
 round every elementwise operation the same way (IEEE 754, one rounding per operation), and the
 operations here run in the same order whichever library executes them, so the two paths give the
-same bits; tests/test_merging_methods.py checks it.
+same bits; tests/test_merging_kernels.py checks it.
 
 Only what both libraries spell alike is used (``abs``, ``*``, ``==``, ``.sum()``, ``.reshape``,
 ``.clip``, ``.cumsum``, ``where``, ``sign``, ``zeros_like``); the rest goes through :func:`_library`.
@@ -79,9 +79,9 @@ def top_k_mask(magnitude: Array, k: int) -> Array:
     n = _size(magnitude)
     lib = _library(magnitude)
     if k <= 0:
-        return lib.zeros_like(magnitude, dtype=lib.bool)
+        return lib.zeros_like(magnitude, dtype=bool)
     if k >= n:
-        return lib.ones_like(magnitude, dtype=lib.bool)
+        return lib.ones_like(magnitude, dtype=bool)
     threshold = _kth_largest(magnitude, k)
     above = magnitude > threshold
     at = magnitude == threshold

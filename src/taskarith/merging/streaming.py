@@ -120,6 +120,8 @@ def _shard_entries(shard: Path) -> dict[str, TensorEntry]:
         if info["dtype"] not in SAFETENSORS_ITEMSIZE:
             raise TaskArithError(f"{shard}: tensor '{name}' has dtype {info['dtype']}, which taskarith cannot merge")
         start, end = info["data_offsets"]
+        if end - start != layout_bytes(info["dtype"], tuple(info["shape"])):
+            raise TaskArithError(f"{shard}: the file changed while its header was being read")
         entries[name] = TensorEntry(shard, info["dtype"], tuple(info["shape"]), 8 + header_size + start,
                                     8 + header_size + end)
     return entries
@@ -186,8 +188,15 @@ def from_working(values: np.ndarray, dtype: str) -> np.ndarray:
     bits = values.view(np.uint32)
     lowest_kept_bit = (bits >> 16) & 1
     rounded = ((bits + np.uint32(0x7FFF) + lowest_kept_bit) >> 16).astype(np.uint16)
-    rounded[np.isnan(values)] = 0x7FC0  # the canonical quiet NaN, as torch writes it
+    rounded[np.isnan(values)] = 0x7FC0  # a quiet NaN (inputs are finite; only an overflowing merge gets here)
     return rounded
+
+
+def _ensure_finite(values: np.ndarray, entry: TensorEntry, name: str) -> None:
+    """Refuse NaN or Inf weights, as loading a task vector does: arithmetic on them poisons the merge."""
+    # min and max propagate NaN and show +-Inf, without the tensor-sized mask np.isfinite would allocate.
+    if values.size and not (np.isfinite(values.min()) and np.isfinite(values.max())):
+        raise TaskArithError(f"{entry.file}: tensor '{name}' contains NaN or Inf")
 
 
 def plan_shards(layout: Mapping[str, tuple[str, tuple[int, ...]]], shard_bytes: int) -> list[list[str]]:
@@ -286,9 +295,11 @@ def merge_checkpoints(
         if entry.dtype not in _WORK_DTYPE:
             return hand_over(stored)
         base_values = to_working(stored, entry.dtype).reshape(entry.shape)
+        _ensure_finite(base_values, entry, name)
         deltas = []
         for other, weight, buffer in zip(others, weights, buffers[1:]):
             delta = to_working(read_bytes(other.entries[name], buffer), entry.dtype).reshape(entry.shape)
+            _ensure_finite(delta, other.entries[name], name)
             delta -= base_values  # in place: the array is this loop's own
             if weight != 1.0:  # the same product as scaling a TaskVector, so both merges agree bit for bit
                 delta *= weight
@@ -314,6 +325,10 @@ def merge_checkpoints(
             write_json(building / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         _copy_companion_files(base_index.folder, building)
         _replace_folder(building, target)
+    except OSError as exc:
+        shutil.rmtree(building, ignore_errors=True)
+        raise TaskArithError(f"could not write the merged model to {target} (nothing was replaced): "
+                             f"{exc.strerror or exc}") from exc
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
