@@ -61,6 +61,11 @@ def test_top_k_mask_gives_ties_to_the_lowest_indices_in_both_libraries():
             assert [i for i, keep in enumerate(mask.tolist()) if keep] == kept
 
 
+def test_top_k_mask_of_half_precision_tensors_uses_torch_itself():
+    magnitude = torch.tensor([1.0, 3.0, 2.0, 3.0], dtype=torch.bfloat16)  # NumPy has no bfloat16
+    assert kernels.top_k_mask(magnitude, 2).tolist() == [False, True, False, True]
+
+
 def test_majority_breaks_a_cancelled_mass_across_chunks():
     # Entry 3's mass cancels (1 - 1); the other entries elect +1 three times and -1 once, so the
     # tensor's majority (+1) is elected there and the task agreeing with it (+1) is kept alone.
