@@ -132,10 +132,10 @@ def stream_safetensors(fh: BinaryIO, layout: TensorLayout, produce: Callable[[st
     order, each from ``produce(name)`` as any C-contiguous buffer (a NumPy array, bytes) of the announced
     size, so a merge of models far larger than memory holds one tensor at a time. A buffer is written
     while the next one is produced, so ``produce`` must leave the buffer it returned untouched until its
-    next call has returned. The library's own writer
-    wants every tensor in memory at once, and orders the metadata by a per-process hash (identical task
-    vectors saved by two processes would differ byte for byte). Reading stays with the library, which
-    validates what it reads.
+    next call has returned. The library's own writer wants every tensor in memory at once, and orders the
+    metadata by a per-process hash (identical task vectors saved by two processes would differ byte for
+    byte). Reading stays with the library, which validates what it reads (the streaming merge has it
+    validate each header before reading the announced byte ranges itself).
     """
     header: dict[str, Any] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
     offset = 0

@@ -45,6 +45,7 @@ _WEIGHT_INDEXES = (SAFETENSORS_INDEX, "pytorch_model.bin.index.json")
 # Floating-point storage dtypes and the precision their deltas are merged in: half precision is widened to
 # float32 so that rounding does not compound across N models.
 _WORK_DTYPE = {"F64": np.float64, "F32": np.float32, "F16": np.float32, "BF16": np.float32}
+_STORED_DTYPE = {"F64": np.float64, "F32": np.float32, "F16": np.float16}  # BF16: NumPy has none; see to_working
 # Methods whose bodies run on NumPy arrays; the others need torch. The deltas are the merge loop's own
 # temporaries, so the kernels may overwrite them.
 _NUMPY_METHODS: dict[str, Callable[..., np.ndarray]] = {
@@ -161,7 +162,7 @@ def read_bytes(entry: TensorEntry, buffer: np.ndarray | None = None) -> np.ndarr
     view, done = memoryview(data), 0
     try:
         with open(entry.file, "rb", buffering=0) as fh:
-            fh.seek(entry.start + done)
+            fh.seek(entry.start)
             while done < len(data):
                 got = fh.readinto(view[done:])
                 if not got:
@@ -177,14 +178,14 @@ def to_working(data: np.ndarray, dtype: str) -> np.ndarray:
     """Stored floating-point bytes as an array in working precision (float32, or float64 for F64)."""
     if dtype == "BF16":  # bfloat16 is the top half of a float32: widening is a shift, and exact
         return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    stored = data.view({"F64": np.float64, "F32": np.float32, "F16": np.float16}[dtype])
+    stored = data.view(_STORED_DTYPE[dtype])
     return stored.astype(_WORK_DTYPE[dtype], copy=False)
 
 
 def from_working(values: np.ndarray, dtype: str) -> np.ndarray:
     """The inverse of :func:`to_working`, rounding to nearest-even as torch's ``.to(dtype)`` does."""
     if dtype != "BF16":
-        return values.astype({"F64": np.float64, "F32": np.float32, "F16": np.float16}[dtype], copy=False)
+        return values.astype(_STORED_DTYPE[dtype], copy=False)
     bits = values.view(np.uint32)
     lowest_kept_bit = (bits >> 16) & 1
     rounded = ((bits + np.uint32(0x7FFF) + lowest_kept_bit) >> 16).astype(np.uint16)
