@@ -8,6 +8,7 @@ file intact.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -105,15 +106,21 @@ SAFETENSORS_ITEMSIZE: dict[str, int] = {
 TensorLayout = Mapping[str, tuple[str, tuple[int, ...]]]
 
 
-def safetensors_dtype(dtype: torch.dtype, name: str) -> str:
-    """The safetensors name of a torch dtype (``torch.float32`` -> ``"F32"``)."""
+@functools.cache
+def _torch_dtype_names() -> dict[torch.dtype, str]:
+    """torch dtype -> safetensors dtype name, built once (on first use, so that importing io needs no torch)."""
     import torch
 
-    names = {
+    return {
         torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
         torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
         torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
     }
+
+
+def safetensors_dtype(dtype: torch.dtype, name: str) -> str:
+    """The safetensors name of a torch dtype (``torch.float32`` -> ``"F32"``)."""
+    names = _torch_dtype_names()
     if dtype not in names:
         raise TaskArithError(f"tensor '{name}' has dtype {dtype}, which safetensors cannot store")
     return names[dtype]

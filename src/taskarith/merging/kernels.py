@@ -64,7 +64,8 @@ def _kth_largest(magnitude: Any, k: int) -> Any:
     n = _size(magnitude)
     if isinstance(magnitude, np.ndarray):
         return np.partition(magnitude, n - k)[n - k]
-    if magnitude.device.type == "cpu" and magnitude.dtype in (_library(magnitude).float32, _library(magnitude).float64):
+    torch = _library(magnitude)
+    if magnitude.device.type == "cpu" and magnitude.dtype in (torch.float32, torch.float64):
         return magnitude.new_tensor(np.partition(magnitude.detach().numpy(), n - k)[n - k])
     return magnitude.kthvalue(n - k + 1).values
 
