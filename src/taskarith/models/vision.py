@@ -58,7 +58,7 @@ class PooledImageEncoder(nn.Module):
 
 def _pixels(item: Any) -> torch.Tensor:
     """One image as float (3, H, W) in [0, 1]."""
-    from taskarith.data.images import load_image
+    from taskarith.data.pixels import load_image
 
     return torch.from_numpy(load_image(item)).permute(2, 0, 1).float().div_(255.0)
 
