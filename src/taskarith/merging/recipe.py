@@ -16,6 +16,10 @@ shard_size: 2GB
 Instead of ``models`` a recipe may list ``task_vectors`` (taskarith ``.safetensors`` task vector files); the
 result is then a merged task vector file, and ``base_model`` is not needed. Relative paths are relative to
 the recipe file. Command-line options override the recipe's values.
+
+``out`` must not be, lie inside or contain the recipe or any model or vector it names (``out: .`` is the
+recipe's own folder, and is refused); an existing ``out`` is replaced only when overwriting is allowed and
+it is a previous taskarith output (:func:`taskarith.outputs.check_output`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import yaml
 from taskarith.errors import TaskArithError
 from taskarith.merging.hyperparameters import check_hyperparameters
 from taskarith.merging.streaming import DEFAULT_SHARD_BYTES, merge_checkpoints
+from taskarith.outputs import check_output
 
 __all__ = ["MergeRecipe", "load_recipe", "parse_size", "run_recipe"]
 
@@ -59,6 +64,7 @@ class MergeRecipe:
     seed: int = 0
     out: str | None = None
     shard_size: int = DEFAULT_SHARD_BYTES
+    recipe: str | None = None  # the file this was read from: an input the output must not touch
 
     def validated(self, where: str = "recipe") -> MergeRecipe:
         if bool(self.models) == bool(self.task_vectors):
@@ -98,9 +104,9 @@ def _sources(entries: object, key: str, folder: Path, where: str) -> tuple[Sourc
     sources = []
     for i, entry in enumerate(entries):
         path_key = "model" if key == "models" else "vector"
-        if isinstance(entry, str):
+        if isinstance(entry, str) and entry.strip():
             path, params = entry, {}
-        elif isinstance(entry, dict) and isinstance(entry.get(path_key), str):
+        elif isinstance(entry, dict) and isinstance(entry.get(path_key), str) and entry[path_key].strip():
             path, params = entry[path_key], entry.get("parameters") or {}
             unknown = set(entry) - {path_key, "parameters"}
             if unknown or not isinstance(params, dict) or set(params) - {"weight"}:
@@ -112,6 +118,17 @@ def _sources(entries: object, key: str, folder: Path, where: str) -> tuple[Sourc
             raise TaskArithError(f"{where}: {key}[{i}] weight must be a number, got {weight!r}")
         sources.append(Source(path=str(_resolve(path, folder)), weight=float(weight)))
     return tuple(sources)
+
+
+def _path_field(data: Mapping[str, Any], key: str, folder: Path, where: str) -> str | None:
+    """A path-valued field, relative to the recipe's folder; absent is None, anything but a non-empty string
+    is refused (``out: ''`` would otherwise be the recipe's folder, ``out: {}`` a folder named '{}')."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise TaskArithError(f"{where}: '{key}' must be a path (a non-empty string), got {value!r}")
+    return str(_resolve(value, folder))
 
 
 def _resolve(path: str, folder: Path) -> Path:
@@ -141,16 +158,19 @@ def load_recipe(path: str | os.PathLike) -> MergeRecipe:
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TaskArithError(f"{where}: 'seed' must be an integer, got {seed!r}")
-    base = data.get("base_model")
+    method = data.get("merge_method", data.get("method", "task_arithmetic"))
+    if not isinstance(method, str):
+        raise TaskArithError(f"{where}: 'merge_method' must be a method name, got {method!r}")
     return MergeRecipe(
-        method=str(data.get("merge_method", data.get("method", "task_arithmetic"))),
-        base_model=str(_resolve(str(base), folder)) if base is not None else None,
+        method=method,
+        base_model=_path_field(data, "base_model", folder, where),
         models=_sources(data.get("models"), "models", folder, where),
         task_vectors=_sources(data.get("task_vectors"), "task_vectors", folder, where),
         parameters=dict(parameters),
         seed=seed,
-        out=str(_resolve(str(data["out"]), folder)) if data.get("out") is not None else None,
+        out=_path_field(data, "out", folder, where),
         shard_size=parse_size(data.get("shard_size", DEFAULT_SHARD_BYTES), f"{where}: shard_size"),
+        recipe=str(source),
     ).validated(where)
 
 
@@ -165,20 +185,21 @@ def run_recipe(recipe: MergeRecipe, *, overwrite: bool = False,
                on_tensor: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Carry out a recipe: a streamed model merge, or an in-memory merge of task vectors."""
     recipe = recipe.validated()
+    recipe_file = [("recipe", recipe.recipe)] if recipe.recipe else []
     if recipe.models:
         return merge_checkpoints(recipe.base_model, [m.path for m in recipe.models], recipe.out, recipe.method,
                                  weights=[m.weight for m in recipe.models], seed=recipe.seed,
                                  shard_bytes=recipe.shard_size, overwrite=overwrite, on_tensor=on_tensor,
-                                 **recipe.parameters)
+                                 other_inputs=recipe_file, **recipe.parameters)
     from taskarith.merging.methods import merge_task_vectors  # torch, needed for task vectors only
-    from taskarith.vectors import TaskVector
+    from taskarith.vectors import FORMAT, TaskVector
 
     out = Path(recipe.out)
-    if out.exists() and not overwrite:
-        raise TaskArithError(f"{out} already exists; choose another output file or allow overwriting")
+    destination = check_output(out, [*recipe_file, *(("task vector", v.path) for v in recipe.task_vectors)],
+                               overwrite=overwrite, format=FORMAT, folder=False)
     vectors = [TaskVector.load(v.path) * v.weight if v.weight != 1.0 else TaskVector.load(v.path)
                for v in recipe.task_vectors]
     merged = merge_task_vectors(vectors, recipe.method, seed=recipe.seed, **recipe.parameters)
-    merged.save(out)
+    merged.save(destination)
     return {"method": recipe.method, "hyperparameters": check_hyperparameters(recipe.method, recipe.parameters),
             "seed": recipe.seed, "out": str(out), "vectors": len(vectors), "norm": merged.norm()}

@@ -33,6 +33,7 @@ from taskarith.errors import TaskArithError
 from taskarith.io import SAFETENSORS_ITEMSIZE, current_umask, layout_bytes, stream_safetensors, write_json
 from taskarith.merging import kernels
 from taskarith.merging.hyperparameters import check_hyperparameters
+from taskarith.outputs import MARKER, MERGED_MODEL_FORMAT, check_output, write_marker
 
 __all__ = ["CheckpointIndex", "TensorEntry", "merge_checkpoints"]
 
@@ -237,6 +238,7 @@ def merge_checkpoints(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
     on_tensor: Callable[[str], None] | None = None,
+    other_inputs: Sequence[tuple[str, str | os.PathLike]] = (),
     **hyperparameters: Any,
 ) -> dict[str, Any]:
     """Merge ``finetuned`` checkpoints into ``base`` with ``method`` and write a Hugging Face folder to ``out_dir``.
@@ -248,7 +250,11 @@ def merge_checkpoints(
     :func:`~taskarith.merging.methods.merge_task_vectors` of the weighted task vectors to the base. The
     folder is built beside ``out_dir`` and renamed into place when complete, so a crash never leaves a
     half-written model behind; ``on_tensor`` is called with each name as it is merged (progress).
-    Returns a summary (method, hyper-parameters, tensors, bytes, shards).
+    ``out_dir`` must not be, lie inside or contain an input (the checkpoints, their weight files, and
+    ``other_inputs``, ``(role, path)`` pairs such as the recipe file); with ``overwrite`` it may replace
+    only a previous merge output, recognised by the :data:`~taskarith.outputs.MARKER` file the merge writes
+    (see :func:`taskarith.outputs.check_output`). Returns a summary (method, hyper-parameters, tensors,
+    bytes, shards).
     """
     if not finetuned:
         raise TaskArithError("nothing to merge: give at least one fine-tuned checkpoint")
@@ -266,9 +272,11 @@ def merge_checkpoints(
     if float8:
         raise TaskArithError(f"{base_index.source}: tensor '{float8[0]}' is {base_index.entries[float8[0]].dtype}; "
                              "dequantize float8 checkpoints before merging them")
+    inputs = [("base model", base), *(("model", path) for path in finetuned), *other_inputs,
+              *(("weights file", file) for index in (base_index, *others)
+                for file in sorted({entry.file for entry in index.entries.values()}))]
     target = Path(out_dir)
-    if target.exists() and not overwrite:
-        raise TaskArithError(f"{target} already exists; choose another output folder or allow overwriting")
+    destination = check_output(out_dir, inputs, overwrite=overwrite, format=MERGED_MODEL_FORMAT, folder=True)
 
     shards = plan_shards(base_index.layout, shard_bytes)
     metadata = {"format": "pt", "merged_by": "taskarith", "method": method,
@@ -312,8 +320,8 @@ def merge_checkpoints(
     file_names = ([SAFETENSORS_SINGLE] if len(shards) == 1 else
                   [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     total = sum(layout_bytes(dtype, shape) for dtype, shape in base_index.layout.values())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
     building.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the merged model private
     try:
         for file_name, shard in zip(file_names, shards):
@@ -325,7 +333,11 @@ def merge_checkpoints(
             weight_map = {name: file_name for file_name, shard in zip(file_names, shards) for name in shard}
             write_json(building / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         _copy_companion_files(base_index.folder, building)
-        _replace_folder(building, target)
+        write_marker(building, MERGED_MODEL_FORMAT, method=method, hyperparameters=params, seed=seed,
+                     weights=weights)
+        # Again, now: the merge may have taken hours, and something else may have appeared at the output.
+        check_output(out_dir, inputs, overwrite=overwrite, format=MERGED_MODEL_FORMAT, folder=True)
+        previous = _replace_folder(building, destination)
     except OSError as exc:
         shutil.rmtree(building, ignore_errors=True)
         raise TaskArithError(f"could not write the merged model to {target} (nothing was replaced): "
@@ -333,6 +345,12 @@ def merge_checkpoints(
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
+    if previous is not None:
+        try:
+            shutil.rmtree(previous)
+        except OSError as exc:
+            raise TaskArithError(f"wrote the merged model to {target}, but the output it replaced, moved aside to "
+                                 f"{previous}, could not be removed ({exc.strerror or exc}); delete it") from exc
     return {"method": method, "hyperparameters": params, "seed": seed, "tensors": len(base_index.entries),
             "bytes": total, "shards": len(shards), "out": str(target), "models": len(others)}
 
@@ -342,15 +360,18 @@ def _copy_companion_files(folder: Path | None, destination: Path) -> None:
     if folder is None:
         return
     for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in _WEIGHT_INDEXES:
+        if (path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in _WEIGHT_INDEXES
+                and path.name != MARKER):  # a base that is itself a merge: the new marker is the merge's own
             shutil.copy2(path, destination / path.name)
 
 
-def _replace_folder(built: Path, target: Path) -> None:
-    """Put ``built`` at ``target``; an existing ``target`` is moved aside first and removed only once replaced."""
-    if not target.exists():
+def _replace_folder(built: Path, target: Path) -> Path | None:
+    """Put ``built`` at ``target``; an existing ``target`` (a folder, checked by the caller) is moved aside
+    first and put back if the rename fails. Returns where the previous folder now lies, for the caller to
+    remove once the new one is in place."""
+    if not os.path.lexists(target):
         os.replace(built, target)
-        return
+        return None
     aside = target.parent / f".{target.name}.{built.name.rsplit('.', 2)[-2]}.old"
     os.replace(target, aside)
     try:
@@ -358,4 +379,4 @@ def _replace_folder(built: Path, target: Path) -> None:
     except OSError:
         os.replace(aside, target)
         raise
-    shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
+    return aside
