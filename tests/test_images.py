@@ -236,8 +236,9 @@ def split_names(task) -> list[set[str]]:
 
 
 def test_image_folder_flat_layout(tmp_path):
+    # The "taskarith" rule: stratified, capped splits (the papers' rule is tested in test_data_protocol.py).
     root = make_folder(tmp_path / "shapes")
-    task = task_from_image_folder(root, templates=("a picture of a {}.",))
+    task = task_from_image_folder(root, templates=("a picture of a {}.",), splits="taskarith")
     assert task.name == "shapes" and task.classes == ("blue boat", "red car", "tree")
     assert task.templates == ("a picture of a {}.",)
     names = split_names(task)
@@ -248,23 +249,25 @@ def test_image_folder_flat_layout(tmp_path):
         for path, label in zip(ex.inputs, ex.labels):
             assert path.parent.name.replace("_", " ") == task.classes[label]
     assert load_image(task.train.inputs[0]).shape == (4, 4, 3)
-    assert task_from_image_folder(root).fingerprint == task_from_image_folder(root).fingerprint
+    assert (task_from_image_folder(root, splits="taskarith").fingerprint
+            == task_from_image_folder(root, splits="taskarith").fingerprint)
+    assert task.source == f"{root}?splits=taskarith"
     assert load_task(task.source).test.inputs == task.test.inputs  # load_task takes folders, and the source is one
     # The split depends on the files, not on where the folder lives.
     moved = shutil.copytree(root, tmp_path / "elsewhere" / "shapes")
-    assert split_names(task_from_image_folder(moved)) == names
+    assert split_names(task_from_image_folder(moved, splits="taskarith")) == names
 
 
 def test_image_folder_split_layout(tmp_path):
     make_folder(tmp_path / "ds" / "train", n=10)
     make_folder(tmp_path / "ds" / "test", n=3)
-    task = task_from_image_folder(tmp_path / "ds", name="mine")
+    task = task_from_image_folder(tmp_path / "ds", name="mine", splits="taskarith")
     assert task.name == "mine" and len(task.train) + len(task.val) == 30 and len(task.test) == 9
     assert all(p.parts[-3] == "test" for p in task.test.inputs)
     assert all(p.parts[-3] == "train" for p in task.train.inputs + task.val.inputs)
     assert set(task.val.labels) == {0, 1, 2}
     make_folder(tmp_path / "ds" / "val", n=2)
-    task = task_from_image_folder(tmp_path / "ds")
+    task = task_from_image_folder(tmp_path / "ds", splits="taskarith")
     assert len(task.train) == 30 and len(task.val) == 6 and len(task.test) == 9
 
 
@@ -321,15 +324,15 @@ def write_mnist_layout(root: Path, folder: str, *, train_per_class=8, test_per_c
 @pytest.mark.parametrize("name, folder", [("MNIST", "MNIST"), ("fashion-mnist", "FashionMNIST"), ("kmnist", "KMNIST")])
 def test_torchvision_idx_layout_without_torchvision(tmp_path, name, folder):
     imgs, _ = write_mnist_layout(tmp_path, folder, gz=folder == "KMNIST")
-    task = task_from_torchvision(name, tmp_path)
+    task = task_from_torchvision(name, tmp_path, splits="taskarith")
     assert len(task.classes) == 10 and task.name.startswith("tv_")
     assert len(task.train) + len(task.val) == 80 and len(task.test) == 29  # the shared image is dropped
     hashes = [{digest(a) for a in task.split(s).inputs} for s in SPLITS]
     assert not hashes[0] & hashes[2] and not hashes[1] & hashes[2] and not hashes[0] & hashes[1]
     assert digest(imgs[0]) in hashes[0] | hashes[1]
-    assert task.fingerprint == task_from_torchvision(name, tmp_path).fingerprint
+    assert task.fingerprint == task_from_torchvision(name, tmp_path, splits="taskarith").fingerprint
     if folder == "MNIST":
-        assert task.classes == tuple("0123456789") and task.source == f"torchvision:{name}@{tmp_path}"
+        assert task.classes == tuple("0123456789") and task.source == f"torchvision:{name}@{tmp_path}?splits=taskarith"
         assert load_task(task.source).fingerprint == task.fingerprint  # the source reloads the task
 
 
@@ -353,7 +356,9 @@ def test_torchvision_emnist_letters(tmp_path):
 def test_torchvision_errors_without_torchvision(tmp_path):
     with pytest.raises(TaskArithError, match="SVHN needs torchvision"):
         task_from_torchvision("SVHN", tmp_path)
-    with pytest.raises(TaskArithError, match="Unknown torchvision dataset 'ImageNet'"):
+    with pytest.raises(TaskArithError, match="Unknown torchvision dataset 'Caltech101'"):
+        task_from_torchvision("Caltech101", tmp_path)
+    with pytest.raises(TaskArithError, match="ImageNet not found .*never downloaded"):
         task_from_torchvision("ImageNet", tmp_path)
     with pytest.raises(TaskArithError, match="not a folder"):
         task_from_torchvision("MNIST", tmp_path / "missing")

@@ -25,7 +25,15 @@ from taskarith.finetune import FinetuneConfig, finetune
 from taskarith.kfac import compute_kfac_factors
 from taskarith.linearize import LinearizedEncoder
 from taskarith.models import Pretrained, load_pretrained
-from taskarith.models.vision import PooledImageEncoder, image_preprocess, linear_probe_head, load_efficientnet_lite0
+from taskarith.models.clip import CLIP_MEAN, CLIP_STD
+from taskarith.models.vision import (
+    PooledImageEncoder,
+    image_preprocess,
+    image_train_preprocess,
+    linear_probe_head,
+    load_efficientnet_lite0,
+    random_resized_crop_box,
+)
 from taskarith.vectors import TaskVector
 
 COLOURS = ("red", "green", "blue")
@@ -201,6 +209,79 @@ def test_hf_clip_image_features_match_clipmodel(tiny_clip_dir):
         theirs = clip.get_image_features(pixel_values=batch["pixel_values"])
         theirs = theirs if isinstance(theirs, torch.Tensor) else theirs.pooler_output
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------------------------
+# Training augmentation (the papers' open_clip train_preprocess)
+
+
+def test_random_resized_crop_box_follows_its_definition():
+    boxes = [random_resized_crop_box(200, 220, (0.9, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(s))
+             for s in range(200)]
+    assert boxes[7] == random_resized_crop_box(200, 220, (0.9, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(7))
+    for top, left, h, w in boxes:
+        assert 0 <= top <= 200 - h and 0 <= left <= 220 - w
+        # Area within the scale range and aspect within the ratio range, up to the rounding of h and w.
+        assert 0.9 * 44000 - 2 * (h + w) <= h * w <= 44000 and 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
+    assert len(set(boxes)) > 100
+    # A 200 x 300 picture has no crop of 90 % of its area within the ratio range: the centred fallback.
+    assert random_resized_crop_box(200, 300, (0.9, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0)) == \
+        (0, 16, 200, 267)
+    # Nothing fits a 1 x 100 strip: the fallback is the largest centred crop within the ratio range.
+    assert random_resized_crop_box(1, 100, (0.9, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0)) == (0, 49, 1, 1)
+    # The global generator draws as a generator seeded alike.
+    torch.manual_seed(3)
+    assert random_resized_crop_box(50, 50, (0.5, 1.0), (3 / 4, 4 / 3)) == \
+        random_resized_crop_box(50, 50, (0.5, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(3))
+
+
+def test_image_train_preprocess_is_seeded_per_input():
+    images = list(colour_examples(4, 0, size=40).inputs)
+    train = image_train_preprocess(16, CLIP_MEAN, CLIP_STD)
+    a, b = train(images, seeds=[1, 2, 3, 4]), train(images, seeds=[1, 2, 3, 4])
+    assert a["pixel_values"].shape == (4, 3, 16, 16) and torch.equal(a["pixel_values"], b["pixel_values"])
+    # A crop depends on its own seed only, not on the rest of the batch.
+    assert torch.equal(train(images[2:3], seeds=[3])["pixel_values"][0], a["pixel_values"][2])
+    assert not torch.equal(train(images, seeds=[5, 6, 7, 8])["pixel_values"], a["pixel_values"])
+    torch.manual_seed(0)
+    first = train(images)["pixel_values"]
+    torch.manual_seed(0)
+    assert torch.equal(train(images)["pixel_values"], first)
+    with pytest.raises(TaskArithError, match="2 seeds for 4 inputs"):
+        train(images, seeds=[1, 2])
+    # Scale and ratio 1 on square images is the whole image, resized: the eval transform without its crop.
+    whole = image_train_preprocess(16, CLIP_MEAN, CLIP_STD, scale=(1.0, 1.0), ratio=(1.0, 1.0))(images, seeds=[0] * 4)
+    plain = image_preprocess(16, CLIP_MEAN, CLIP_STD, interpolation="bicubic")(images)
+    assert torch.allclose(whole["pixel_values"], plain["pixel_values"], atol=1e-6)
+
+
+def test_clip_trains_on_augmented_batches_and_a_seed_gives_the_same_task_vector(tiny_clip_dir):
+    pretrained = load_pretrained(tiny_clip_dir, device="cpu")
+    assert pretrained.train_preprocess is not None
+    images = list(colour_examples(6, 0, size=40).inputs)
+    evaluated = pretrained.tokenize(images)["pixel_values"]
+    trained = pretrained.tokenize(images, train=True, seeds=range(6))["pixel_values"]
+    assert trained.shape == evaluated.shape and not torch.equal(trained, evaluated)
+
+    def two_steps() -> dict[str, torch.Tensor]:
+        encoder = pretrained.trainable_copy()
+        optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)
+        for step in range(2):
+            seeds = [(0 * 1_000_003 + step) * 100_003 + k for k in range(len(images))]
+            batch = pretrained.tokenize(images, train=True, seeds=seeds)
+            encoder(**batch).last_hidden_state.square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return {name: p.detach().clone() for name, p in encoder.named_parameters()}
+
+    first, second = two_steps(), two_steps()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    # Models without a training transform train on the eval batches.
+    text_like = Pretrained(name="conv", encoder=pretrained.encoder, preprocess=image_preprocess(32),
+                           build_head=linear_probe_head, modality="image")
+    assert torch.equal(text_like.tokenize(images, train=True, seeds=range(6))["pixel_values"],
+                       text_like.tokenize(images)["pixel_values"])
+    assert load_efficientnet_lite0().train_preprocess is None
 
 
 # -------------------------------------------------------------------------------------------------

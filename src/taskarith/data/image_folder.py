@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from taskarith.data.pixels import IMAGE_SUFFIXES, _build_task, _Pool
+from taskarith.data.pixels import IMAGE_SUFFIXES, _build_task, _Pool, check_split_rule
 from taskarith.data.tasks import Task
 from taskarith.errors import TaskArithError
 
@@ -23,10 +23,14 @@ def _visible_dirs(folder: Path) -> list[Path]:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    """Image files below ``folder`` (recursively, like torchvision's ImageFolder), in name order."""
-    found = []
+    """Image files below ``folder`` (recursively), in torchvision ImageFolder's order: folders sorted by
+    path, files by name (so the "paper" split draws the same images as the papers' ``random_split``)."""
+    walk = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        walk.append((dirpath, filenames))
+    found = []
+    for dirpath, filenames in sorted(walk):
         for filename in sorted(filenames):
             if not filename.startswith(".") and Path(filename).suffix.lower() in IMAGE_SUFFIXES:
                 found.append(Path(dirpath) / filename)
@@ -39,22 +43,28 @@ def task_from_image_folder(
     name: str | None = None,
     templates: Sequence[str] = DEFAULT_IMAGE_TEMPLATES,
     domain: str = "images",
+    splits: str = "paper",
+    class_names: Mapping[str, str] | None = None,
 ) -> Task:
     """A Task from image files in class folders, read lazily (inputs are ``Path``s).
 
-    Layouts: ``root/<class>/<images>`` (split deterministically into train/val/test), or
-    ``root/train/<class>/...`` with ``root/test/`` and/or ``root/val/`` (a missing one is carved from
-    train). Class names are the folder names, sorted, with underscores shown as spaces. Files whose
-    suffix is not an image type (:data:`IMAGE_SUFFIXES`) and hidden files are ignored. Splits are
-    capped like every other task.
+    Layouts: ``root/<class>/<images>``, or ``root/train/<class>/...`` with ``root/test/`` and/or
+    ``root/val/``. Class names are the folder names, sorted, with underscores shown as spaces, or
+    ``class_names[folder]`` when a mapping is given. Files whose suffix is not an image type
+    (:data:`IMAGE_SUFFIXES`) and hidden files are ignored.
+
+    ``splits`` is the split rule (:data:`~taskarith.data.pixels.SPLIT_RULES`). "paper" (default): the
+    folders' splits whole; a missing val is 10 % of train (at most 5,000) drawn as the papers'
+    ``random_split`` with seed 0 draws it; a missing test (one pool of class folders) is 15 % of every
+    class, chosen by a stable hash. "taskarith": missing splits carved from train and every split capped
+    (4,000 / 300 / 500) like the built-in tasks.
     """
     base = Path(root).expanduser()
     if not base.is_dir():
         what = "is a file, not a folder" if base.exists() else "does not exist"
         raise TaskArithError(f"Image folder {str(base)!r} {what}; pass a folder with one subfolder per class.")
     base = base.resolve()
-    if isinstance(templates, str):
-        templates = (templates,)
+    check_split_rule(splits)
     top = _visible_dirs(base)
     split_dirs = {_SPLIT_DIRS[d.name.lower()]: d for d in top if d.name.lower() in _SPLIT_DIRS}
     layout: dict[str, Path]
@@ -62,7 +72,33 @@ def task_from_image_folder(
         layout = split_dirs
     else:
         layout = {"train": base}
+    # The source is what load_task reloads the task from: the path, with the rule when it is not the default.
+    source = str(base) if splits == "paper" else f"{base}?splits={splits}"
+    return _folder_task(base, layout, name=name or base.name, templates=templates, domain=domain, splits=splits,
+                        class_names=class_names, source=source)
 
+
+def _folder_task(
+    base: Path,
+    layout: dict[str, Path],
+    *,
+    name: str,
+    templates: Sequence[str],
+    domain: str,
+    splits: str,
+    source: str,
+    class_names: Mapping[str, str] | None = None,
+) -> Task:
+    """The task of class folders under each of ``layout``'s split folders (split name -> folder)."""
+    if isinstance(templates, str):
+        templates = (templates,)
+    classes, pools = _folder_pools(base, layout, class_names)
+    return _build_task(name, classes, templates, pools, domain=domain, source=source, balance=False, splits=splits)
+
+
+def _folder_pools(base: Path, layout: dict[str, Path], class_names: Mapping[str, str] | None = None
+                  ) -> tuple[list[str], dict[str, _Pool]]:
+    """Class names and one pool per split folder; keys are paths relative to ``base``."""
     folder_names: dict[str, set[str]] = {}
     for split, folder in layout.items():
         classes_here = _visible_dirs(folder)
@@ -75,7 +111,13 @@ def task_from_image_folder(
     all_names = sorted(set().union(*folder_names.values()))
     display: dict[str, str] = {}
     for folder_name in all_names:
-        shown = " ".join(folder_name.replace("_", " ").split())
+        if class_names is not None:
+            if folder_name not in class_names:
+                raise TaskArithError(f"Image folder {str(base)!r}: class folder {folder_name!r} has no class name "
+                                     "in the given names; remove the folder or name its class.")
+            shown = str(class_names[folder_name])
+        else:
+            shown = " ".join(folder_name.replace("_", " ").split())
         clash = [f for f, s in display.items() if s == shown]
         if clash or not shown:
             raise TaskArithError(
@@ -104,5 +146,4 @@ def task_from_image_folder(
     missing = [display[f] for f in all_names if f not in folder_names["train"]]
     if missing:
         raise TaskArithError(f"Image folder {str(base)!r}: classes {missing!r} have no training images under train/.")
-    return _build_task(name or base.name, [display[f] for f in all_names], templates, pools, domain=domain,
-                       source=str(base), balance=False)  # a path: load_task reloads the task from it
+    return [display[f] for f in all_names], pools

@@ -2,13 +2,23 @@
 
 :func:`load_image` turns any image input (a uint8 array, an image file's path, a PIL image) into RGB
 pixels; :func:`read_idx` reads the MNIST family's IDX files. A source hands its images to
-:func:`_build_task` as pools (:class:`_Pool`, :func:`_array_pool`): exact duplicate images are dropped
-(an image given two labels entirely), an image of a later split that also occurs in an earlier one is
-dropped from the later split, and the splits are capped, stratified and deterministic.
+:func:`_build_task` as pools (:class:`_Pool`, :func:`_array_pool`), one per split the data ships, and
+names one of two split rules (:data:`SPLIT_RULES`):
+
+* ``"paper"`` (the default of the generic image loaders), the papers' protocol (task_vectors'
+  ``split_train_into_train_val``): every shipped split is kept whole; a missing validation split is
+  10 % of the training split, at most 5,000, drawn exactly as ``torch.utils.data.random_split`` with
+  seed 0 draws it (:func:`paper_split`), the rest trains. Images are kept as the dataset has them
+  (duplicates included), so with the same files the split is the papers' own.
+* ``"taskarith"`` (the built-in tasks; an option elsewhere): exact duplicate images are dropped (an
+  image given two labels entirely), an image of a later split that also occurs in an earlier one is
+  dropped from the later split, and the splits are capped at 4,000 / 300 / 500, stratified and
+  deterministic.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import math
@@ -16,7 +26,7 @@ import os
 import zlib
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +40,14 @@ from taskarith.data.tasks import (
     DEFAULT_VAL_FRACTION,
     Examples,
     Task,
+    _hash_order,
+    _split_counts,
     split_examples,
+    stable_hash,
 )
 from taskarith.errors import TaskArithError
 
-__all__ = ["IMAGE_SUFFIXES", "load_image", "read_idx"]
+__all__ = ["IMAGE_SUFFIXES", "SPLIT_RULES", "load_image", "paper_split", "read_idx"]
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -157,23 +170,39 @@ class _Pool:
     keys: list[str]
     labels: list[int]
     items: Any  # an array (N, ...) indexed by position, or a list of Paths
-    by_key: dict[str, int] = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.by_key = {k: i for i, k in enumerate(self.keys)}
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @functools.cached_property
+    def by_key(self) -> dict[str, int]:
+        """Position of each key (for pools of distinct keys: those the "taskarith" rule builds)."""
+        return {k: i for i, k in enumerate(self.keys)}
+
+    def subset(self, positions: Sequence[int]) -> _Pool:
+        """The pool restricted to ``positions``, in that order."""
+        if isinstance(self.items, np.ndarray):
+            items: Any = self.items[np.asarray(positions, dtype=np.int64)]
+        else:
+            items = [self.items[i] for i in positions]
+        return _Pool([self.keys[i] for i in positions], [self.labels[i] for i in positions], items)
 
 
 def _digest(image: np.ndarray) -> str:
     return hashlib.blake2b(image.tobytes(), digest_size=12, person=b"taskarith-img").hexdigest()
 
 
-def _array_pool(images: np.ndarray, labels: np.ndarray, exclude: set[str] | frozenset[str] = frozenset()
-                ) -> tuple[_Pool, set[str]]:
+def _array_pool(images: np.ndarray, labels: np.ndarray, exclude: set[str] | frozenset[str] = frozenset(),
+                *, dedupe: bool = True) -> tuple[_Pool, set[str]]:
     """Pool of distinct images: an image given two labels is dropped, as is any whose digest is in ``exclude``.
 
     Returns the pool and the digests of every image seen (for excluding them from a later split).
+    ``dedupe=False`` keeps every image in its place, as the "paper" rule needs (``exclude`` is then unused).
     """
     images = np.ascontiguousarray(images, dtype=np.uint8)
+    if not dedupe:
+        keys = [_digest(image) for image in images]
+        return _Pool(keys, [int(y) for y in labels], images), set(keys)
     first: dict[str, tuple[int, int]] = {}
     conflicted: set[str] = set()
     for i, image in enumerate(images):
@@ -197,12 +226,18 @@ def _build_task(
     domain: str,
     source: str,
     balance: bool,
+    splits: str = "taskarith",
 ) -> Task:
-    """Capped, stratified, deterministic splits from the given pools; missing val/test are carved from train.
+    """The task's splits from the given pools, by the split rule ``splits`` (see the module docstring).
 
-    Order and choice come from :func:`split_examples` on the pools' keys (content digests or relative
-    paths), so they depend on the data only, never on a seed or the process.
+    "taskarith": capped, stratified, deterministic splits; missing val/test are carved from train. Order
+    and choice come from :func:`split_examples` on the pools' keys (content digests or relative paths), so
+    they depend on the data only, never on a seed or the process. "paper": see :func:`_paper_splits`.
     """
+    if check_split_rule(splits) == "paper":
+        out = {split: _examples(pool) for split, pool in _paper_splits(pools).items()}
+        return Task(name=name, classes=tuple(classes), templates=tuple(templates), train=out["train"],
+                    val=out["val"], test=out["test"], domain=domain, source=source)
     train = pools["train"]
     counts = Counter(train.labels)
     smallest = min(counts.values(), default=1)
@@ -236,6 +271,115 @@ def _build_task(
         out[split] = Examples(inputs, keyed.labels)
     return Task(name=name, classes=tuple(classes), templates=tuple(templates), train=out["train"],
                 val=out["val"], test=out["test"], domain=domain, source=source)
+
+
+# ---------------------------------------------------------------------------------------------
+# The papers' split rule
+
+SPLIT_RULES: tuple[str, ...] = ("paper", "taskarith")
+PAPER_VAL_FRACTION = 0.1
+PAPER_MAX_VAL = 5000
+PAPER_SPLIT_SEED = 0
+# A split no dataset ships and the papers never needed (an image folder with one pool): its share of the pool.
+CARVED_TEST_FRACTION = DEFAULT_TEST_FRACTION
+
+
+def check_split_rule(splits: str) -> str:
+    if splits not in SPLIT_RULES:
+        raise TaskArithError(f"Unknown split rule {splits!r}; use one of {', '.join(SPLIT_RULES)} "
+                             "(paper: the papers' splits, full sets; taskarith: capped at 4000/300/500).")
+    return splits
+
+
+def paper_split(n: int) -> tuple[list[int], list[int]]:
+    """(train, val) positions of a training split of ``n`` examples, as the papers draw them.
+
+    task_vectors' ``split_train_into_train_val`` (``src/datasets/registry.py``, reused unchanged by
+    tangent_task_arithmetic and tau-Jp): ``val = min(int(0.1 * n), 5000)``, then
+    ``torch.utils.data.random_split(train, [n - val, val], generator=torch.Generator().manual_seed(0))``,
+    i.e. one ``torch.randperm(n)`` whose first ``n - val`` entries train. The same call here gives the
+    same positions (MNIST's first training position is 36044, as task_vectors asserts). Below 10
+    examples, where the official code stops, val keeps one.
+    """
+    import torch  # local: only the "paper" rule needs it, and it is a dependency of every model anyway
+
+    n_val = min(int(n * PAPER_VAL_FRACTION), PAPER_MAX_VAL)
+    if n_val == 0 and n >= 2:
+        n_val = 1  # the official code refuses fewer than 10 examples; a tiny set still gets one to validate on
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(PAPER_SPLIT_SEED)).tolist()
+    return order[:n - n_val], order[n - n_val:]
+
+
+def _carve(pool: _Pool, fraction: float) -> tuple[list[int], list[int]]:
+    """(rest, carved) positions: ``fraction`` of every class, first in stable hash order of the keys."""
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(pool.labels):
+        by_class.setdefault(y, []).append(i)
+    carved: set[int] = set()
+    for members in by_class.values():
+        _, n_carved = _split_counts(len(members), 0.0, fraction)
+        ordered = [members[k] for k in _hash_order([pool.keys[i] for i in members])]
+        carved.update(ordered[:n_carved])
+    rest = [i for i in range(len(pool)) if i not in carved]
+    return rest, sorted(carved)
+
+
+def _hash_partition(pool: _Pool, shares: dict[str, float | int], rest: str) -> dict[str, _Pool]:
+    """Split one pool the way fixed split files would: per class, in stable hash order of the keys, each
+    named part takes its share in turn (a float: that fraction of the class, rounded; an int: that many),
+    and what is left goes to ``rest``. Parts keep the pool's order. For datasets whose official splits are
+    files this package cannot have; the same data always gives the same parts."""
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(pool.labels):
+        by_class.setdefault(y, []).append(i)
+    part_of: dict[int, str] = {}
+    for members in by_class.values():
+        ordered = [members[k] for k in _hash_order([pool.keys[i] for i in members])]
+        start = 0
+        for part, share in shares.items():
+            count = share if isinstance(share, int) else round(len(members) * share)
+            for i in ordered[start:start + count]:
+                part_of[i] = part
+            start += count
+        for i in ordered[start:]:
+            part_of[i] = rest
+    return {part: pool.subset([i for i in range(len(pool)) if part_of[i] == part]) for part in (*shares, rest)}
+
+
+def _mixed(pool: _Pool) -> _Pool:
+    """The pool in a stable order that mixes classes (evaluation may read a prefix of a split)."""
+    order = sorted(range(len(pool)), key=lambda i: (stable_hash(pool.keys[i], "mix"), pool.keys[i], i))
+    return pool.subset(order)
+
+
+def _paper_splits(pools: dict[str, _Pool]) -> dict[str, _Pool]:
+    """The papers' splits: shipped splits whole; a missing val drawn by :func:`paper_split` from train.
+
+    A missing test split (an image folder of one pool; the datasets the papers use all ship one) is
+    carved first, :data:`CARVED_TEST_FRACTION` of every class in stable hash order. A drawn train and val
+    keep the order of the random permutation; shipped splits are put in a stable order that mixes
+    classes (evaluation and linear probes may read a prefix of a split).
+    """
+    train = pools["train"]
+    out: dict[str, _Pool] = {}
+    if "test" in pools:
+        out["test"] = _mixed(pools["test"])
+    else:
+        rest, carved = _carve(train, CARVED_TEST_FRACTION)
+        out["test"] = _mixed(train.subset(carved))
+        train = train.subset(rest)
+    if "val" in pools:
+        out["train"], out["val"] = _mixed(train), _mixed(pools["val"])
+    else:
+        kept, held = paper_split(len(train))
+        out["train"], out["val"] = train.subset(kept), train.subset(held)
+    return out
+
+
+def _examples(pool: _Pool) -> Examples:
+    if isinstance(pool.items, np.ndarray):
+        pool.items.setflags(write=False)  # a Task is immutable; so are its pixels
+    return Examples(tuple(pool.items), pool.labels)
 
 
 def _check_labels(labels: np.ndarray, n_classes: int, where: str, *, offset: int = 0) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 from taskarith.data import fortunes, image_corpora, scattertext, wordnet
 from taskarith.data.files import task_from_file
 from taskarith.data.image_folder import task_from_image_folder
+from taskarith.data.pixels import check_split_rule
 from taskarith.data.tasks import Task
 from taskarith.data.torchvision_datasets import task_from_torchvision
 from taskarith.errors import TaskArithError
@@ -43,18 +44,25 @@ FILE_SUFFIXES: tuple[str, ...] = (".csv", ".jsonl", ".json")
 def load_task(spec: str | Path) -> Task:
     """Load a built-in task by name, a user task from a ``.csv`` / ``.jsonl`` / ``.json`` path, an image
     folder (one sub-folder per class, optionally under train/val/test), or ``torchvision:DATASET@ROOT``
-    (a torchvision dataset already on disk, e.g. ``torchvision:EuroSAT@/data``)."""
+    (a torchvision dataset already on disk, e.g. ``torchvision:EuroSAT@/data``).
+
+    Image folders and torchvision datasets take the papers' splits; ``?splits=taskarith`` at the end of the
+    spec (``torchvision:EuroSAT@/data?splits=taskarith``, ``/data/pets?splits=taskarith``) caps them as the
+    built-in tasks are capped (:data:`~taskarith.data.pixels.SPLIT_RULES`)."""
     key = str(spec)
     if key in BUILTIN_TASKS:
         return BUILTIN_TASKS[key]()
+    key, splits = _split_rule(key)
     if key.startswith("torchvision:"):
         name, sep, root = key[len("torchvision:"):].partition("@")
         if not name or not sep or not root:
             raise TaskArithError(f"task {key!r}: expected torchvision:DATASET@ROOT_FOLDER")
-        return task_from_torchvision(name, root)
+        return task_from_torchvision(name, root, splits=splits)
     path = Path(key).expanduser()
     if path.is_dir():
-        return task_from_image_folder(path)
+        return task_from_image_folder(path, splits=splits)
+    if splits != "paper":
+        raise TaskArithError(f"task {str(spec)!r}: ?splits= applies to image folders and torchvision datasets only.")
     if path.suffix.lower() in FILE_SUFFIXES:
         return task_from_file(path)
     known = ", ".join(sorted(BUILTIN_TASKS))
@@ -66,3 +74,11 @@ def load_task(spec: str | Path) -> Task:
         f"Unknown task {key!r}. Known tasks: {known}. Or pass a path to a .csv / .jsonl / .json file "
         "or to an image folder."
     )
+
+
+def _split_rule(key: str) -> tuple[str, str]:
+    """(spec, rule) of a spec that may end in ``?splits=RULE``; a path that really ends so stays a path."""
+    head, sep, query = key.rpartition("?")
+    if not sep or not query.startswith("splits=") or Path(key).expanduser().exists():
+        return key, "paper"
+    return head, check_split_rule(query[len("splits="):])

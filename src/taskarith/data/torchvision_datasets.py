@@ -1,8 +1,11 @@
 """Image tasks from torchvision datasets already on disk (never downloaded).
 
 torchvision's dataset classes are used with ``download=False``; the MNIST family is also read without
-torchvision, from the raw IDX files in torchvision's folder layout, and RESISC45 (which torchvision does
-not ship) from its image folder.
+torchvision, from the raw IDX files in torchvision's folder layout; RESISC45 and ImageNet, and the folders
+the papers' code prepares (task_vectors' ``EuroSAT_splits``, ``dtd``, ``sun397``), from their folders.
+Prompt templates are OpenAI CLIP's where CLIP has them (:mod:`taskarith.data.clip_prompts`), class names
+task_vectors' (checked against its ``src/datasets``). The default split rule is the papers' ("paper");
+"taskarith" caps every split as the built-in tasks are capped (:data:`~taskarith.data.pixels.SPLIT_RULES`).
 """
 
 from __future__ import annotations
@@ -19,9 +22,19 @@ from typing import Any
 
 import numpy as np
 
+from taskarith.data.clip_prompts import CLIP_TEMPLATES, IMAGENET_CLASSES, IMAGENET_WNIDS
 from taskarith.data.image_corpora import DIGIT_CLASSES, DIGIT_TEMPLATES, FASHION_CLASSES, FASHION_TEMPLATES
-from taskarith.data.image_folder import _visible_dirs, task_from_image_folder
-from taskarith.data.pixels import _array_pool, _build_task, _check_labels, _idx_pair, _Pool, load_image
+from taskarith.data.image_folder import _folder_pools, _folder_task, _visible_dirs, task_from_image_folder
+from taskarith.data.pixels import (
+    _array_pool,
+    _build_task,
+    _check_labels,
+    _hash_partition,
+    _idx_pair,
+    _Pool,
+    check_split_rule,
+    load_image,
+)
 from taskarith.data.tasks import Task
 from taskarith.errors import TaskArithError
 
@@ -91,35 +104,29 @@ class _TV:
 _FLAG = {"train": {"train": True}, "test": {"train": False}}
 _TRAIN_TEST = {"train": {"split": "train"}, "test": {"split": "test"}}
 _THREE = {"train": {"split": "train"}, "val": {"split": "val"}, "test": {"split": "test"}}
-_PHOTO = ("a photo of a {}.", "a blurry photo of a {}.", "a low resolution photo of a {}.")
+_CLIP = CLIP_TEMPLATES  # OpenAI CLIP's templates (see taskarith.data.clip_prompts), as the papers use them
 
 TORCHVISION_DATASETS: dict[str, _TV] = {
-    "MNIST": _TV("MNIST", _FLAG, DIGIT_TEMPLATES, "digits", DIGIT_CLASSES, "MNIST"),
+    "MNIST": _TV("MNIST", _FLAG, _CLIP["MNIST"], "digits", DIGIT_CLASSES, "MNIST"),
     "FashionMNIST": _TV("FashionMNIST", _FLAG, FASHION_TEMPLATES, "objects", FASHION_CLASSES, "FashionMNIST"),
     "KMNIST": _TV("KMNIST", _FLAG, ("a photo of the character {}.", "a handwritten character {}."), "characters",
                   ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"), "KMNIST"),
     "EMNIST": _TV("EMNIST", _FLAG, DIGIT_TEMPLATES, "digits", None, "EMNIST"),
-    "SVHN": _TV("SVHN", _TRAIN_TEST, ('a photo of the number: "{}".', "a street sign of the number {}."),
-                "digits", DIGIT_CLASSES),
-    "GTSRB": _TV("GTSRB", _TRAIN_TEST, ('a zoomed in photo of a "{}" traffic sign.',
-                                        'a centered photo of a "{}" traffic sign.',
-                                        'a close up photo of a "{}" traffic sign.'), "traffic signs", GTSRB_CLASSES),
-    "DTD": _TV("DTD", _THREE, ("a photo of a {} texture.", "a photo of a {} pattern.", "a photo of a {} object."),
-               "textures"),
-    "EuroSAT": _TV("EuroSAT", {}, ("a centered satellite photo of {}.", "a centered satellite photo of a {}."),
-                   "satellite"),
-    "RESISC45": _TV("RESISC45", {}, ("satellite imagery of {}.", "aerial imagery of {}.", "satellite photo of {}."),
-                    "satellite"),
-    "SUN397": _TV("SUN397", {}, ("a photo of a {}.", "a photo of the {}."), "scenes"),
-    "StanfordCars": _TV("StanfordCars", _TRAIN_TEST, ("a photo of a {}.", "a photo of my {}.",
-                                                      "a photo of the {}, a type of car."), "cars"),
-    "CIFAR10": _TV("CIFAR10", _FLAG, _PHOTO, "objects"),
-    "CIFAR100": _TV("CIFAR100", _FLAG, _PHOTO, "objects"),
-    "STL10": _TV("STL10", _TRAIN_TEST, _PHOTO, "objects"),
+    "SVHN": _TV("SVHN", _TRAIN_TEST, _CLIP["SVHN"], "digits", DIGIT_CLASSES),
+    "GTSRB": _TV("GTSRB", _TRAIN_TEST, _CLIP["GTSRB"], "traffic signs", GTSRB_CLASSES),
+    "DTD": _TV("DTD", _THREE, _CLIP["DTD"], "textures"),
+    "EuroSAT": _TV("EuroSAT", {}, _CLIP["EuroSAT"], "satellite"),
+    "RESISC45": _TV("RESISC45", {}, _CLIP["RESISC45"], "satellite"),
+    "SUN397": _TV("SUN397", {}, _CLIP["SUN397"], "scenes"),
+    "StanfordCars": _TV("StanfordCars", _TRAIN_TEST, _CLIP["Cars"], "cars"),
+    "ImageNet": _TV("ImageNet", {}, _CLIP["ImageNet"], "objects"),
+    "CIFAR10": _TV("CIFAR10", _FLAG, _CLIP["CIFAR10"], "objects"),
+    "CIFAR100": _TV("CIFAR100", _FLAG, _CLIP["CIFAR100"], "objects"),
+    "STL10": _TV("STL10", _TRAIN_TEST, _CLIP["STL10"], "objects"),
     "OxfordIIITPet": _TV("OxfordIIITPet", {"train": {"split": "trainval"}, "test": {"split": "test"}},
                          ("a photo of a {}, a type of pet.",), "pets"),
     "Flowers102": _TV("Flowers102", _THREE, ("a photo of a {}, a type of flower.",), "flowers"),
-    "Food101": _TV("Food101", _TRAIN_TEST, ("a photo of {}, a type of food.",), "food"),
+    "Food101": _TV("Food101", _TRAIN_TEST, _CLIP["Food101"], "food"),
     "FER2013": _TV("FER2013", _TRAIN_TEST, ("a photo of a {} looking face.", "a photo of a face looking {}."),
                    "faces", ("angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral")),
     "PCAM": _TV("PCAM", _THREE, ("this is a photo of {}.",), "medical",
@@ -127,7 +134,17 @@ TORCHVISION_DATASETS: dict[str, _TV] = {
     "RenderedSST2": _TV("RenderedSST2", _THREE, ("a {} review of a movie.",), "rendered text"),
 }
 _TV_ALIASES = {re.sub(r"[^a-z0-9]", "", key.lower()): key for key in TORCHVISION_DATASETS}
-_TV_ALIASES.update({"cars": "StanfordCars", "pets": "OxfordIIITPet", "nwpuresisc45": "RESISC45"})
+_TV_ALIASES.update({"cars": "StanfordCars", "pets": "OxfordIIITPet", "nwpuresisc45": "RESISC45",
+                    "imagenet1k": "ImageNet", "ilsvrc2012": "ImageNet"})
+
+# Under the "paper" rule, datasets whose official splits are files this package cannot ship or find are split
+# like those files, by a stable hash (see pixels._hash_partition); the sizes follow the official files.
+# EuroSAT: task_vectors' EuroSAT_splits are a random 21,600 / 2,700 / 2,700 split of the 27,000 images.
+EUROSAT_SHARES: dict[str, float] = {"test": 0.1, "val": 0.1}
+# RESISC45: the split files task_vectors reads (train 60 %, val 20 %, test 20 %; its val file goes unused).
+RESISC45_SHARES: dict[str, float] = {"test": 0.2, "unused": 0.2}
+# SUN397: task_vectors trains on Training_01 and tests on Testing_01 of the official partitions, 50 + 50 a class.
+SUN397_SHARES: dict[str, int] = {"test": 50, "train": 50}
 
 
 def task_from_torchvision(
@@ -136,10 +153,13 @@ def task_from_torchvision(
     *,
     task_name: str | None = None,
     templates: Sequence[str] | None = None,
+    splits: str = "paper",
 ) -> Task:
-    """A Task from a torchvision dataset already on disk; its ``source`` is the spec ``load_task`` reloads it from."""
-    task = _task_from_torchvision(name, root, task_name=task_name, templates=templates)
-    return dataclasses.replace(task, source=f"torchvision:{name}@{Path(root).expanduser()}")
+    """A Task from a torchvision dataset already on disk; its ``source`` is the spec ``load_task`` reloads it from
+    (``torchvision:NAME@ROOT``, with ``?splits=RULE`` when the rule is not the default)."""
+    task = _task_from_torchvision(name, root, task_name=task_name, templates=templates, splits=splits)
+    suffix = "" if splits == "paper" else f"?splits={splits}"
+    return dataclasses.replace(task, source=f"torchvision:{name}@{Path(root).expanduser()}{suffix}")
 
 
 def _task_from_torchvision(
@@ -148,6 +168,7 @@ def _task_from_torchvision(
     *,
     task_name: str | None = None,
     templates: Sequence[str] | None = None,
+    splits: str = "paper",
 ) -> Task:
     """A Task from a torchvision dataset already on disk under ``root`` (never downloads).
 
@@ -155,10 +176,18 @@ def _task_from_torchvision(
     ``EMNIST`` reads the ``digits`` split, ``EMNIST:letters`` (or ``byclass``, ``balanced``...) another.
     With torchvision installed its dataset class is used with ``download=False``; without it, the
     MNIST family (MNIST, FashionMNIST, KMNIST, EMNIST) is read from the raw IDX files in torchvision's
-    layout (``root/MNIST/raw/train-images-idx3-ubyte[.gz]``...), and RESISC45, which torchvision does
-    not ship, always from its image folder (``root/NWPU-RESISC45/<class>/``). Official splits are kept
-    (val carved from train where there is none); datasets without splits are split deterministically.
+    layout (``root/MNIST/raw/train-images-idx3-ubyte[.gz]``...). Read from folders, never through
+    torchvision: RESISC45 (``root/NWPU-RESISC45/<class>/``, with task_vectors' split files
+    ``resisc45-{train,test}.txt`` beside it when present), ImageNet (``root/train/<wnid>/`` and
+    ``root/val/<wnid>/``, as torchvision's ImageNet prepares them, or under ``root/imagenet/``), and the
+    folders task_vectors prepares (``root/EuroSAT_splits/{train,val,test}``, ``root/dtd/{train,val}``,
+    ``root/sun397/{train,val}``, whose ``val`` is the test split).
+
+    ``splits`` is the split rule (:data:`~taskarith.data.pixels.SPLIT_RULES`): "paper" (default), the
+    papers' protocol, or "taskarith", capped splits as the built-in tasks have; docs/protocol-data.md
+    says, dataset by dataset, what each gives.
     """
+    check_split_rule(splits)
     base, _, variant = str(name).partition(":")
     key = _TV_ALIASES.get(re.sub(r"[^a-z0-9]", "", base.lower()))
     if key is None:
@@ -183,30 +212,158 @@ def _task_from_torchvision(
     if variant == "letters":
         chosen_templates = tuple(templates) if templates is not None else (
             "a photo of the letter {}.", "a handwritten letter {}.")
+    common = dict(name=task_name, templates=chosen_templates, domain=spec.domain, splits=splits)
 
+    prepared = _prepared_layout(key, folder)
+    if prepared is not None:
+        base_folder, layout, class_names = prepared
+        return _folder_task(base_folder, layout, source=f"{key} folders in {base_folder}", class_names=class_names,
+                            **common)
     if key == "RESISC45":
-        return _resisc45(folder, task_name, chosen_templates, spec)
+        return _resisc45(folder, splits, common)
+    if key == "ImageNet":
+        raise TaskArithError(
+            f"ImageNet not found under {folder}: expected {folder}/train/<wnid>/*.JPEG and {folder}/val/<wnid>/*.JPEG "
+            "(torchvision.datasets.ImageNet's layout after its first run, or any ImageFolder layout; the raw "
+            "validation images must be sorted into wnid folders). It is never downloaded."
+        )
+    if key == "SUN397" and splits == "paper":
+        task = _sun397_partitions(folder, common)
+        if task is not None:
+            return task
     try:
         datasets = importlib.import_module("torchvision.datasets")
     except ImportError:
         if spec.idx_folder is None:
             raise TaskArithError(
                 f"Reading {key} needs torchvision (not importable here). Install it with: {TORCHVISION_HINT}. "
-                "Without torchvision only MNIST, FashionMNIST, KMNIST, EMNIST (raw IDX files) and RESISC45 "
-                "(image folder) can be read."
+                "Without torchvision only MNIST, FashionMNIST, KMNIST, EMNIST (raw IDX files), RESISC45, "
+                "ImageNet and task_vectors' prepared folders can be read."
             ) from None
-        return _idx_dataset(folder, key, variant, task_name, chosen_templates, spec)
-    return _torchvision_dataset(datasets, folder, key, variant, task_name, chosen_templates, spec)
+        return _idx_dataset(folder, key, variant, task_name, chosen_templates, spec, splits)
+    return _torchvision_dataset(datasets, folder, key, variant, task_name, chosen_templates, spec, splits)
 
 
-def _resisc45(folder: Path, task_name: str, templates: tuple[str, ...], spec: _TV) -> Task:
-    for candidate in (folder / "NWPU-RESISC45", folder / "resisc45", folder / "RESISC45", folder):
+# ---------------------------------------------------------------------------------------------
+# Datasets read from folders
+
+
+def _prepared_layout(key: str, folder: Path) -> tuple[Path, dict[str, Path], dict[str, str] | None] | None:
+    """(base, split -> folder, class names) of a folder layout the papers' code reads, when ``folder`` has it.
+
+    task_vectors' own folders (``src/datasets/{eurosat,dtd,sun397,imagenet}.py``): EuroSAT_splits keeps its
+    three splits; dtd and sun397 hold train and val, and the papers test on val (DTD's official test split,
+    SUN397's Testing_01); ImageNet tests on val (or val_in_folder).
+    """
+    def has_classes(path: Path) -> bool:
+        return path.is_dir() and bool(_visible_dirs(path))
+
+    if key == "EuroSAT":
+        base = folder / "EuroSAT_splits"
+        layout = {split: base / split for split in ("train", "val", "test")}
+        if all(has_classes(p) for p in layout.values()):
+            names = {d.name for p in layout.values() for d in _visible_dirs(p)}
+            return base, layout, {n: EUROSAT_CLASSES.get(n, " ".join(n.replace("_", " ").split())) for n in names}
+    elif key in ("DTD", "SUN397"):
+        base = folder / key.lower()
+        layout = {"train": base / "train", "test": base / "val"}
+        if all(has_classes(p) for p in layout.values()):
+            if key == "DTD":
+                return base, layout, None
+            # task_vectors names a SUN397 class by its folder without the letter prefix: 'b_bakery_shop' -> 'bakery shop'.
+            names = {d.name for p in layout.values() for d in _visible_dirs(p)}
+            return base, layout, {n: " ".join(n[2:].replace("_", " ").split()) for n in names}
+    elif key == "ImageNet":
+        for base in (folder, folder / "imagenet"):
+            test = base / "val_in_folder" if has_classes(base / "val_in_folder") else base / "val"
+            if has_classes(base / "train") and has_classes(test):
+                names = {d.name for p in (base / "train", test) for d in _visible_dirs(p)}
+                unknown = sorted(names - set(_IMAGENET_NAME))
+                if unknown:
+                    raise TaskArithError(
+                        f"ImageNet folders in {base}: {unknown[:3]} are not ILSVRC-2012 wnids (n01440764 ...); "
+                        "for other class folders use task_from_image_folder."
+                    )
+                return base, {"train": base / "train", "test": test}, {n: _IMAGENET_NAME[n] for n in names}
+    return None
+
+
+# CLIP's list names two pairs of classes alike ('missile' twice, 'sunglasses' twice), which gives them identical
+# zero-shot head rows in the papers' code; a Task needs distinct names, so one class of each pair takes its
+# ILSVRC synset's own word (projectile, sunglass). This changes 2 of the 1,000 class names.
+IMAGENET_RENAMED: dict[str, str] = {"n04008634": "projectile", "n04355933": "sunglass"}
+_IMAGENET_NAME: dict[str, str] = {**dict(zip(IMAGENET_WNIDS, IMAGENET_CLASSES)), **IMAGENET_RENAMED}
+
+
+def _resisc45(folder: Path, splits: str, common: dict[str, Any]) -> Task:
+    for candidate in (folder / "NWPU-RESISC45", folder / "resisc45" / "NWPU-RESISC45", folder / "resisc45",
+                      folder / "RESISC45", folder):
         if candidate.is_dir() and any(d.name == "airplane" for d in _visible_dirs(candidate)):
-            return task_from_image_folder(candidate, name=task_name, templates=templates, domain=spec.domain)
-    raise TaskArithError(
-        f"RESISC45 not found under {folder}: expected {folder}/NWPU-RESISC45/<class>/<image>.jpg "
-        "(torchvision has no RESISC45 class; any folder per class works with task_from_image_folder)."
-    )
+            break
+    else:
+        raise TaskArithError(
+            f"RESISC45 not found under {folder}: expected {folder}/NWPU-RESISC45/<class>/<image>.jpg "
+            "(torchvision has no RESISC45 class; any folder per class works with task_from_image_folder)."
+        )
+    if splits == "taskarith":
+        return task_from_image_folder(candidate, name=common["name"], templates=common["templates"],
+                                      domain=common["domain"], splits="taskarith")
+    classes, pools = _folder_pools(candidate, {"train": candidate})
+    pool = pools["train"]
+    # The split files of "In-domain representation learning for remote sensing" (Neumann et al.), as task_vectors
+    # reads them: resisc45-{train,val,test}.txt beside the image folder; trains on train, tests on test.
+    lists = next((d for d in (candidate.parent, candidate, folder) if (d / "resisc45-train.txt").is_file()), None)
+    if lists is not None:
+        parts = {}
+        for split in ("train", "test"):
+            names = set((lists / f"resisc45-{split}.txt").read_text(encoding="utf-8").split())
+            parts[split] = pool.subset([i for i, k in enumerate(pool.keys) if k.rsplit("/", 1)[-1] in names])
+        source = f"RESISC45 folder {candidate}, split files in {lists}"
+    else:
+        parts = _hash_partition(pool, RESISC45_SHARES, rest="train")
+        source = f"RESISC45 folder {candidate}, split by hash like the official split files (none found)"
+    return _build_task(common["name"], classes, common["templates"], {"train": parts["train"], "test": parts["test"]},
+                       domain=common["domain"], source=source, balance=False, splits=splits)
+
+
+def _sun397_partitions(folder: Path, common: dict[str, Any]) -> Task | None:
+    """SUN397 in torchvision's layout (``root/SUN397/<letter>/<class>/sun_*.jpg``, ``ClassName.txt``), split as
+    task_vectors does: Training_01 trains, Testing_01 tests (the official partition files, read from
+    ``root/SUN397/Partitions/``, ``root/Partitions/``, ``root/SUN397/`` or ``root``; without them, 50 + 50 images
+    of every class chosen by a stable hash). None when there is no such layout (then torchvision reads it)."""
+    data = folder / "SUN397"
+    if not (data / "ClassName.txt").is_file():
+        return None
+    lines = [c.strip() for c in (data / "ClassName.txt").read_text(encoding="utf-8").splitlines() if c.strip()]
+    # '/b/bakery/shop' -> 'bakery shop', as task_vectors' folder 'b_bakery_shop' names it; order as torchvision's.
+    classes = [" ".join(c[3:].replace("/", " ").replace("_", " ").split()) for c in lines]
+    index = {c: i for i, c in enumerate(lines)}
+    lists = next((d for d in (data / "Partitions", folder / "Partitions", data, folder)
+                  if (d / "Training_01.txt").is_file() and (d / "Testing_01.txt").is_file()), None)
+    pools: dict[str, _Pool] = {}
+    if lists is not None:
+        for split, file in (("train", "Training_01.txt"), ("test", "Testing_01.txt")):
+            listed = [line.strip() for line in (lists / file).read_text(encoding="utf-8").splitlines() if line.strip()]
+            # task_vectors' prepared folders list a class's images under '<letter>_<class path>' in name order.
+            listed.sort(key=lambda line: (line.rsplit("/", 1)[0][1:].replace("/", "_"), line.rsplit("/", 1)[1]))
+            keys = [f"SUN397{line}" for line in listed]
+            pools[split] = _Pool(keys, [index[line.rsplit("/", 1)[0]] for line in listed],
+                                 [folder / key for key in keys])
+        source = f"SUN397 at {data}, partitions {lists}/Training_01.txt and Testing_01.txt"
+    else:
+        found = sorted(data.rglob("sun_*.jpg"), key=lambda p: (p.parent.relative_to(data).as_posix().replace("/", "_"),
+                                                               p.name))
+        labels = [index["/" + p.parent.relative_to(data).as_posix()] for p in found]
+        pool = _Pool([p.relative_to(folder).as_posix() for p in found], labels, found)
+        parts = _hash_partition(pool, SUN397_SHARES, rest="unused")
+        pools = {"train": parts["train"], "test": parts["test"]}
+        source = f"SUN397 at {data}, 50 + 50 images a class by hash (no Training_01.txt / Testing_01.txt found)"
+    return _build_task(common["name"], classes, common["templates"], pools, domain=common["domain"], source=source,
+                       balance=False, splits="paper")
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets read through torchvision or as raw IDX files
 
 
 def _emnist_classes(variant: str) -> tuple[tuple[str, ...], int]:
@@ -215,7 +372,7 @@ def _emnist_classes(variant: str) -> tuple[tuple[str, ...], int]:
 
 
 def _idx_dataset(folder: Path, key: str, variant: str, task_name: str, templates: tuple[str, ...],
-                 spec: _TV) -> Task:
+                 spec: _TV, splits: str) -> Task:
     raw = folder / str(spec.idx_folder) / "raw"
     if key == "EMNIST":
         classes, offset = _emnist_classes(variant)
@@ -232,10 +389,11 @@ def _idx_dataset(folder: Path, key: str, variant: str, task_name: str, templates
             # EMNIST's raw images are stored transposed; show them the way they were written.
             images = images.transpose(0, 2, 1)
         arrays[split] = (images, labels)
-    train, seen = _array_pool(*arrays["train"])
-    test, _ = _array_pool(*arrays["test"], exclude=seen)
+    dedupe = splits == "taskarith"
+    train, seen = _array_pool(*arrays["train"], dedupe=dedupe)
+    test, _ = _array_pool(*arrays["test"], exclude=seen, dedupe=dedupe)
     return _build_task(task_name, classes, templates, {"train": train, "test": test}, domain=spec.domain,
-                       source=f"{key} IDX files in {raw}", balance=False)
+                       source=f"{key} IDX files in {raw}", balance=False, splits=splits)
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -254,6 +412,9 @@ def _tv_classes(dataset: Any, key: str, variant: str, spec: _TV) -> tuple[tuple[
         raise TaskArithError(f"torchvision's {key} has no class names (dataset.classes); use task_from_image_folder.")
     if key == "EuroSAT":
         return tuple(EUROSAT_CLASSES.get(str(n), str(n)) for n in names), 0
+    if key == "SUN397":
+        # torchvision's 'bakery/shop' is task_vectors' (and CLIP's) 'bakery shop'.
+        return tuple(" ".join(str(n).replace("/", " ").replace("_", " ").split()) for n in names), 0
     return tuple(" ".join(str(n).replace("_", " ").split()) for n in names), 0
 
 
@@ -295,12 +456,13 @@ def _tv_pool(dataset: Any, folder: Path, where: str) -> tuple[Any, np.ndarray]:
 
 
 def _tv_source_pool(items: Any, labels: np.ndarray, folder: Path, n_classes: int, offset: int, where: str,
-                    exclude: set[str] | frozenset[str] = frozenset()) -> tuple[_Pool, set[str]]:
+                    exclude: set[str] | frozenset[str] = frozenset(), *, dedupe: bool = True
+                    ) -> tuple[_Pool, set[str]]:
     labels = _check_labels(np.asarray(labels).astype(np.int64), n_classes, where, offset=offset)
     if isinstance(items, np.ndarray):
         if items.dtype != np.uint8:
             raise TaskArithError(f"{where}: pixels have dtype {items.dtype}, expected uint8.")
-        return _array_pool(items, labels, exclude)
+        return _array_pool(items, labels, exclude, dedupe=dedupe)
     keys = []
     for path in items:
         try:
@@ -312,20 +474,21 @@ def _tv_source_pool(items: Any, labels: np.ndarray, folder: Path, n_classes: int
 
 
 def _torchvision_dataset(datasets: Any, folder: Path, key: str, variant: str, task_name: str,
-                         templates: tuple[str, ...], spec: _TV) -> Task:
+                         templates: tuple[str, ...], spec: _TV, splits: str) -> Task:
     cls = getattr(datasets, spec.cls, None)
     if cls is None:
         raise TaskArithError(f"This torchvision has no datasets.{spec.cls}; upgrade it: {TORCHVISION_HINT}")
     extra: dict[str, Any] = {"split": variant} if key == "EMNIST" else {}
-    splits = spec.splits or {"train": {}}
+    paper = splits == "paper"
+    shipped = spec.splits or {"train": {}}
     pools: dict[str, _Pool] = {}
     seen: set[str] = set()
     classes: tuple[str, ...] = ()
     offset = 0
     for split in ("train", "val", "test"):
-        if split not in splits:
+        if split not in shipped:
             continue
-        kwargs = {**extra, **splits[split]}
+        kwargs = {**extra, **shipped[split]}
         where = f"torchvision.datasets.{spec.cls}({str(folder)!r}{''.join(f', {k}={v!r}' for k, v in kwargs.items())})"
         try:
             dataset = cls(str(folder), download=False, **kwargs)
@@ -339,7 +502,29 @@ def _torchvision_dataset(datasets: Any, folder: Path, key: str, variant: str, ta
         items, labels = _tv_pool(dataset, folder, where)
         if key == "EMNIST" and isinstance(items, np.ndarray):
             items = np.ascontiguousarray(items.transpose(0, 2, 1))
-        pools[split], keys = _tv_source_pool(items, labels, folder, len(classes), offset, where, exclude=seen)
+        # The "paper" rule keeps every image where the dataset has it; "taskarith" drops repeats across splits.
+        pools[split], keys = _tv_source_pool(items, labels, folder, len(classes), offset, where,
+                                             exclude=frozenset() if paper else seen, dedupe=not paper)
         seen |= keys
-    return _build_task(task_name, classes, templates, pools, domain=spec.domain,
-                       source=f"torchvision.datasets.{spec.cls} at {folder}", balance=False)
+    source = f"torchvision.datasets.{spec.cls} at {folder}"
+    if paper and key == "DTD":
+        # task_vectors (after PAINT) merges DTD's train and val of partition 1 and draws its own val from them;
+        # in its folders' order (class, then file name), so the draw picks the same images.
+        merged = _Pool(pools["train"].keys + pools["val"].keys, pools["train"].labels + pools["val"].labels,
+                       list(pools["train"].items) + list(pools["val"].items))
+        pools = {"train": merged.subset(sorted(range(len(merged)), key=lambda i: _dtd_order(merged.keys[i]))),
+                 "test": pools["test"]}
+    elif paper and not spec.splits:
+        # One pool: split as the official split files are (their sizes; the images are chosen by hash).
+        shares, rest = (SUN397_SHARES, "unused") if key == "SUN397" else (EUROSAT_SHARES, "train")
+        parts = _hash_partition(pools["train"], shares, rest)
+        pools = {split: parts[split] for split in ("train", "val", "test") if split in parts}
+        source += ", split by hash like the official split files"
+    return _build_task(task_name, classes, templates, pools, domain=spec.domain, source=source, balance=False,
+                       splits=splits)
+
+
+def _dtd_order(key: str) -> tuple[str, str]:
+    """(class folder, file name) of a DTD image: the order of task_vectors' dtd/train ImageFolder."""
+    parts = key.split("/")
+    return parts[-2], parts[-1]

@@ -58,6 +58,8 @@ def resolve_device(device: str) -> torch.device:
 
 MODALITIES = ("text", "image")
 Preprocess = Callable[[Sequence[Any]], dict[str, torch.Tensor]]
+# A training preprocess is called like Preprocess; the built-in ones also take ``seeds=`` (one int per input).
+TrainPreprocess = Callable[..., dict[str, torch.Tensor]]
 HeadBuilder = Callable[["Pretrained", "Task"], torch.Tensor]
 
 
@@ -68,9 +70,12 @@ class Pretrained:
     ``encoder`` is never modified: edited models are copies. It maps a batch to token states
     (``last_hidden_state``) that are mean-pooled over ``attention_mask``; image encoders return one
     token, their pooled embedding, so one interface serves text and images. ``preprocess`` turns raw
-    inputs into a batch (default: the tokenizer). Heads depend only on the pre-trained weights and the
-    task, so each is built once per task: a zero-shot head from class names and templates (text models,
-    CLIP), or a linear probe on frozen pre-trained features (image backbones without a text tower).
+    inputs into a batch (default: the tokenizer); ``train_preprocess``, when set, does so for training
+    batches (data augmentation: the CLIP loaders give the papers' random resized crop; None trains on the
+    eval preprocessing, as the text models and the embedded EfficientNet do). Heads depend only on the
+    pre-trained weights and the task, so each is built once per task: a zero-shot head from class names
+    and templates (text models, CLIP), or a linear probe on frozen pre-trained features (image backbones
+    without a text tower).
     """
 
     name: str
@@ -81,6 +86,7 @@ class Pretrained:
     preprocess: Preprocess | None = None
     build_head: HeadBuilder | None = None
     modality: str = "text"
+    train_preprocess: TrainPreprocess | None = None
     _heads: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -132,10 +138,20 @@ class Pretrained:
                 f"model '{self.name}' takes {self.modality} inputs, got {type(wrong).__name__}: "
                 f"use a {self.modality} task with it{hint}")
 
-    def tokenize(self, inputs: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """A batch on the model's device (padded token ids, or preprocessed pixels)."""
+    def tokenize(self, inputs: Sequence[Any], train: bool = False, *,
+                 seeds: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """A batch on the model's device (padded token ids, or preprocessed pixels).
+
+        ``train=True`` uses ``train_preprocess`` when the model has one (else the eval preprocessing).
+        Its randomness: with ``seeds`` (one int per input) each input is augmented by
+        ``torch.Generator().manual_seed(seed)``, so the same seeds give the same batch on any device and
+        in any process; without, torch's global generator is used (``torch.manual_seed`` fixes it).
+        """
         self._check_inputs(inputs)
-        if self.preprocess is not None:
+        if train and self.train_preprocess is not None:
+            batch = (self.train_preprocess(list(inputs)) if seeds is None
+                     else self.train_preprocess(list(inputs), seeds=list(seeds)))
+        elif self.preprocess is not None:
             batch = self.preprocess(list(inputs))
         else:
             assert self.tokenizer is not None

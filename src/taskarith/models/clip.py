@@ -6,8 +6,11 @@ normalised text embeddings of the filled-in templates, normalised), and logits a
 the image encoder's parameters, named as in the full model's state dict.
 
 Two sources: Hugging Face ``CLIPModel`` folders (transformers), and open_clip (model name plus a
-pretrained weights file). Both run attention through plain matrix products or SDPA's math kernel under
-forward-mode AD (see :mod:`taskarith.linearize`), so every mode, linear included, works on them.
+pretrained weights file). Both train on open_clip's training transform, the one the papers fine-tune with
+(``model.train_preprocess``: a random resized crop, scale 0.9-1, bicubic; see
+:func:`~taskarith.models.vision.image_train_preprocess`), and evaluate on its eval transform. Both run
+attention through plain matrix products or SDPA's math kernel under forward-mode AD (see
+:mod:`taskarith.linearize`), so every mode, linear included, works on them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from taskarith.errors import TaskArithError
-from taskarith.models.vision import image_preprocess
+from taskarith.models.vision import image_preprocess, image_train_preprocess
 
 if TYPE_CHECKING:
     from taskarith.data import Task
@@ -111,6 +114,7 @@ def load_hf_clip(spec: str | Path, *, attn_implementation: str = "eager") -> Pre
     encoder = ClipImageEncoder(model.vision_model, model.visual_projection)
     return Pretrained(name=source, encoder=encoder, logit_scale=float(model.logit_scale.exp()),
                       preprocess=image_preprocess(size, mean, std, center_crop=True, interpolation="bicubic"),
+                      train_preprocess=image_train_preprocess(size, mean, std),
                       build_head=_zero_shot_head(embed_texts), modality="image")
 
 
@@ -163,4 +167,5 @@ def load_open_clip(name: str, pretrained: str | Path | None = None) -> Pretraine
     return Pretrained(name=f"open_clip:{name}" + (f"@{pretrained}" if pretrained else ""),
                       encoder=OpenClipImageEncoder(model.visual), logit_scale=float(model.logit_scale.exp()),
                       preprocess=image_preprocess(size, mean, std, center_crop=True, interpolation="bicubic"),
+                      train_preprocess=image_train_preprocess(size, mean, std),
                       build_head=_zero_shot_head(embed_texts), modality="image")

@@ -17,6 +17,7 @@ layers run on their running statistics (the encoder stays in eval mode), which k
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,6 +98,75 @@ def image_preprocess(size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequ
                 "attention_mask": torch.ones(len(items), 1, dtype=torch.long)}
 
     return preprocess
+
+
+# The training transform of open_clip 2.0.2 and 2.10.1 (the versions task_vectors and tangent_task_arithmetic pin;
+# tau-Jp and TAK's mammoth call the same create_model_and_transforms): RandomResizedCrop(size, scale=(0.9, 1.0),
+# bicubic; torchvision's default ratio 3/4..4/3), then ToTensor and Normalize. No flip, no colour jitter.
+CLIP_TRAIN_SCALE = (0.9, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def random_resized_crop_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
+                            generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop, drawn as torchvision's ``RandomResizedCrop.get_params``
+    draws it (the same calls in the same order: with ``generator=None`` and the same global torch seed, the
+    same box): up to 10 tries of an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio``,
+    else the largest centred crop whose ratio is in range."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]), generator=generator)).item()
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def image_train_preprocess(size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *,
+                           scale: Sequence[float] = CLIP_TRAIN_SCALE, ratio: Sequence[float] = CROP_RATIO,
+                           interpolation: str = "bicubic") -> Callable[..., dict[str, torch.Tensor]]:
+    """A training ``preprocess``: each image a random resized crop (see :func:`random_resized_crop_box`) scaled
+    to ``size`` x ``size``, then normalised as :func:`image_preprocess` normalises.
+
+    Called as ``train(items)`` it draws from torch's global generator (``torch.manual_seed`` fixes it);
+    ``train(items, seeds=[...])``, one int per item, draws each crop from ``torch.Generator().manual_seed(seed)``
+    instead, so a crop depends on its seed only, not on the batch, the process or the device. Pixels are
+    resized with torch's antialiased interpolation (as the eval transform here is), not with PIL's, so values
+    differ from open_clip's by interpolation rounding; the crops are the same draws.
+    """
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(std).view(1, 3, 1, 1)
+
+    def train(items: Sequence[Any], seeds: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        if seeds is not None and len(seeds) != len(items):
+            raise TaskArithError(f"train preprocessing: {len(seeds)} seeds for {len(items)} inputs; give one per input.")
+        crops = []
+        for k, item in enumerate(items):
+            image = _pixels(item)
+            generator = torch.Generator().manual_seed(int(seeds[k])) if seeds is not None else None
+            top, left, h, w = random_resized_crop_box(image.shape[1], image.shape[2], scale, ratio, generator)
+            crop = image[None, :, top:top + h, left:left + w]
+            if (h, w) != (size, size):
+                crop = F.interpolate(crop, size=(size, size), mode=interpolation, antialias=True,
+                                     align_corners=False).clamp_(0.0, 1.0)
+            crops.append(crop)
+        pixels = torch.cat(crops) if crops else torch.zeros(0, 3, size, size)
+        return {"pixel_values": (pixels - mean_t) / std_t,
+                "attention_mask": torch.ones(len(items), 1, dtype=torch.long)}
+
+    return train
 
 
 @torch.no_grad()
