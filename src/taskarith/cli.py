@@ -301,34 +301,72 @@ def interference(
 def kfac(
     task: Annotated[str, typer.Argument(help="Task whose data makes the factors (built-in name or file).")],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Factor file to write (.safetensors).")],
-    num_examples: Annotated[int, typer.Option(help="Training inputs used.")] = 512,
+    num_examples: Annotated[int, typer.Option(help="Training inputs used (TAK: 128).")] = 128,
+    mc_samples: Annotated[int, typer.Option(help="Random output directions per example (TAK: 1); 0: every output coordinate (exact, slow).")] = 1,
+    function: Annotated[str, typer.Option(help="normalized (TAK: the L2-normalized embedding) or unnormalized.")] = "normalized",
+    tokens: Annotated[str, typer.Option(help="Linear layers over tokens: expand (TAK) or reduce.")] = "expand",
+    norm_blocks: Annotated[str, typer.Option(help="LayerNorm and class-token blocks: full (TAK) or diagonal.")] = "full",
+    conv: Annotated[str, typer.Option(help="Conv2d layers over positions: reduce or expand.")] = "reduce",
     seed: int = 0,
     model: ModelOption = "all-MiniLM-L6-v2",
     device: DeviceOption = "auto",
 ) -> None:
-    """Compute a task's K-FAC factors once; others then regularize against it without its data."""
+    """Compute a task's K-FAC factors once (TAK); others then regularize against it without its data."""
+    import warnings
+
     from taskarith.data import load_task
-    from taskarith.kfac import compute_kfac_factors
+    from taskarith.kfac import compute_kfac_factors, uncovered_parameters
 
     loaded = load_task(task)
     pretrained = _load_model(model, device)
-    factors = compute_kfac_factors(pretrained, loaded, num_examples=num_examples, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the uncovered parameters are printed below
+        factors = compute_kfac_factors(pretrained, loaded, num_examples=num_examples, seed=seed,
+                                       mc_samples=mc_samples or None, function=function, tokens=tokens,
+                                       norm_blocks=norm_blocks, conv=conv)
     factors.save(out_file)
     size = sum(factors.memory_bytes().values()) / 2**20
     out.print(f"wrote {out_file}: K-FAC factors of {loaded.name} ({factors.num_examples} examples, {size:.1f} MiB)")
+    missing = uncovered_parameters(pretrained.encoder, factors)
+    if missing:
+        err.print(escape(f"warning: no curvature for {len(missing)} parameters, which the kfac penalty leaves free: "
+                         f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"))
 
 
 @app.command("kfac-merge")
 def kfac_merge(
     factor_files: Annotated[list[Path], typer.Argument(help="Factor files to merge.")],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Merged factor file to write.")],
+    rule: Annotated[str, typer.Option(help="sum (TAK's Eq. 8: output sides summed, input sides averaged by examples) or average (both averaged).")] = "sum",
 ) -> None:
     """Merge several tasks' K-FAC factors into one file of the same size."""
     from taskarith.kfac import KFACFactors, merge_factors
 
-    merged = merge_factors([KFACFactors.load(path) for path in factor_files])
+    merged = merge_factors([KFACFactors.load(path) for path in factor_files], rule=rule)
     merged.save(out_file)
-    out.print(f"wrote {out_file}: K-FAC factors of {', '.join(merged.tasks)}")
+    out.print(f"wrote {out_file}: K-FAC factors of {', '.join(merged.tasks)} (rule {merged.merge})")
+
+
+@app.command("kfac-compress")
+def kfac_compress(
+    factor_file: Annotated[Path, typer.Argument(help="Factor file to compress.")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="Compressed factor file to write.")],
+    blocks: Annotated[Optional[int], typer.Option(help="Keep this many diagonal blocks of each factor (TAK's block-k).")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="Keep this many eigenpairs of each factor.")] = None,
+) -> None:
+    """Compress a K-FAC factor file: block-diagonal factors (--blocks) or truncated eigendecompositions (--rank)."""
+    from taskarith.kfac import KFACFactors, compress_factors
+
+    if (blocks is None) == (rank is None):
+        raise TaskArithError("kfac-compress needs exactly one of --blocks and --rank")
+    factors = KFACFactors.load(factor_file)
+    before = sum(factors.memory_bytes().values()) / 2**20
+    compressed = (compress_factors(factors, "block", blocks=blocks) if blocks is not None
+                  else compress_factors(factors, "eigen", rank=rank))  # type: ignore[arg-type]
+    compressed.save(out_file)
+    after = sum(compressed.memory_bytes().values()) / 2**20
+    out.print(f"wrote {out_file}: {compressed.compression} K-FAC factors of {', '.join(compressed.tasks)} "
+              f"({before:.1f} -> {after:.1f} MiB)")
 
 
 @app.command()
