@@ -57,13 +57,15 @@ def test_normalized_accuracy_hand_checked():
 
 
 def test_control_constrained_alpha_hand_checked():
-    target = {0.5: 0.6, 1.0: 0.4, 1.5: 0.2}.__getitem__
-    control = {0.5: 0.80, 1.0: 0.76, 1.5: 0.70}.__getitem__
+    target = {0.0: 0.8, 0.5: 0.6, 1.0: 0.4, 1.5: 0.2}.__getitem__
+    control = {0.0: 0.80, 0.5: 0.80, 1.0: 0.76, 1.5: 0.70}.__getitem__
     # floor 0.95 * 0.8 = 0.76: alpha 1.5 breaks the control task, 1.0 is the deepest allowed drop.
     assert control_constrained_alpha((0.5, 1.0, 1.5), target, control, 0.95 * 0.8) == 1.0
-    assert control_constrained_alpha((0.5, 1.0, 1.5), target, control, 0.9) is None
-    # Equal target accuracy: the smaller edit wins.
-    assert control_constrained_alpha((0.5, 1.0), lambda a: 0.3, lambda a: 1.0, 0.5) == 0.5
+    # No alpha of the grid keeps the control: alpha = 0 (the pre-trained model) always does.
+    assert control_constrained_alpha((0.5, 1.0, 1.5), target, control, 0.9) == 0.0
+    # Equal target accuracy: the smaller edit wins (the pre-trained model too, when nothing lowers the target).
+    assert control_constrained_alpha((0.5, 1.0), lambda a: 0.3 if a else 0.9, lambda a: 1.0, 0.5) == 0.5
+    assert control_constrained_alpha((0.5, 1.0), lambda a: 0.3, lambda a: 1.0, 0.5) == 0.0
 
 
 def test_correlation_hand_checked():
@@ -174,10 +176,14 @@ def test_bench_end_to_end_and_cached(tmp_path, pretrained, suite):
         assert result["summary"][method]["xi_mean"]["n"] == 1
     assert {f"evaluating {m}" for m in profile.methods} <= set(result["stage_seconds"])
     incremental = result["per_seed"]["0"]["incremental"]
-    assert set(incremental) == {"standard_taujp", "standard"}
-    # The first arrival protects nothing, so it is the plain run, shared through the cache.
-    first = [run["after_each_arrival"][0]["accuracy"] for run in incremental.values()]
-    assert first[0] == first[1]
+    assert set(incremental) == {"linear_taujp", "linear"}
+    # The first arrival protects only the control task (tau-Jp's regularization set holds it, as published);
+    # in the suite, every task protects the other one and the control.
+    assert any(stage.startswith("fine-tuning (linear_taujp, colours, protecting 1,") for stage in stages)
+    assert any(stage.startswith("fine-tuning (linear_taujp, colours, protecting 2,") for stage in stages)
+    assert result["reg_strength_selection"]["linear_taujp"] == {"grid": [0.1], "chosen": 0.1, "criterion": "fixed"}
+    # Negation always has an answer: no seed is dropped.
+    assert all(result["summary"][m]["negation_alpha_searched_target"]["n"] == 2 for m in profile.methods)
     assert any(stage.startswith("K-FAC") for stage in stages)
     again: list[str] = []
     second = run_bench(pretrained, [colours, sizes], moods, profile, tmp_path / "cache", on_stage=again.append)
@@ -274,7 +280,48 @@ def test_existing_checkpoints_study(tmp_path, pretrained, suite, hf_checkpoint):
     for label in ("plain", "taujp"):
         run = study[f"with_new_{label}"]
         assert set(run["accuracy"]) == {"colours", "sizes"} and run["taujp_on_checkpoint_tasks"]["colours"] > 0
+    assert study["method"] == "linear_taujp" and study["checkpoints_read_as"] == "post-hoc linearized"
     # Regularizing against the checkpoint task lowers the new vector's tau-Jp on it.
     assert (study["with_new_taujp"]["taujp_on_checkpoint_tasks"]["colours"]
             < study["with_new_plain"]["taujp_on_checkpoint_tasks"]["colours"])
     assert "Fine-tuned checkpoints made elsewhere" in bench_markdown(result, {})
+
+
+def test_lambda_is_chosen_on_validation_by_the_one_shot_criterion(tmp_path, pretrained, suite):
+    colours, sizes, moods = suite
+    profile = BenchProfile(tasks=(colours.name, sizes.name), control=moods.name, methods=("linear_taujp",),
+                           steps=3, batch_size=8, lr=3e-3, eval_limit=None, xi_limit=5, xi_grid=(0.0,),
+                           alpha_grid=(1.0,), negation_grid=(1.0,), incremental_methods=(),
+                           reg_strengths={"taujp": (100.0, 0.01)})
+    result = run_bench(pretrained, [colours, sizes], moods, profile, tmp_path / "cache")
+    choice = result["reg_strength_selection"]["linear_taujp"]
+    scores = {float(k): v for k, v in choice["val_normalized_alpha_1"].items()}
+    assert choice["grid"] == [0.01, 100.0] and set(scores) == {0.01, 100.0}
+    assert choice["chosen"] == min(scores, key=lambda v: (-scores[v], v))
+    # Both grid values were fine-tuned on the first seed (and the chosen one is what every seed uses).
+    configs = [json.loads((d / "run.json").read_text())["config"] for d in (tmp_path / "cache" / "vectors").iterdir()]
+    assert {c["reg_strength"] for c in configs} == {0.01, 100.0}
+
+
+def test_bench_cli_grids_strengths_and_zero_overrides(tmp_path, monkeypatch, capsys, tiny_model_dir, tiny_csv):
+    sizes = write_task(tmp_path / "sizes.csv", "{f} {w} is quite {s}", ("big", "small"))
+    moods = write_task(tmp_path / "moods.csv", "{f} {w} is very {s}", ("red", "blue"))
+    common = ["taskarith", "bench", "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir),
+              "--task", str(tiny_csv), "--task", str(sizes), "--control", str(moods)]
+    for bad, message in ((["--steps", "0"], "--steps 0"), (["--alpha-grid", "a,b"], "--alpha-grid"),
+                         (["--reg-strength", "taujp=-1"], "positive"), (["--reg-strength", "magic=1"], "REGULARIZER")):
+        monkeypatch.setattr(sys, "argv", [*common, *bad])
+        with pytest.raises(SystemExit) as info:
+            main()
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", [*common, "--method", "linear", "--method", "linear_taujp", "--steps", "2",
+                                      "--alpha-grid", "1,0", "--xi-grid", "-1,0,1", "--reg-strength", "taujp=0.5",
+                                      "--reg-sampling", "cyclical", "--no-reg-control"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code in (0, None)
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    p = result["profile"]
+    assert p["alpha_grid"] == p["negation_grid"] == [0.0, 1.0] and p["xi_grid"] == [-1.0, 0.0, 1.0]
+    assert p["reg_sampling"] == "cyclical" and p["reg_control"] is False
+    assert result["reg_strength_selection"]["linear_taujp"]["chosen"] == 0.5

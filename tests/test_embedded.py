@@ -23,12 +23,13 @@ def test_finetuning_the_embedded_encoder_beats_zero_shot():
     assert result.task_vector.base_hash == pre.base_hash
 
 
-@pytest.mark.parametrize("mode, regularizer", [("standard", "taujp"), ("linear", "kfac")])
-def test_regularization_reduces_measured_taujp_on_real_tasks(tmp_path, mode, regularizer):
+@pytest.mark.parametrize("mode, regularizer, strength", [("standard", "taujp", 1.0), ("linear", "kfac", 5000.0)])
+def test_regularization_reduces_measured_taujp_on_real_tasks(tmp_path, mode, regularizer, strength):
     """Fine-tune sentiment with and without protecting the WordNet task; tau-Jp on WordNet inputs must drop.
 
-    Seen at 25 steps: standard 1.38 -> 0.19 with tau-Jp, linear 2.54 -> 0.80 with K-FAC (lambda = 1), with
-    validation accuracy on sentiment unchanged within a point.
+    K-FAC at beta = 5000, the top of the embedded profiles' grid: TAK's penalty (normalized embedding, expand
+    factors) is hundreds of times smaller than the squared tau-Jp's, and at the published 500 it cut tau-Jp
+    here by 45% (1.56 -> 0.85) in 25 steps; tau-Jp (unsquared) at lambda = 1.
     """
     from taskarith.experiments.interference import taujp_matrix
     from taskarith.kfac import compute_kfac_factors
@@ -38,12 +39,12 @@ def test_regularization_reduces_measured_taujp_on_real_tasks(tmp_path, mode, reg
     base = dict(task=task.name, mode=mode, steps=25, lr=1e-4)
     if regularizer == "kfac":
         factors = tmp_path / "wordnet_topic.safetensors"
-        compute_kfac_factors(pre, other, num_examples=256, progress=False).save(factors)
+        compute_kfac_factors(pre, other, progress=False).save(factors)
         extra = dict(reg_factors=(str(factors),))
     else:
         extra = dict(reg_tasks=(other.name,))
     plain = finetune(FinetuneConfig(**base), pre, task, progress=False)
-    protected = finetune(FinetuneConfig(**base, regularizer=regularizer, reg_strength=1.0, **extra), pre, task,
+    protected = finetune(FinetuneConfig(**base, regularizer=regularizer, reg_strength=strength, **extra), pre, task,
                          progress=False)
     measured = taujp_matrix(pre, [plain.task_vector, protected.task_vector], [other], max_examples=100)["taujp"]
     assert measured[1][0] < 0.5 * measured[0][0]

@@ -51,12 +51,12 @@ def test_shape_names_and_zero_vector_row(pretrained, tasks):
     result = taujp_matrix(pretrained, vectors, tasks, max_examples=5)
     assert result["vectors"] == ["noise", "zero"]
     assert result["tasks"] == [t.name for t in tasks]
-    for key in ("taujp", "normalized", "taujp_norm"):
+    for key in ("taujp", "normalized", "taujp_sq"):
         assert len(result[key]) == 2 and all(len(row) == 2 for row in result[key])
     assert result["taujp"][1] == [0.0, 0.0] and result["normalized"][1] == [0.0, 0.0]
     assert all(v > 0 for v in result["taujp"][0]) and all(v > 0 for v in result["normalized"][0])
     assert result["examples_per_task"] == {t.name: 5 for t in tasks}
-    assert "||J_theta0 f(x) . tau_i||^2" in result["definition"]
+    assert "||J_theta0 f(x) . tau_i|| (unsquared" in result["definition"]
 
 
 def _pooled_f(encoder, params, text_batch) -> torch.Tensor:
@@ -83,21 +83,21 @@ def test_matches_float64_finite_differences(pretrained, tasks):
             change = (_pooled_f(encoder64, plus, batch) - _pooled_f(encoder64, minus, batch)) / (2 * eps)
             squared.append(float(change.pow(2).sum()))
             energy.append(float(_pooled_f(encoder64, theta, batch).pow(2).sum()))
-    expected = sum(squared) / n
+    expected = sum(math.sqrt(s) for s in squared) / n  # tau-Jp as published: the mean unsquared norm
     assert result["taujp"][0][0] == pytest.approx(expected, rel=1e-4)
-    assert result["normalized"][0][0] == pytest.approx(expected / (sum(energy) / n), rel=1e-4)
-    assert result["taujp_norm"][0][0] == pytest.approx(sum(math.sqrt(s) for s in squared) / n, rel=1e-4)
+    assert result["normalized"][0][0] == pytest.approx(expected / (sum(math.sqrt(e) for e in energy) / n), rel=1e-4)
+    assert result["taujp_sq"][0][0] == pytest.approx(sum(squared) / n, rel=1e-4)
 
 
-def test_scaling_tau_scales_row_quadratically_and_mode_is_irrelevant(pretrained, tasks):
+def test_scaling_tau_scales_rows_linearly_and_quadratically_and_mode_is_irrelevant(pretrained, tasks):
     state = pretrained.encoder.state_dict()
     tau = random_vector(state, 3, "noise")
     c = -3.0
     result = taujp_matrix(pretrained, [tau, c * tau, tau.with_mode("linear")], tasks, max_examples=6)
     base, scaled, linear = result["taujp"]
-    assert scaled == pytest.approx([c * c * v for v in base], rel=1e-5)
-    assert result["normalized"][1] == pytest.approx([c * c * v for v in result["normalized"][0]], rel=1e-5)
-    assert result["taujp_norm"][1] == pytest.approx([abs(c) * v for v in result["taujp_norm"][0]], rel=1e-5)
+    assert scaled == pytest.approx([abs(c) * v for v in base], rel=1e-5)
+    assert result["normalized"][1] == pytest.approx([abs(c) * v for v in result["normalized"][0]], rel=1e-5)
+    assert result["taujp_sq"][1] == pytest.approx([c * c * v for v in result["taujp_sq"][0]], rel=1e-5)
     assert linear == pytest.approx(base, rel=1e-6)
 
 

@@ -11,7 +11,7 @@ from taskarith.finetune import FinetuneConfig, finetune
 from taskarith.linearize import LinearizedEncoder, hidden_and_tangent
 from taskarith.models import load_pretrained
 from taskarith.models.zero_shot import mean_pool
-from taskarith.regularizers import PenaltyInputs, pooled_tangents, taujp_penalty
+from taskarith.regularizers import PenaltyInputs, pooled_tangents, taujp_penalty, taujp_sq_penalty
 from taskarith.vectors import TaskVector
 
 TEXTS = ["the red cat is big", "a dog", "my blue fish is very small", "that horse"]
@@ -120,12 +120,14 @@ def test_taujp_penalty_is_zero_for_zero_vector_and_matches_direct_computation(pr
     theta0 = dict(pretrained.encoder.named_parameters())
     zero = {n: torch.zeros_like(p) for n, p in theta0.items()}
     _, tangent = hidden_and_tangent(pretrained.encoder, theta0, zero, batch)
-    assert taujp_penalty(PenaltyInputs(zero, pooled_tangents(tangent, batch["attention_mask"]))) == 0
+    assert taujp_penalty(PenaltyInputs(zero, [pooled_tangents(tangent, batch["attention_mask"])])) == 0
 
     delta = random_delta(pretrained.encoder, 1e-3)
     _, tangent = hidden_and_tangent(pretrained.encoder, theta0, delta, batch)
-    penalty = taujp_penalty(PenaltyInputs(delta, pooled_tangents(tangent, batch["attention_mask"])))
-    # Direct: one example at a time, pooled output change of the linearized model, squared norm, mean.
+    tangents = [pooled_tangents(tangent, batch["attention_mask"])]
+    penalty = taujp_penalty(PenaltyInputs(delta, tangents))
+    squared = taujp_sq_penalty(PenaltyInputs(delta, tangents))
+    # Direct: one example at a time, pooled output change of the linearized model, (squared) norm, mean.
     direct = []
     for text in TEXTS:
         single = pretrained.tokenize([text])
@@ -133,7 +135,8 @@ def test_taujp_penalty_is_zero_for_zero_vector_and_matches_direct_computation(pr
             f0 = mean_pool(pretrained.encoder(**single).last_hidden_state, single["attention_mask"])
             f1 = mean_pool(LinearizedEncoder(pretrained.encoder, delta)(**single).last_hidden_state, single["attention_mask"])
         direct.append(float((f1 - f0).pow(2).sum()))
-    assert float(penalty) == pytest.approx(sum(direct) / len(direct), rel=1e-4)
+    assert float(squared) == pytest.approx(sum(direct) / len(direct), rel=1e-4)
+    assert float(penalty) == pytest.approx(sum(d ** 0.5 for d in direct) / len(direct), rel=1e-4)
 
 
 def test_batched_tangents_equal_separate_ones(pretrained):
@@ -182,7 +185,7 @@ def test_taujp_regularization_reduces_interference(pretrained, task, tmp_path, m
     def measured(tau: TaskVector) -> float:
         batch = pretrained.tokenize(list(task_from_file(other).train.inputs))
         _, tangent = hidden_and_tangent(pretrained.encoder, dict(pretrained.encoder.named_parameters()), tau.deltas, batch)
-        return float(taujp_penalty(PenaltyInputs(tau.deltas, pooled_tangents(tangent, batch["attention_mask"]))))
+        return float(taujp_penalty(PenaltyInputs(tau.deltas, [pooled_tangents(tangent, batch["attention_mask"])])))
 
     base = dict(task=task.name, mode=mode, steps=20, batch_size=8, lr=3e-3, max_length=16)
     plain = finetune(FinetuneConfig(**base), pretrained, task, progress=False)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from taskarith.lazy import lazy_exports
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Names are imported on first use (PEP 562), so `taskarith merge` or `import taskarith.vectors` does not
 # pay for transformers. `finetune` the function stays in `taskarith.finetune`: exporting it here would

@@ -7,6 +7,7 @@ its traceback.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Annotated, Optional
@@ -40,6 +41,35 @@ def _parse_weighted(spec: str, default_alpha: float) -> tuple[Path, float]:
         except ValueError:
             raise TaskArithError(f"'{spec}': expected FILE or FILE:ALPHA with a number after the colon") from None
     return Path(spec), default_alpha
+
+
+def _parse_grid(spec: str, option: str) -> tuple[float, ...]:
+    """'0,0.5,1' or 'published' (the papers' {0, 0.05, ..., 1})."""
+    from taskarith.evaluate import PUBLISHED_ALPHA_GRID
+
+    if spec.strip() == "published":
+        return PUBLISHED_ALPHA_GRID
+    try:
+        values = tuple(float(part) for part in spec.split(",") if part.strip())
+    except ValueError:
+        raise TaskArithError(f"{option} {spec!r}: expected comma-separated numbers or 'published'") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise TaskArithError(f"{option} {spec!r}: expected at least one finite number")
+    return tuple(sorted(set(values)))
+
+
+def _parse_strength(spec: str) -> tuple[str, tuple[float, ...]]:
+    """'taujp=0.1' or 'taujp=0.1,1,10' (a grid the bench chooses from on validation)."""
+    from taskarith.regularizers import REGULARIZERS
+
+    name, sep, values = spec.partition("=")
+    if not sep or name not in REGULARIZERS:
+        raise TaskArithError(f"--reg-strength {spec!r}: expected REGULARIZER=LAMBDA[,LAMBDA...] with REGULARIZER one "
+                             f"of {', '.join(REGULARIZERS)}")
+    grid = _parse_grid(values, f"--reg-strength {name}")
+    if any(v <= 0 for v in grid):
+        raise TaskArithError(f"--reg-strength {spec!r}: every lambda must be positive")
+    return name, grid
 
 
 def _load_model(model: str, device: str, max_length: int = 64):
@@ -112,15 +142,18 @@ def finetune(
     lr: float = 5e-5,
     weight_decay: float = 0.1,
     warmup_fraction: float = 0.1,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Warm-up steps, overriding --warmup-fraction (the papers: 500).")] = None,
+    weight_decay_on: Annotated[str, typer.Option(help="Linear mode: decay theta = theta0 + delta (the tangent and tau-Jp code) or delta (TAK).")] = "theta",
     max_grad_norm: float = 1.0,
     seed: int = 0,
     max_length: int = 64,
     checkpoint_every: int = 50,
-    regularizer: Annotated[Optional[str], typer.Option(help="Interference penalty: taujp (needs --reg-task) or kfac (needs --reg-factors).")] = None,
-    reg_strength: Annotated[float, typer.Option(help="lambda, the penalty's weight.")] = 0.0,
+    regularizer: Annotated[Optional[str], typer.Option(help="Interference penalty: taujp (as published: mean unsquared norm; needs --reg-task), taujp_sq (squared) or kfac (needs --reg-factors).")] = None,
+    reg_strength: Annotated[Optional[float], typer.Option(help="lambda, the penalty's weight (default: the published one, tuned on CLIP ViT-B/32: taujp 0.1, kfac 500).")] = None,
     reg_task: Annotated[Optional[list[str]], typer.Option(help="Task whose unlabelled inputs tau-Jp protects (repeatable).")] = None,
     reg_factors: Annotated[Optional[list[Path]], typer.Option(help="K-FAC factor file from `taskarith kfac` (repeatable).")] = None,
-    reg_batch_size: Annotated[int, typer.Option(help="Regularization inputs per step.")] = 8,
+    reg_sampling: Annotated[str, typer.Option(help="tau-Jp inputs: strict (a batch from every other task each step), cyclical (one task per step) or pooled (i.i.d. from their union).")] = "strict",
+    reg_batch_size: Annotated[int, typer.Option(help="tau-Jp inputs per other task and step (pooled: in all).")] = 16,
     reg_every: Annotated[int, typer.Option(help="Apply the penalty every N steps.")] = 1,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from a checkpoint in --out if one exists.")] = True,
     device: DeviceOption = "auto",
@@ -135,7 +168,8 @@ def finetune(
 
     loaded = load_task(task)
     config = FinetuneConfig(task=loaded.name, model=model, mode=mode, steps=steps, batch_size=batch_size, lr=lr,
-                            weight_decay=weight_decay, warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
+                            weight_decay=weight_decay, warmup_fraction=warmup_fraction, warmup_steps=warmup_steps,
+                            weight_decay_on=weight_decay_on, reg_sampling=reg_sampling, max_grad_norm=max_grad_norm,
                             seed=seed, max_length=max_length, checkpoint_every=checkpoint_every,
                             regularizer=regularizer, reg_strength=reg_strength, reg_tasks=tuple(reg_task or ()),
                             reg_factors=tuple(str(f) for f in reg_factors or ()), reg_batch_size=reg_batch_size,
@@ -382,7 +416,14 @@ def bench(
     steps: Annotated[Optional[int], typer.Option(help="Fine-tuning steps per task (default: the profile's).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Fine-tuning batch size (default: the profile's).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Fine-tuning learning rate (default: the profile's).")] = None,
-    eval_limit: Annotated[Optional[int], typer.Option(help="Examples per validation and test split (default: the profile's).")] = None,
+    eval_limit: Annotated[Optional[int], typer.Option(help="Examples per validation and test split, 0 for all of them, as the papers (default: the profile's).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Warm-up steps (default: 10% of the steps; the papers: 500).")] = None,
+    alpha_grid: Annotated[Optional[str], typer.Option(help="Coefficients searched for addition and negation, comma-separated, or 'published' ({0, 0.05, ..., 1}; default: the profile's).")] = None,
+    xi_grid: Annotated[Optional[str], typer.Option(help="Coefficients of the xi(alpha_1, alpha_2) grid, comma-separated (default: the profile's).")] = None,
+    reg_strength: Annotated[Optional[list[str]], typer.Option(help="REGULARIZER=LAMBDA[,LAMBDA...]: lambda, or a grid chosen on validation (repeatable; e.g. taujp=0.1).")] = None,
+    reg_sampling: Annotated[Optional[str], typer.Option(help="tau-Jp sampling: strict, cyclical or pooled (default: strict).")] = None,
+    reg_batch_size: Annotated[Optional[int], typer.Option(help="tau-Jp inputs per protected task and step (default: the profile's).")] = None,
+    reg_control: Annotated[Optional[bool], typer.Option("--reg-control/--no-reg-control", help="Put the control task's inputs in tau-Jp's regularization set (published; default: yes).")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="Folder of cached task vectors (default: OUT/cache).")] = None,
     checkpoint: Annotated[Optional[list[str]], typer.Option(help="TASK=FOLDER: a model fine-tuned on TASK elsewhere (repeatable).")] = None,
     new_task: Annotated[Optional[str], typer.Option(help="Task fine-tuned on top of the --checkpoint vectors (default: the first suite task without one).")] = None,
@@ -402,11 +443,27 @@ def bench(
     if suite not in SUITES:
         raise TaskArithError(f"--suite {suite!r}: unknown suite (known: {', '.join(SUITES)})")
     profile = PROFILES[(suite, "quick" if quick else "full")]
-    overrides = {key: value for key, value in (("tasks", tuple(task or ())), ("methods", tuple(method or ())),
-                                               ("merge_methods", tuple(merge_method or ())),
-                                               ("control", control), ("steps", steps),
-                                               ("batch_size", batch_size), ("lr", lr),
-                                               ("eval_limit", eval_limit)) if value}
+    overrides: dict[str, Any] = {key: value for key, value in (
+        ("tasks", tuple(task or ())), ("methods", tuple(method or ())), ("merge_methods", tuple(merge_method or ())),
+        ("control", control)) if value}
+    # Numbers are taken as given (0 included) and checked where they are used, never silently dropped.
+    overrides.update({key: value for key, value in (
+        ("steps", steps), ("batch_size", batch_size), ("lr", lr), ("eval_limit", eval_limit),
+        ("warmup_steps", warmup_steps), ("reg_sampling", reg_sampling), ("reg_batch_size", reg_batch_size),
+        ("reg_control", reg_control)) if value is not None})
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("reg_batch_size", reg_batch_size)):
+        if value is not None and value < 1:
+            raise TaskArithError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if eval_limit is not None and eval_limit < 0:
+        raise TaskArithError(f"--eval-limit {eval_limit}: must be at least 0 (0: every example)")
+    if eval_limit == 0:
+        overrides["eval_limit"] = None
+    if alpha_grid is not None:
+        overrides["alpha_grid"] = overrides["negation_grid"] = _parse_grid(alpha_grid, "--alpha-grid")
+    if xi_grid is not None:
+        overrides["xi_grid"] = _parse_grid(xi_grid, "--xi-grid")
+    if reg_strength:
+        overrides["reg_strengths"] = {**profile.reg_strengths, **dict(_parse_strength(spec) for spec in reg_strength)}
     if seeds is not None:
         overrides["seeds"] = tuple(range(seeds))
     if method:

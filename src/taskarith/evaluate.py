@@ -19,7 +19,9 @@ from taskarith.models import Pretrained
 from taskarith.models.zero_shot import mean_pool
 from taskarith.vectors import TaskVector, combine
 
-DEFAULT_ALPHA_GRID = tuple(round(0.1 * i, 2) for i in range(1, 11))
+# The papers' grid for both addition and negation: np.linspace(0, 1, 21) = {0, 0.05, ..., 1}.
+PUBLISHED_ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
+DEFAULT_ALPHA_GRID = PUBLISHED_ALPHA_GRID
 CONTROL_KEEP = 0.95
 
 
@@ -71,12 +73,29 @@ class AlphaChoice:
     curve: dict[float, dict[str, float]]
 
 
+def best_normalized_alpha(grid: Sequence[float], normalized: Callable[[float], float]) -> float:
+    """The alpha of ``grid`` with the highest mean normalized validation accuracy; ties to the smallest alpha.
+
+    The published rule (tangent_task_arithmetic's find_optimal_coef: a strict improvement is needed to move on).
+    """
+    if not grid:
+        raise TaskArithError("the alpha grid is empty")
+    scores = {alpha: normalized(alpha) for alpha in grid}
+    return min(grid, key=lambda alpha: (-scores[alpha], alpha))
+
+
 def choose_addition_alpha(
     model: Pretrained, vectors: Sequence[TaskVector], tasks: Sequence[Task], grid: Sequence[float] = DEFAULT_ALPHA_GRID
 ) -> AlphaChoice:
-    """One alpha for the sum of all vectors, maximising mean validation accuracy (the task-arithmetic protocol)."""
+    """One alpha for the sum of all vectors, as the papers choose it: the best mean *normalized* validation
+    accuracy, each task's accuracy divided by the validation accuracy of its own vector alone (``vectors[i]``
+    is the one fine-tuned on ``tasks[i]``); ties to the smallest alpha."""
+    if len(vectors) != len(tasks):
+        raise TaskArithError(f"choose_addition_alpha pairs each vector with its task: got {len(vectors)} vectors "
+                             f"for {len(tasks)} tasks")
+    single = {task.name: accuracy(model, task, "val", edited_encoder(model, [tau])) for task, tau in zip(tasks, vectors)}
     curve = {alpha: accuracies(model, tasks, "val", edited_encoder(model, vectors, alpha)) for alpha in grid}
-    best = max(grid, key=lambda alpha: (mean(curve[alpha].values()), -alpha))
+    best = best_normalized_alpha(grid, lambda a: mean(normalized_accuracy(curve[a], single).values()))
     return AlphaChoice(alpha=best, curve=curve)
 
 
@@ -88,25 +107,26 @@ def choose_negation_alpha(
     grid: Sequence[float] = DEFAULT_ALPHA_GRID,
     keep: float = CONTROL_KEEP,
 ) -> AlphaChoice:
-    """The alpha that lowers target accuracy most while control accuracy stays >= keep * pre-trained control accuracy.
-
-    Falls back to the smallest alpha on the grid when none keeps the control task (reported in the curve).
-    """
+    """The alpha that lowers target accuracy most while control accuracy stays >= keep * pre-trained control
+    accuracy (validation splits). alpha = 0, the pre-trained model, always qualifies."""
     floor = keep * accuracy(model, control, "val")
-    curve = {alpha: accuracies(model, (target, control), "val", edited_encoder(model, [-vector], alpha)) for alpha in grid}
-    best = control_constrained_alpha(grid, lambda a: curve[a][target.name], lambda a: curve[a][control.name], floor)
-    return AlphaChoice(alpha=min(grid) if best is None else best, curve=curve)
+    candidates = sorted({0.0, *grid})
+    curve = {alpha: accuracies(model, (target, control), "val", edited_encoder(model, [-vector], alpha))
+             for alpha in candidates}
+    best = control_constrained_alpha(candidates, lambda a: curve[a][target.name], lambda a: curve[a][control.name], floor)
+    return AlphaChoice(alpha=best, curve=curve)
 
 
 def control_constrained_alpha(
     grid: Sequence[float], target: Callable[[float], float], control: Callable[[float], float], floor: float
-) -> float | None:
+) -> float:
     """The negation coefficient: lowest target accuracy among alphas whose control accuracy stays >= floor.
 
-    Ties go to the smaller alpha (the smaller edit); None when no alpha keeps the control task.
+    alpha = 0 (no edit) is always a candidate and keeps the control by definition (floor <= its accuracy),
+    so there is always an answer, as in the papers, whose grid starts at 0. Ties go to the smaller alpha.
     """
-    allowed = [alpha for alpha in grid if control(alpha) >= floor]
-    return min(allowed, key=lambda alpha: (target(alpha), alpha)) if allowed else None
+    allowed = [0.0] + [alpha for alpha in sorted(set(grid) - {0.0}) if control(alpha) >= floor]
+    return min(allowed, key=lambda alpha: (target(alpha), alpha))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -207,10 +227,14 @@ class EditedOutputs:
         return self._edited[memo]
 
     def taujp(self, name: str, task: Task, split: str, limit: int | None = None) -> float:
-        """Mean ||J(x) tau||^2 of the named vector over the task's inputs: the tau-Jp of taskarith.interference.
+        """Mean ||J(x) tau|| of the named vector over the task's inputs: tau-Jp as published (unsquared).
 
         Defined at theta0 for a vector of either mode; for linear-mode vectors it reuses the shortcut's JVPs.
         """
+        return float(torch.linalg.vector_norm(self._tangent(name, task, split, limit).double(), dim=-1).mean())
+
+    def taujp_sq(self, name: str, task: Task, split: str, limit: int | None = None) -> float:
+        """Mean ||J(x) tau||^2: the squared form (TAK's representation drift at alpha = 1)."""
         return float(self._tangent(name, task, split, limit).double().pow(2).sum(dim=-1).mean())
 
     def predictions(self, task: Task, split: str, edit: Edit = (), limit: int | None = None) -> torch.Tensor:

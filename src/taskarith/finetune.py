@@ -15,6 +15,7 @@ import math
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -35,13 +36,24 @@ from taskarith.io import load_tensors, read_json, save_tensors, state_hash, writ
 from taskarith.linearize import LinearizedEncoder, hidden_and_tangent
 from taskarith.models import DEFAULT_MODEL, Pretrained, ZeroShotClassifier
 from taskarith.models.zero_shot import mean_pool
-from taskarith.regularizers import REGULARIZERS, PenaltyInputs, get_regularizer, pooled_tangents
+from taskarith.regularizers import (
+    PENALTY_FORMS,
+    PUBLISHED_STRENGTH,
+    REGULARIZERS,
+    PenaltyInputs,
+    get_regularizer,
+    pooled_tangents,
+)
 from taskarith.vectors import TaskVector
 
 TASK_VECTOR_FILE = "task_vector.safetensors"
 RECORD_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "taskarith.checkpoint/1"
+
+
+REG_SAMPLINGS = ("strict", "cyclical", "pooled")
+DECAY_TARGETS = ("theta", "delta")
 
 
 @dataclass(frozen=True)
@@ -57,27 +69,63 @@ class FinetuneConfig:
     weight_decay: float = 0.1
     warmup_fraction: float = 0.1
     max_grad_norm: float = 1.0
+    # Train with the model's training augmentation where it has one (CLIP: open_clip's train_preprocess,
+    # a RandomResizedCrop, as the papers' code trains); the embedded models have none.
+    augment: bool = True
     seed: int = 0
     max_length: int = 64
     checkpoint_every: int = 50
+    # Linear mode: what AdamW's decoupled weight decay pulls towards zero. "theta" (the tangent and tau-Jp
+    # code, which train a copy of theta = theta0 + delta: every linear vector then carries a small shared
+    # -theta0 component) or "delta" (TAK). Standard mode trains theta itself and always decays it.
+    weight_decay_on: str = "theta"
+    warmup_steps: int | None = None  # overrides warmup_fraction (the papers: 500 steps)
     # Interference regularization: lambda * penalty, see taskarith.regularizers.
     regularizer: str | None = None
-    reg_strength: float = 0.0
+    reg_strength: float | None = None  # None: the published strength of the regularizer (tau-Jp 0.1, K-FAC 500)
     reg_tasks: tuple[str, ...] = ()  # tasks whose unlabelled inputs tau-Jp uses (only already-seen ones, incrementally)
     reg_factors: tuple[str, ...] = ()  # K-FAC factor files (dataless: no other task's data needed)
-    reg_batch_size: int = 8  # other tasks' inputs per penalty step: an unbiased estimate at any size, cost linear in it
+    # How tau-Jp draws the other tasks' inputs: "strict" (every step a batch of reg_batch_size from every
+    # other task, the published default), "cyclical" (one other task per step, task = step mod T, the
+    # published efficient variant) or "pooled" (reg_batch_size inputs drawn i.i.d. from the union of the
+    # other tasks: taskarith before the published form).
+    reg_sampling: str = "strict"
+    reg_batch_size: int = 16  # per other task (strict, cyclical) or in all (pooled); the papers: 16
     reg_every: int = 1
+    # TAK's scalers of the K-FAC penalty: x10 on LayerNorm / class-token blocks, x0.1 on the final projection.
+    kfac_norm_scale: float = 10.0
+    kfac_projection_scale: float = 0.1
+    penalty_form: str = ""  # filled in: the penalty's versioned form (regularizers.PENALTY_FORMS)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reg_tasks", tuple(self.reg_tasks))
         object.__setattr__(self, "reg_factors", tuple(str(f) for f in self.reg_factors))
         regularized = self.regularizer is not None
+        if self.reg_strength is None:
+            strength = PUBLISHED_STRENGTH.get(self.regularizer, math.nan) if regularized else 0.0
+            if math.isnan(strength):
+                raise TaskArithError(f"fine-tuning option reg_strength must be given for regularizer "
+                                     f"{self.regularizer!r} (it has no published default)")
+            object.__setattr__(self, "reg_strength", float(strength))
+        expected_form = PENALTY_FORMS.get(self.regularizer, "") if regularized else ""
+        if self.penalty_form not in ("", expected_form):
+            raise TaskArithError(f"fine-tuning option penalty_form={self.penalty_form!r} is not the current form "
+                                 f"{expected_form!r} of {self.regularizer!r}: the configuration was made by another "
+                                 f"version of taskarith")
+        object.__setattr__(self, "penalty_form", expected_form)
+        needs_inputs = regularized and self.regularizer in REGULARIZERS and REGULARIZERS[self.regularizer].needs_inputs
         checks = [
             ("mode", self.mode in MODES, f"must be one of {', '.join(MODES)}"),
             ("regularizer", not regularized or self.regularizer in REGULARIZERS, f"must be one of {', '.join(REGULARIZERS)}"),
             ("reg_strength", (self.reg_strength > 0) if regularized else self.reg_strength == 0,
              "must be > 0 with a regularizer, and 0 without one"),
-            ("reg_tasks", self.regularizer != "taujp" or bool(self.reg_tasks), "must name at least one other task for taujp"),
+            ("reg_tasks", not needs_inputs or bool(self.reg_tasks), f"must name at least one other task for {self.regularizer}"),
+            ("reg_sampling", self.reg_sampling in REG_SAMPLINGS, f"must be one of {', '.join(REG_SAMPLINGS)}"),
+            ("weight_decay_on", self.weight_decay_on in DECAY_TARGETS, f"must be one of {', '.join(DECAY_TARGETS)}"),
+            ("warmup_steps", self.warmup_steps is None or 0 <= self.warmup_steps <= 10_000_000,
+             "must be between 0 and 10,000,000 (or unset: warmup_fraction)"),
+            ("kfac_norm_scale", self.kfac_norm_scale >= 0, "must be >= 0"),
+            ("kfac_projection_scale", self.kfac_projection_scale >= 0, "must be >= 0"),
             ("reg_tasks", self.task not in self.reg_tasks, "must not include the task being fine-tuned"),
             ("reg_factors", self.regularizer != "kfac" or bool(self.reg_factors), "must name at least one factor file for kfac"),
             ("reg_batch_size", 1 <= self.reg_batch_size <= 65_536, "must be between 1 and 65,536"),
@@ -216,15 +264,15 @@ TRAINABLES: dict[str, Callable[[Pretrained], Trainable]] = {"standard": standard
 MODES = tuple(TRAINABLES)
 
 
-def regularization_pool(config: FinetuneConfig) -> list[Any]:
-    """Unlabelled inputs of the other tasks named in the config (their training splits)."""
-    return [text for name in config.reg_tasks for text in load_task(name).train.inputs]
+def regularization_pools(config: FinetuneConfig) -> list[list[Any]]:
+    """Unlabelled inputs of each other task named in the config (their training splits), in config order."""
+    return [list(load_task(name).train.inputs) for name in config.reg_tasks]
 
 
 def regularization_factors(config: FinetuneConfig, pretrained: Pretrained) -> Any:
     if config.regularizer != "kfac":
         return None
-    from taskarith.kfac import KFACFactors, merge_factors
+    from taskarith.kfac import KFACFactors, merge_factors, uncovered_parameters
 
     factors = merge_factors([KFACFactors.load(path) for path in config.reg_factors])
     if factors.base_hash != pretrained.base_hash:
@@ -232,12 +280,42 @@ def regularization_factors(config: FinetuneConfig, pretrained: Pretrained) -> An
             f"K-FAC factors {list(config.reg_factors)} were computed on base model {factors.base_hash}, "
             f"not on {pretrained.base_hash}"
         )
+    uncovered = uncovered_parameters(pretrained.encoder, factors)
+    if uncovered:
+        # Fine-tuned but free of the penalty: the user must know which, or the protection is overstated.
+        shown = ", ".join(uncovered[:8]) + (f" and {len(uncovered) - 8} more" if len(uncovered) > 8 else "")
+        warnings.warn(f"the K-FAC factors {list(config.reg_factors)} do not cover {len(uncovered)} trained "
+                      f"parameters, which the penalty leaves free: {shown}", stacklevel=2)
     return factors.to(pretrained.device)
 
 
-def regularization_batch(pool: list[Any], config: FinetuneConfig, step: int) -> list[Any]:
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step + 1)
-    return [pool[i] for i in torch.randint(len(pool), (config.reg_batch_size,), generator=generator).tolist()]
+def regularization_batches(pools: list[list[Any]], config: FinetuneConfig, step: int) -> list[list[Any]]:
+    """The other tasks' inputs penalized at ``step``, one list per group the penalty averages over.
+
+    A pure function of (seed, step), like the task's own batches, so resuming draws the same inputs.
+    strict: one batch from every task, each task walking through its own seeded epochs; cyclical: a batch
+    from task step mod T only (its (step // T)-th); pooled: one group drawn i.i.d. from the union.
+    """
+    if not pools:
+        return []
+    size = config.reg_batch_size
+    if config.reg_sampling == "pooled":
+        union = [item for pool in pools for item in pool]
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step + 1)
+        return [[union[i] for i in torch.randint(len(union), (size,), generator=generator).tolist()]]
+
+    def batch(task: int, position: int) -> list[Any]:
+        # Each task's stream has its own seed, distinct from the fine-tuning task's (seed * 1_000_003 + epoch).
+        stream = config.seed + 1_000 * (task + 1)
+        return [pools[task][i] for i in batch_indices(len(pools[task]), size, stream, position)]
+
+    if config.reg_sampling == "cyclical":
+        return [batch(step % len(pools), step // len(pools))]
+    return [batch(task, step) for task in range(len(pools))]
+
+
+def _split(tangents: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(tangents, sizes, dim=0))
 
 
 def finetune(
@@ -265,12 +343,18 @@ def finetune(
     trainable = TRAINABLES[config.mode](pretrained)
     classifier = ZeroShotClassifier(trainable.encoder, pretrained.head(task), pretrained.logit_scale).eval()
     params = [param for _, param in trainable.named_params]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = warmup_cosine(config.steps, int(config.warmup_fraction * config.steps))
-    regularizer = get_regularizer(config.regularizer) if config.regularizer else None
-    reg_pool = regularization_pool(config) if regularizer and regularizer.needs_inputs else []
-    factors = regularization_factors(config, pretrained)
     theta0 = dict(pretrained.encoder.named_parameters())
+    # Decaying theta = theta0 + delta while training delta: AdamW's own decay is turned off and the same
+    # decoupled step, delta -= lr * wd * (theta0 + delta), is taken by hand just before each update.
+    decay_theta = config.mode == "linear" and config.weight_decay_on == "theta" and config.weight_decay > 0
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0 if decay_theta else config.weight_decay)
+    warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_fraction * config.steps)
+    schedule = warmup_cosine(config.steps, warmup)
+    regularizer = get_regularizer(config.regularizer) if config.regularizer else None
+    reg_pools = regularization_pools(config) if regularizer and regularizer.needs_inputs else []
+    factors = regularization_factors(config, pretrained)
+    penalty_options = ({"norm_scale": config.kfac_norm_scale, "projection_scale": config.kfac_projection_scale}
+                       if config.regularizer == "kfac" else {})
 
     start_step = 0
     checkpoint = out / CHECKPOINT_FILE if out is not None else None
@@ -292,30 +376,47 @@ def finetune(
         global_indices = batch_indices(len(train), config.batch_size, config.seed, step)
         indices = cluster.shard(global_indices)
         inputs = [train.inputs[i] for i in indices]
+        # One augmentation seed per input of the global batch, so a run gives the same vector however it
+        # is split over processes; the regularization inputs draw from a stream of their own.
+        step_seed = (config.seed * 1_000_003 + step) * 100_003
+        seeds = cluster.shard([step_seed + k for k in range(len(global_indices))])
         regularize = regularizer is not None and step % config.reg_every == 0
-        global_reg_inputs = regularization_batch(reg_pool, config, step) if regularize and reg_pool else []
-        reg_inputs = cluster.shard(global_reg_inputs)
+        groups = regularization_batches(reg_pools, config, step) if regularize else []
+        local_groups = [cluster.shard(group) for group in groups]
+        reg_inputs = [item for group in local_groups for item in group]
+        sizes = [len(group) for group in local_groups]
+        offsets = [sum(len(g) for g in groups[:j]) for j in range(len(groups))]
+        reg_seeds = [step_seed + 50_000 + offset + k for group, offset in zip(groups, offsets)
+                     for k in cluster.shard(list(range(len(group))))]
+
+        def batch_of(items: list[Any], item_seeds: list[int]) -> dict[str, torch.Tensor]:
+            return pretrained.tokenize(items, train=config.augment, seeds=item_seeds)
+
 
         tangents = None
         if reg_inputs and config.mode == "linear":
             # One JVP serves both: the task's inputs give f_lin, the other tasks' inputs give J f . delta.
-            batch = pretrained.tokenize(inputs + reg_inputs)
+            batch = batch_of(inputs + reg_inputs, seeds + reg_seeds)
             primal, tangent = trainable.encoder.hidden_and_tangent(**batch)
             mask, n = batch["attention_mask"], len(inputs)
             logits = classifier.logits_from_pooled(mean_pool(primal[:n] + tangent[:n], mask[:n]))
-            tangents = pooled_tangents(tangent[n:], mask[n:])
+            tangents = _split(pooled_tangents(tangent[n:], mask[n:]), sizes)
         else:
-            logits = classifier(**pretrained.tokenize(inputs))
+            logits = classifier(**batch_of(inputs, seeds))
             if reg_inputs:
-                reg_batch = pretrained.tokenize(reg_inputs)
+                reg_batch = batch_of(reg_inputs, reg_seeds)
                 _, tangent = hidden_and_tangent(pretrained.encoder, theta0, trainable.delta(), reg_batch)
-                tangents = pooled_tangents(tangent, reg_batch["attention_mask"])
+                tangents = _split(pooled_tangents(tangent, reg_batch["attention_mask"]), sizes)
         # Each process's share of the global means: summed over processes they give the full-batch loss.
         task_loss = F.cross_entropy(logits, labels[indices]) * cluster.share(len(indices), len(global_indices))
-        penalty = regularizer.penalty(PenaltyInputs(trainable.delta(), tangents, factors)) if regularize else None
-        if penalty is not None:
-            penalty = penalty * (cluster.share(len(reg_inputs), len(global_reg_inputs)) if reg_inputs
-                                 else cluster.share(1, cluster.world))
+        penalty = None
+        if regularize:
+            # tau-Jp divides each group's sum by its global size, so the shares already add up; a dataless
+            # penalty is computed whole on every process and counted once.
+            penalty = regularizer.penalty(PenaltyInputs(trainable.delta(), tangents, [len(g) for g in groups],
+                                                        factors, penalty_options))
+            if not regularizer.needs_inputs:
+                penalty = penalty * cluster.share(1, cluster.world)
         loss = task_loss + config.reg_strength * penalty if penalty is not None else task_loss
         # Every process must see the same verdict, or the healthy ones would wait forever for the others.
         if not torch.isfinite(cluster.sum_(loss.detach().clone())):
@@ -327,6 +428,10 @@ def finetune(
         loss.backward()
         cluster.sum_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if decay_theta:
+            with torch.no_grad():
+                for name, param in trainable.named_params:
+                    param.add_(theta0[name] + param, alpha=-group["lr"] * config.weight_decay)
         optimizer.step()
         step_seconds.append(time.perf_counter() - step_started)
 

@@ -127,7 +127,10 @@ def _claims(result: dict[str, Any]) -> list[str]:
             "Tangent-space fine-tuning improves task addition (normalized accuracy, alpha searched)")
     compare("linear", "standard", "xi_mean", "Tangent-space vectors are more weight-disentangled (lower mean xi)",
             higher=False)
-    for regularized, plain in (("standard_taujp", "standard"), ("linear_taujp", "linear"), ("linear_kfac", "linear")):
+    compare("posthoc", "standard", "addition_alpha_searched_normalized",
+            "Post-hoc linearization improves task addition (normalized accuracy, alpha searched)")
+    for regularized, plain in (("standard_taujp", "standard"), ("linear_taujp", "linear"), ("linear_kfac", "linear"),
+                               ("linear_taujp_sq", "linear")):
         compare(regularized, plain, "addition_alpha_1_normalized",
                 "Regularization makes alpha = 1 work (normalized accuracy at alpha = 1)")
     pooled = summary["taujp_vs_drop_all_methods"]
@@ -139,6 +142,25 @@ def _claims(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _grid(values: list[float]) -> str:
+    """A grid as the papers write it when it is evenly spaced ({0, 0.05, ..., 1}), else every value."""
+    steps = {round(b - a, 6) for a, b in zip(values, values[1:])}
+    if len(values) > 4 and len(steps) == 1:
+        return f"{{{values[0]:g}, {values[1]:g}, ..., {values[-1]:g}}}"
+    return "{" + ", ".join(f"{v:g}" for v in values) + "}"
+
+
+def _strengths(result: dict[str, Any]) -> str:
+    parts = []
+    for method, choice in result.get("reg_strength_selection", {}).items():
+        if choice.get("criterion") == "fixed":
+            parts.append(f"{method} {choice['chosen']:g} (fixed)")
+        else:
+            parts.append(f"{method} {choice['chosen']:g} (chosen on validation from {_grid(choice['grid'])}, "
+                         f"one-shot criterion)")
+    return "; ".join(parts) or "none"
+
+
 def bench_markdown(result: dict[str, Any], figures: dict[str, str]) -> str:
     """The report: main table, claims checked, per-task numbers, interference, incremental learning."""
     p = result["profile"]
@@ -148,12 +170,15 @@ def bench_markdown(result: dict[str, Any], figures: dict[str, str]) -> str:
         f"# taskarith bench: {result['model']['name']}",
         "",
         f"Tasks: {', '.join(result['tasks'])}; control task for negation: {result['control_task']}. "
-        f"{p['steps']} steps of batch {p['batch_size']} at lr {p['lr']:g} per task vector; regularized methods use "
-        f"lambda = {p['reg_strength']:g} against all other tasks of the suite ({p['reg_batch_size']} inputs per step "
-        f"for tau-Jp, {p['kfac_examples']} examples per task for K-FAC). Test accuracy in percent on up to "
+        f"{p['steps']} steps of batch {p['batch_size']} at lr {p['lr']:g} per task vector. Regularized methods protect "
+        f"the other tasks of the suite{' and, for tau-Jp, the control task' if p.get('reg_control') else ''} "
+        f"(tau-Jp: {p['reg_batch_size']} inputs per protected task and step, {p.get('reg_sampling', 'strict')} "
+        f"sampling; K-FAC: {p['kfac_examples']} examples per task); lambda: "
+        f"{_strengths(result)}. Test accuracy in percent on up to "
         f"{p['eval_limit']} examples per task, mean ± standard deviation over {seeds} seed(s). "
-        f"a* is the addition coefficient chosen on validation from {p['alpha_grid']}; negation's a* is the largest "
-        f"drop on the target keeping control >= 95% of its pre-trained validation accuracy, from {p['negation_grid']}. "
+        f"a* is the addition coefficient with the best mean normalized validation accuracy on {_grid(p['alpha_grid'])}; "
+        f"negation's a* is the largest drop on the target keeping control >= 95% of its pre-trained validation "
+        f"accuracy, from {_grid(p['negation_grid'])} (a = 0 always qualifies). "
         f"Wall time {result['wall_seconds']:.0f} s.",
         "",
         markdown_table(header, rows),
@@ -178,9 +203,9 @@ def bench_markdown(result: dict[str, Any], figures: dict[str, str]) -> str:
                   f"{p['alpha_grid']}; task_arithmetic is the plain sum of the first table.", "",
                   markdown_table(*bench_merge_rows(result)), ""]
     parts += ["## tau-Jp against measured interference", "",
-              "For every method, vector i and other task j: tau-Jp (mean squared first-order change of task j's "
-              "embeddings, validation inputs) and the drop of task j's test accuracy when vector i is added to "
-              "vector j.", "",
+              "For every method, vector i and other task j: tau-Jp (as published: the mean unsquared norm of the "
+              "first-order change of task j's embeddings, validation inputs) and the drop of task j's test accuracy "
+              "when vector i is added to vector j.", "",
               markdown_table(["method", "Spearman", "Pearson", "pairs"],
                              [[m, f"{result['summary'][m]['taujp_vs_drop']['spearman']:.2f}",
                                f"{result['summary'][m]['taujp_vs_drop']['pearson']:.2f}",
@@ -214,7 +239,8 @@ def _existing_section(study: dict[str, Any]) -> list[str]:
     everyone = [*names, new]
     alone = study["merged_existing"]
     rows = [["checkpoints alone", *(_pct(alone[n]) for n in names), "-", _pct(sum(alone.values()) / len(alone))]]
-    for label, title in (("plain", "+ new task, plain"), ("taujp", "+ new task, tau-Jp regularized")):
+    method = study.get("method", "standard_taujp")
+    for label, title in (("plain", "+ new task, plain"), ("taujp", f"+ new task, {method}")):
         run = study[f"with_new_{label}"]
         rows.append([title, *(_pct(run["accuracy"][n]) for n in everyone), _pct(run["mean_accuracy"])])
     taujp = ", ".join(f"{n}: plain {study['with_new_plain']['taujp_on_checkpoint_tasks'][n]:.3g}, regularized "
@@ -222,8 +248,9 @@ def _existing_section(study: dict[str, Any]) -> list[str]:
     return ["## Fine-tuned checkpoints made elsewhere", "",
             "Task vectors built from model folders with no training record ("
             + ", ".join(f"{k}: `{v}`" for k, v in study["checkpoints"].items())
-            + f"), all added at alpha = 1, then {new} fine-tuned on top of them with and without tau-Jp against "
-            "the checkpoint tasks' inputs. Test accuracy (%):", "",
+            + f"), read as {study.get('checkpoints_read_as', 'weights')}, all added at alpha = 1, then {new} "
+            f"fine-tuned on top of them by {method} and by its unregularized mode, the penalty protecting "
+            "the checkpoint tasks. Test accuracy (%):", "",
             markdown_table(["model", *everyone, "mean"], rows), "",
             f"tau-Jp of the new {new} vector on the checkpoint tasks' inputs: {taujp}.", ""]
 

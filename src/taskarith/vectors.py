@@ -26,6 +26,11 @@ from taskarith.errors import TaskArithError
 from taskarith.io import ensure_finite, floating_only, load_tensors, read_state_dict, save_tensors, state_hash
 
 FORMAT = "taskarith.task_vector/1"
+# What a regularized vector saved before taskarith recorded penalty forms was trained with.
+LEGACY_PENALTY_FORMS = {
+    "taujp": "taujp/1:mean_pooled(||J delta||_2^2), before taskarith 0.2 (today's taujp_sq with reg_sampling='pooled')",
+    "kfac": "kfac/1:factors averaged over tasks (K-FAC-reduce, unnormalized embedding), before taskarith 0.2",
+}
 MODES = ("standard", "linear")
 
 Base = TypeVar("Base", nn.Module, dict)
@@ -156,6 +161,9 @@ class TaskVector:
         except json.JSONDecodeError:
             raise TaskArithError(f"{path}: metadata 'config' is not valid JSON") from None
         ensure_finite(tensors, str(path))
+        if isinstance(config, dict) and config.get("regularizer") and not config.get("penalty_form"):
+            # Made before penalty forms were versioned: say what it was trained with, never pass it off as today's.
+            config["penalty_form"] = LEGACY_PENALTY_FORMS.get(str(config["regularizer"]), "unknown (before taskarith 0.2)")
         try:
             return cls(
                 deltas=dict(sorted(tensors.items())),

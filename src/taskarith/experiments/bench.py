@@ -17,22 +17,43 @@ from typing import Any
 
 from taskarith.data import Task
 from taskarith.errors import TaskArithError
-from taskarith.evaluate import CONTROL_KEEP, EditedOutputs, control_constrained_alpha, disentanglement_error, mean
+from taskarith.evaluate import (
+    CONTROL_KEEP,
+    PUBLISHED_ALPHA_GRID,
+    EditedOutputs,
+    best_normalized_alpha,
+    control_constrained_alpha,
+    disentanglement_error,
+    mean,
+)
 from taskarith.finetune import FinetuneConfig, finetune_cached, run_key
+from taskarith.regularizers import PUBLISHED_STRENGTH
 from taskarith.merging.hyperparameters import check_method
 from taskarith.merging.methods import merge_task_vectors
 from taskarith.models import Pretrained
 from taskarith.vectors import TaskVector
 
-# A method is how a task vector is fine-tuned: FinetuneConfig fields on top of the profile's.
-# Regularized methods protect the other tasks of the suite (or, incrementally, the ones seen so far).
+# A method is how a task vector is fine-tuned: FinetuneConfig fields on top of the profile's, plus
+# "evaluate_as" where its vectors are read in another mode (post-hoc linearization: standard vectors
+# evaluated through f_lin, the tangent paper's third baseline; it shares the standard runs' cache).
+# Regularized methods protect the other tasks of the suite (or, incrementally, the ones seen so far) and,
+# for tau-Jp, the control task, as the tau-Jp code's regularization set holds ImageNet.
 METHODS: dict[str, dict[str, Any]] = {
     "standard": {"mode": "standard"},
     "linear": {"mode": "linear"},
-    "standard_taujp": {"mode": "standard", "regularizer": "taujp"},
+    "posthoc": {"mode": "standard", "evaluate_as": "linear"},
     "linear_taujp": {"mode": "linear", "regularizer": "taujp"},
     "linear_kfac": {"mode": "linear", "regularizer": "kfac"},
+    # Beyond the papers: tau-Jp in standard mode (the released code cannot run it), and the squared form.
+    "standard_taujp": {"mode": "standard", "regularizer": "taujp"},
+    "linear_taujp_sq": {"mode": "linear", "regularizer": "taujp_sq"},
 }
+DEFAULT_METHODS = ("standard", "linear", "posthoc", "linear_taujp", "linear_kfac")
+
+
+def _published_strengths() -> dict[str, tuple[float, ...]]:
+    # One value: no selection. taujp_sq has no published strength; its grid must come from the profile.
+    return {name: (value,) for name, value in PUBLISHED_STRENGTH.items()}
 
 
 @dataclass(frozen=True)
@@ -40,28 +61,35 @@ class BenchProfile:
     tasks: tuple[str, ...]
     control: str
     model: str = "all-MiniLM-L6-v2"  # what the CLI loads unless told otherwise
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = DEFAULT_METHODS
     steps: int = 50
     batch_size: int = 32
     lr: float = 1e-4
+    warmup_steps: int | None = None  # None: 10% of the steps (the papers: 500 of ~2000)
     seeds: tuple[int, ...] = (0,)
-    reg_strength: float = 1.0
-    reg_batch_size: int = 8
-    kfac_examples: int = 256
-    alpha_grid: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
-    negation_grid: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0, 1.5)
-    xi_grid: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)
+    # lambda per regularizer: one value is used as is (the published ones by default, tuned on CLIP ViT-B/32);
+    # several are a grid, chosen per method on the first seed by the one-shot criterion (mean normalized
+    # validation accuracy of the sum at alpha = 1), ties to the smaller lambda, then used for every seed.
+    reg_strengths: dict[str, tuple[float, ...]] = field(default_factory=_published_strengths)
+    reg_sampling: str = "strict"
+    reg_batch_size: int = 16
+    reg_control: bool = True  # tau-Jp's regularization set holds the control task's training inputs
+    kfac_examples: int = 128
+    alpha_grid: tuple[float, ...] = PUBLISHED_ALPHA_GRID
+    negation_grid: tuple[float, ...] = PUBLISHED_ALPHA_GRID
+    xi_grid: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)
     eval_limit: int | None = 500  # examples per val and test split
     xi_limit: int = 200
     xi_pairs: int | None = None  # how many task pairs get a xi grid (None: all pairs)
     xi_seeds: int | None = None  # how many seeds (the first ones) get xi grids (None: all); xi is a diagnostic
-    incremental_methods: tuple[str, ...] = ("standard_taujp",)
+    incremental_methods: tuple[str, ...] = ("linear_taujp",)
+    checkpoint_method: str = "linear_taujp"  # how the new task is fine-tuned on top of checkpoints made elsewhere
     # Merging methods compared with the plain sum in task addition (each with its default hyper-parameters,
     # its scaling searched on validation like the sum's alpha); any of taskarith.merging's registry.
     merge_methods: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        unknown = [m for m in (*self.methods, *self.incremental_methods) if m not in METHODS]
+        unknown = [m for m in (*self.methods, *self.incremental_methods, self.checkpoint_method) if m not in METHODS]
         if unknown:
             raise TaskArithError(f"unknown methods {unknown} (known: {', '.join(METHODS)})")
         for name in self.merge_methods:
@@ -72,29 +100,43 @@ class BenchProfile:
             raise TaskArithError(f"control task {self.control!r} must not be one of the fine-tuned tasks")
         if not self.seeds:
             raise TaskArithError("at least one seed is needed")
+        for name, grid in (("alpha_grid", self.alpha_grid), ("negation_grid", self.negation_grid),
+                           ("xi_grid", self.xi_grid)):
+            if not grid or not all(isinstance(a, (int, float)) and math.isfinite(a) for a in grid):
+                raise TaskArithError(f"bench option {name}={list(grid)} must be a non-empty list of finite numbers")
+        for method in {*self.methods, *self.incremental_methods, self.checkpoint_method}:
+            regularizer = METHODS[method].get("regularizer")
+            grid = self.reg_strengths.get(regularizer, ()) if regularizer else (1.0,)
+            if not grid or not all(math.isfinite(v) and v > 0 for v in grid):
+                raise TaskArithError(f"method {method!r} needs positive strengths for regularizer {regularizer!r} "
+                                     f"(reg_strengths has {list(grid)})")
 
 
+# Deviations of the embedded profiles from the published protocol (each a row of docs/protocol.md): CPU-sized
+# runs, lambda chosen on validation from a grid (the published values were tuned on CLIP's 512-d embedding),
+# and, in the quick profiles only, coarser alpha grids.
+_QUICK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 _TEXT_QUICK = BenchProfile(
     # The demo's few minutes on 2 CPU cores: two tasks from different domains, one seed, 20 steps of batch 8,
-    # 50 examples per split; it shows the machinery, not effect sizes. (Batch 16 with 60 examples took 9 min:
-    # 309 s fine-tuning, 216 s evaluation.)
+    # 50 examples per split; it shows the machinery, not effect sizes.
     tasks=("rt_sentiment", "wordnet_topic"), control="fortune_topic", steps=20, batch_size=8, lr=2e-4,
-    eval_limit=50, xi_limit=50, xi_grid=(0.0, 0.5, 1.0), alpha_grid=(0.4, 0.7, 1.0), negation_grid=(0.25, 0.5, 1.0))
+    eval_limit=50, xi_limit=50, xi_grid=(-1.0, 0.0, 1.0), alpha_grid=_QUICK_GRID, negation_grid=_QUICK_GRID,
+    reg_strengths={"taujp": (1.0,), "taujp_sq": (1.0,), "kfac": (500.0,)}, reg_batch_size=8)
 _TEXT_FULL = BenchProfile(
     # Meant to fit an hour on 2 CPU cores: three tasks, two of them from one domain (movie reviews), three seeds.
-    # Evaluation, not fine-tuning, dominates its cost (results.json: stage_seconds), hence few grid points.
     tasks=("rt_sentiment", "rt_subjectivity", "wordnet_topic"), control="fortune_topic", steps=20, batch_size=16,
-    lr=2e-4, seeds=(0, 1, 2), eval_limit=150, xi_limit=100, xi_grid=(0.0, 0.5, 1.0), xi_seeds=1,
-    alpha_grid=(0.4, 0.7, 1.0, 1.3), negation_grid=(0.5, 0.75, 1.0))
+    lr=2e-4, seeds=(0, 1, 2), eval_limit=150, xi_limit=100, xi_grid=(-1.0, -0.5, 0.0, 0.5, 1.0), xi_seeds=1,
+    xi_pairs=1, reg_strengths={"taujp": (0.1, 1.0, 10.0), "taujp_sq": (0.1, 1.0, 10.0), "kfac": (50.0, 500.0, 5000.0)})
 # The embedded vision suite: EfficientNet-Lite0 (ImageNet) at 32 px under frozen linear-probe heads, on
 # real image tasks from packages; sklearn's 8x8 digits is the control. Above lr 1e-4 fine-tuning collapses.
 _VISION_FULL = BenchProfile(
-    # Fine-tuning dominates here (the quick profile: 336 of 386 s), so 100 steps keep 3 tasks x 3 seeds in the hour.
     tasks=("fashion_mnist", "mnist", "animal_shapes"), control="digits", model="efficientnet-lite0", steps=100,
-    batch_size=32, lr=1e-4, seeds=(0, 1, 2), eval_limit=300, xi_limit=200, xi_grid=(0.0, 0.5, 1.0, 1.5),
-    alpha_grid=(0.2, 0.4, 0.6, 0.8, 1.0, 1.2), negation_grid=(0.25, 0.5, 0.75, 1.0, 1.5))
+    batch_size=32, lr=1e-4, seeds=(0, 1, 2), eval_limit=300, xi_limit=200, xi_grid=(-1.0, -0.5, 0.0, 0.5, 1.0),
+    xi_seeds=1, xi_pairs=1,
+    reg_strengths={"taujp": (0.1, 1.0, 10.0), "taujp_sq": (0.1, 1.0, 10.0), "kfac": (50.0, 500.0, 5000.0)})
 _VISION_QUICK = replace(_VISION_FULL, tasks=("fashion_mnist", "animal_shapes"), steps=60, seeds=(0,), eval_limit=200,
-                        xi_limit=100, xi_grid=(0.0, 0.5, 1.0), alpha_grid=(0.4, 0.7, 1.0), negation_grid=(0.25, 0.5, 1.0))
+                        xi_limit=100, xi_grid=(-1.0, 0.0, 1.0), alpha_grid=_QUICK_GRID, negation_grid=_QUICK_GRID,
+                        reg_strengths={"taujp": (1.0,), "taujp_sq": (1.0,), "kfac": (500.0,)})
 
 # (suite, size) -> profile; the CLI picks one with --suite and --quick/--full.
 PROFILES: dict[tuple[str, str], BenchProfile] = {
@@ -113,7 +155,8 @@ SUITES = tuple(sorted({suite for suite, _ in PROFILES}))
 def _spec(task: Task) -> str:
     """What ``load_task`` resolves back to this task: a user task's file or folder, a torchvision spec, else the built-in name."""
     source = str(task.source)
-    return source if source.startswith("torchvision:") or Path(source).exists() else task.name
+    # A non-default split rule rides on the spec as "PATH?splits=...".
+    return source if source.startswith("torchvision:") or Path(source.partition("?")[0]).exists() else task.name
 
 
 @dataclass
@@ -125,42 +168,96 @@ class Suite:
     cache_dir: Path
     on_stage: Callable[[str], None] = lambda stage: None
     finetune_seconds: dict[str, float] = field(default_factory=dict)
+    strengths: dict[str, float] = field(default_factory=dict)  # lambda per regularized method, once chosen
 
     def kfac_file(self, task: Task) -> Path:
-        """The task's K-FAC factors, computed once per base model and sample size (made by the data owner)."""
-        from taskarith.kfac import compute_kfac_factors
+        """The task's K-FAC factors, computed once per base model, sample size and factor format (by the data owner)."""
+        from taskarith.kfac import FORMAT, compute_kfac_factors
 
-        path = self.cache_dir / "kfac" / f"{task.name}-{self.pretrained.base_hash[:12]}-{self.profile.kfac_examples}.safetensors"
+        version = FORMAT.rsplit("/", 1)[-1]
+        path = (self.cache_dir / "kfac" /
+                f"{task.name}-{self.pretrained.base_hash[:12]}-{self.profile.kfac_examples}-v{version}.safetensors")
         if not path.is_file():
             self.on_stage(f"K-FAC factors of {task.name}")
             compute_kfac_factors(self.pretrained, task, num_examples=self.profile.kfac_examples, progress=False).save(path)
         return path
 
-    def config(self, method: str, task: Task, protected: Sequence[Task], seed: int) -> FinetuneConfig:
-        settings = dict(METHODS[method])
+    def protected(self, method: str, task: Task, seen: Sequence[Task]) -> list[Task]:
+        """What a regularized run of ``method`` on ``task`` protects: ``seen`` (the other tasks), plus the control
+        for tau-Jp when the profile says so (the published regularization set includes the negation control)."""
+        regularizer = METHODS[method].get("regularizer")
+        others = [t for t in seen if t is not task]
+        if regularizer in ("taujp", "taujp_sq") and self.profile.reg_control:
+            others.append(self.control)
+        return others
+
+    def config(self, method: str, task: Task, protected: Sequence[Task], seed: int,
+               strength: float | None = None) -> FinetuneConfig:
+        settings = {k: v for k, v in METHODS[method].items() if k != "evaluate_as"}
         regularizer = settings.get("regularizer")
+        p = self.profile
         if regularizer is None or not protected:
             settings.pop("regularizer", None)  # nothing to protect: the run is the plain one (and shares its cache)
-        elif regularizer == "taujp":
-            settings.update(reg_strength=self.profile.reg_strength, reg_tasks=tuple(_spec(t) for t in protected),
-                            reg_batch_size=self.profile.reg_batch_size)
         else:
-            settings.update(reg_strength=self.profile.reg_strength,
-                            reg_factors=tuple(str(self.kfac_file(t)) for t in protected))
-        p = self.profile
+            settings["reg_strength"] = strength if strength is not None else self.strength(method)
+            if regularizer == "kfac":
+                settings["reg_factors"] = tuple(str(self.kfac_file(t)) for t in protected)
+            else:
+                settings.update(reg_tasks=tuple(_spec(t) for t in protected), reg_batch_size=p.reg_batch_size,
+                                reg_sampling=p.reg_sampling)
         return FinetuneConfig(task=task.name, model=self.pretrained.name, steps=p.steps, batch_size=p.batch_size,
-                              lr=p.lr, seed=seed, checkpoint_every=0, **settings)
+                              lr=p.lr, warmup_steps=p.warmup_steps, seed=seed, checkpoint_every=0, **settings)
 
-    def vector(self, method: str, task: Task, protected: Sequence[Task], seed: int) -> TaskVector:
-        config = self.config(method, task, protected, seed)
-        label = f"{method}, {task.name}" + (f", protecting {len(protected)}" if config.regularizer else "")
+    def strength(self, method: str) -> float:
+        regularizer = METHODS[method]["regularizer"]
+        if method in self.strengths:
+            return self.strengths[method]
+        grid = self.profile.reg_strengths[regularizer]
+        if len(grid) > 1:
+            raise TaskArithError(f"lambda of {method} has not been chosen from {list(grid)} yet")
+        return grid[0]
+
+    def vector(self, method: str, task: Task, protected: Sequence[Task], seed: int,
+               strength: float | None = None) -> TaskVector:
+        config = self.config(method, task, protected, seed, strength)
+        label = f"{method}, {task.name}" + (f", protecting {len(protected)}, lambda {config.reg_strength:g}"
+                                            if config.regularizer else "")
         self.on_stage(f"fine-tuning ({label}, seed {seed})")
         # K-FAC factor paths live in the cache folder: key the run on their content, not their location.
         key = run_key(replace(config, reg_factors=tuple(Path(f).name for f in config.reg_factors)),
                       self.pretrained.base_hash)
         result = finetune_cached(config, self.pretrained, task, self.cache_dir / "vectors", progress=False, key=key)
         self.finetune_seconds[f"{method}/{task.name}/{key}"] = result.record["train_seconds"]
-        return result.task_vector
+        evaluate_as = METHODS[method].get("evaluate_as")
+        return result.task_vector.with_mode(evaluate_as) if evaluate_as else result.task_vector
+
+    def vectors(self, method: str, seed: int, strength: float | None = None) -> dict[str, TaskVector]:
+        """One vector per suite task, each protecting the others (and the control, for tau-Jp)."""
+        return {t.name: self.vector(method, t, self.protected(method, t, self.tasks), seed, strength)
+                for t in self.tasks}
+
+    def choose_strength(self, method: str, seed: int) -> dict[str, Any]:
+        """lambda for ``method`` by the papers' one-shot criterion: the grid value whose vectors, summed at
+        alpha = 1, give the best mean normalized validation accuracy (ties to the smaller lambda)."""
+        regularizer = METHODS[method].get("regularizer")
+        if regularizer is None:
+            return {}
+        grid = tuple(sorted(self.profile.reg_strengths[regularizer]))
+        if len(grid) == 1:
+            self.strengths[method] = grid[0]
+            return {"grid": list(grid), "chosen": grid[0], "criterion": "fixed"}
+        limit, names = self.profile.eval_limit, [t.name for t in self.tasks]
+        scores = {}
+        for strength in grid:
+            outputs = EditedOutputs(self.pretrained, self.vectors(method, seed, strength))
+            single = {t.name: outputs.accuracy(t, "val", ((t.name, 1.0),), limit) for t in self.tasks}
+            merged = {t.name: outputs.accuracy(t, "val", _edit(names, 1.0), limit) for t in self.tasks}
+            scores[strength] = mean(merged[n] / single[n] if single[n] > 0 else math.nan for n in names)
+        chosen = best_normalized_alpha(grid, lambda v: scores[v])
+        self.strengths[method] = chosen
+        return {"grid": list(grid), "val_normalized_alpha_1": {str(k): v for k, v in scores.items()},
+                "chosen": chosen, "seed": seed,
+                "criterion": "mean normalized validation accuracy of the sum at alpha = 1 (one-shot)"}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -181,13 +278,18 @@ def _addition(outputs: EditedOutputs, tasks: Sequence[Task], finetuned: Mapping[
 
 
 def _addition_with_search(outputs: EditedOutputs, tasks: Sequence[Task], finetuned: Mapping[str, float],
-                          names: Sequence[str], grid: Sequence[float], limit: int | None) -> dict[str, Any]:
-    """Addition at alpha = 1 (untuned) and at the alpha of ``grid`` with the best mean validation accuracy."""
-    val_curve = {alpha: mean(outputs.accuracy(t, "val", _edit(names, alpha), limit) for t in tasks) for alpha in grid}
-    chosen = max(grid, key=lambda a: (val_curve[a], -abs(a - 1.0)))
+                          finetuned_val: Mapping[str, float], names: Sequence[str], grid: Sequence[float],
+                          limit: int | None) -> dict[str, Any]:
+    """Addition at alpha = 1 (untuned) and at the alpha of ``grid`` chosen as published: the best mean
+    normalized validation accuracy (each task over its own vector's validation accuracy), ties to the smallest."""
+    val_curve = {alpha: {t.name: outputs.accuracy(t, "val", _edit(names, alpha), limit) for t in tasks} for alpha in grid}
+    normalized_curve = {alpha: mean(acc[n] / finetuned_val[n] if finetuned_val[n] > 0 else math.nan for n in acc)
+                        for alpha, acc in val_curve.items()}
+    chosen = best_normalized_alpha(grid, lambda a: normalized_curve[a])
     return {"alpha_1": _addition(outputs, tasks, finetuned, names, 1.0, limit),
             "alpha_searched": _addition(outputs, tasks, finetuned, names, chosen, limit),
-            "val_curve": {str(a): v for a, v in val_curve.items()}}
+            "val_curve": {str(a): mean(v.values()) for a, v in val_curve.items()},
+            "val_normalized_curve": {str(a): v for a, v in normalized_curve.items()}}
 
 
 def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: bool = True) -> dict[str, Any]:
@@ -200,26 +302,25 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
     limit = p.eval_limit
 
     finetuned = {t.name: outputs.accuracy(t, "test", ((t.name, 1.0),), limit) for t in tasks}
-    # Task addition: one alpha for the sum, chosen on validation (mean accuracy), and alpha = 1 untuned.
-    addition = _addition_with_search(outputs, tasks, finetuned, names, p.alpha_grid, limit)
-    merging = {method: _addition_with_search(outputs, tasks, finetuned, [f"{method}()"], p.alpha_grid, limit)
+    finetuned_val = {t.name: outputs.accuracy(t, "val", ((t.name, 1.0),), limit) for t in tasks}
+    # Task addition: one alpha for the sum, chosen on validation, and alpha = 1 untuned.
+    addition = _addition_with_search(outputs, tasks, finetuned, finetuned_val, names, p.alpha_grid, limit)
+    merging = {method: _addition_with_search(outputs, tasks, finetuned, finetuned_val, [f"{method}()"],
+                                             p.alpha_grid, limit)
                for method in p.merge_methods}
 
-    # Task negation: the largest drop on the target that keeps control >= 95% of its pre-trained accuracy.
+    # Task negation: the largest drop on the target that keeps control >= 95% of its pre-trained accuracy
+    # (validation); alpha = 0 always qualifies, so every seed has an answer.
     control_floor = CONTROL_KEEP * outputs.accuracy(control, "val", (), limit)
     negation = {}
     for t in tasks:
         best = control_constrained_alpha(
             p.negation_grid, lambda a, t=t: outputs.accuracy(t, "val", ((t.name, -a),), limit),
             lambda a, t=t: outputs.accuracy(control, "val", ((t.name, -a),), limit), control_floor)
-        rows = {}
-        for label, alpha in (("alpha_1", 1.0), ("alpha_searched", best)):
-            if alpha is None:
-                rows[label] = {"alpha": None, "target": math.nan, "control": math.nan}
-                continue
-            rows[label] = {"alpha": alpha, "target": outputs.accuracy(t, "test", ((t.name, -alpha),), limit),
-                           "control": outputs.accuracy(control, "test", ((t.name, -alpha),), limit)}
-        negation[t.name] = rows
+        negation[t.name] = {label: {"alpha": alpha,
+                                    "target": outputs.accuracy(t, "test", ((t.name, -alpha),), limit),
+                                    "control": outputs.accuracy(control, "test", ((t.name, -alpha),), limit)}
+                            for label, alpha in (("alpha_1", 1.0), ("alpha_searched", best))}
 
     # Pairwise interference: the drop of task j's accuracy when task i's vector joins its own.
     drops = [[math.nan if i == j else finetuned[tj.name] - outputs.accuracy(tj, "test", ((tj.name, 1.0), (ti.name, 1.0)), limit)
@@ -232,8 +333,10 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
         xi[f"{names[i]}+{names[j]}"] = disentanglement_error(outputs, (tasks[i], tasks[j]), (names[i], names[j]),
                                                              p.xi_grid, "test", p.xi_limit)
 
-    # The same quantity as `taskarith interference` (mean squared norm, validation inputs), from the cached JVPs.
+    # The same quantities as `taskarith interference` (validation inputs), from the cached JVPs: tau-Jp as
+    # published (mean unsquared norm) and its square.
     taujp = [[outputs.taujp(ti.name, tj, "val", limit) for tj in tasks] for ti in tasks]
+    taujp_sq = [[outputs.taujp_sq(ti.name, tj, "val", limit) for tj in tasks] for ti in tasks]
     return {
         "finetuned": finetuned,
         "addition": addition,
@@ -243,6 +346,7 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
         "xi": xi,
         "xi_mean": mean(v for grid in xi.values() for row in grid for v in row) if xi else math.nan,
         "taujp": taujp,
+        "taujp_sq": taujp_sq,
         "encoder_passes": outputs.passes,
     }
 
@@ -252,12 +356,13 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
 
 
 def incremental(suite: Suite, method: str, seed: int) -> dict[str, Any]:
-    """Tasks arrive in order; task k is regularized against tasks 1..k-1 only. Accuracy of the running sum."""
+    """Tasks arrive in order; task k is regularized against tasks 1..k-1 only (and, for tau-Jp, the control,
+    which is always at hand, like ImageNet in the papers). Accuracy of the running sum at alpha = 1."""
     tasks, limit = suite.tasks, suite.profile.eval_limit
     vectors: dict[str, TaskVector] = {}
     after = []
     for k, task in enumerate(tasks):
-        vectors[task.name] = suite.vector(method, task, tasks[:k], seed)
+        vectors[task.name] = suite.vector(method, task, suite.protected(method, task, tasks[:k]), seed)
         outputs = EditedOutputs(suite.pretrained, vectors)
         seen = tasks[: k + 1]
         accuracy = {t.name: outputs.accuracy(t, "test", _edit([s.name for s in seen], 1.0), limit) for t in seen}
@@ -273,20 +378,26 @@ def existing_checkpoints(suite: Suite, checkpoints: Sequence[tuple[Task, str | P
                          seed: int = 0) -> dict[str, Any]:
     """Vectors of public checkpoints ((task, model folder) pairs), their tau-Jp, and a new task added to them.
 
-    The new task is fine-tuned twice in standard mode: plainly, and with tau-Jp against the checkpoint
-    tasks' inputs; each is added (alpha = 1) to the sum of the checkpoint vectors.
+    The new task is fine-tuned twice with the profile's ``checkpoint_method`` (by default the published one,
+    linear fine-tuning + tau-Jp) and its unregularized mode: with the penalty against the checkpoint tasks'
+    inputs and without. Each is added (alpha = 1) to the sum of the checkpoint vectors. The checkpoints are
+    non-linear fine-tunes; for a linear-mode method they are read through f_lin (post-hoc linearization), so
+    that all vectors edit one function.
     """
     tasks = [task for task, _ in checkpoints]
     if new_task.name in {task.name for task in tasks}:
         raise TaskArithError(f"the new task {new_task.name!r} already has a checkpoint")
+    method = suite.profile.checkpoint_method
+    mode = METHODS[method]["mode"]
     vectors = {task.name: TaskVector.from_finetuned_checkpoint(suite.pretrained.encoder, path, task=task.name)
-               for task, path in checkpoints}
-    new = {"plain": suite.vector("standard", new_task, [], seed),
-           "taujp": suite.vector("standard_taujp", new_task, tasks, seed)}
+               .with_mode(mode) for task, path in checkpoints}
+    new = {"plain": suite.vector(mode, new_task, [], seed),
+           "taujp": suite.vector(method, new_task, suite.protected(method, new_task, tasks), seed)}
     limit = suite.profile.eval_limit
     everyone = [*tasks, new_task]
     result: dict[str, Any] = {"checkpoints": {task.name: str(path) for task, path in checkpoints},
-                              "new_task": new_task.name}
+                              "new_task": new_task.name, "method": method,
+                              "checkpoints_read_as": "post-hoc linearized" if mode == "linear" else "weights"}
     existing = EditedOutputs(suite.pretrained, vectors)
     result["taujp"] = [[existing.taujp(ti.name, tj, "val", limit) for tj in tasks] for ti in tasks]
     result["finetuned"] = {t.name: existing.accuracy(t, "test", ((t.name, 1.0),), limit) for t in tasks}
@@ -360,6 +471,8 @@ def summarize(per_seed: Mapping[int, Mapping[str, Any]], methods: Sequence[str])
             entry[f"negation_{label}_target"] = _spread([mean(n[label]["target"] for n in r["negation"].values()) for r in runs])
             entry[f"negation_{label}_control"] = _spread([mean(n[label]["control"] for n in r["negation"].values()) for r in runs])
         entry["addition_alpha_chosen"] = [r["addition"]["alpha_searched"]["alpha"] for r in runs]
+        entry["negation_alpha_chosen"] = [{t: n["alpha_searched"]["alpha"] for t, n in r["negation"].items()}
+                                          for r in runs]
         entry["merging"] = {merge: {
             **{f"{label}_normalized": _spread([r["merging"][merge][label]["mean_normalized"] for r in runs])
                for label in ("alpha_1", "alpha_searched")},
@@ -368,6 +481,7 @@ def summarize(per_seed: Mapping[int, Mapping[str, Any]], methods: Sequence[str])
         xs = [x for r in runs for x in _off_diagonal(r["taujp"])]
         ys = [y for r in runs for y in _off_diagonal(r["interference_drop"])]
         entry["taujp_vs_drop"] = correlation(xs, ys)
+        entry["taujp_sq_vs_drop"] = correlation([x for r in runs for x in _off_diagonal(r["taujp_sq"])], ys)
         summary[method] = entry
     xs = [x for s in seeds for m in methods for x in _off_diagonal(per_seed[s]["methods"][m]["taujp"])]
     ys = [y for s in seeds for m in methods for y in _off_diagonal(per_seed[s]["methods"][m]["interference_drop"])]
@@ -404,12 +518,20 @@ def run_bench(
         stage_seconds[stage] = round(stage_seconds.get(stage, 0.0) + time.perf_counter() - begun, 1)
         return value
 
+    # lambda of each regularized method, chosen once on the first seed (or fixed by the profile).
+    regularized = [m for m in dict.fromkeys((*profile.methods, *profile.incremental_methods,
+                                             *((profile.checkpoint_method,) if checkpoints else ())))
+                   if METHODS[m].get("regularizer")]
+    strength_selection = {}
+    for method in regularized:
+        on_stage(f"choosing lambda of {method} on validation")
+        strength_selection[method] = timed(f"choosing lambda {method}",
+                                           lambda: suite.choose_strength(method, profile.seeds[0]))
     for position, seed in enumerate(profile.seeds):
         with_xi = profile.xi_seeds is None or position < profile.xi_seeds
         methods = {}
         for method in profile.methods:
-            vectors = timed(f"fine-tuning {method}", lambda: {
-                t.name: suite.vector(method, t, [o for o in tasks if o is not t], seed) for t in tasks})
+            vectors = timed(f"fine-tuning {method}", lambda: suite.vectors(method, seed))
             on_stage(f"evaluating {method} (seed {seed})")
             methods[method] = timed(f"evaluating {method}", lambda: evaluate_vectors(suite, vectors, with_xi))
         runs = {method: timed("incremental", lambda: incremental(suite, method, seed))
@@ -435,6 +557,7 @@ def run_bench(
         "profile": asdict(profile),
         "tasks": [t.name for t in tasks],
         "control_task": control.name,
+        "reg_strength_selection": strength_selection,
         "zero_shot": zero_shot,
         "per_seed": {str(seed): value for seed, value in per_seed.items()},
         "summary": summarize(per_seed, profile.methods),

@@ -5,9 +5,9 @@ model, taken on inputs of task j, "tau-Jp". It is the first-order change that ad
 the outputs task j relies on, f(x; theta0 + tau_i) - f(x; theta0) ~ J_theta0 f(x) . tau_i, and it
 is exactly the cross term that breaks weight disentanglement of the linearized model. The authors'
 released code averages the (unsquared) L2 norm of that product over the evaluated task's inputs, with
-no normalisation. Here the primary matrix is the mean *squared* norm, the quantity the library's
-tau-Jp regularizer (:func:`taskarith.regularizers.taujp_penalty`) minimises, so the diagnostic and
-the penalty read on the same scale; the paper's mean norm is reported next to it.
+no normalisation; that is the primary matrix here, the quantity the ``taujp`` regularizer
+(:func:`taskarith.regularizers.taujp_penalty`) minimises. The mean *squared* norm (what ``taujp_sq``
+and K-FAC's curvature penalize) is reported next to it.
 
 f(x) is the mean-pooled token states of the encoder before normalisation. The measure is defined at
 theta0 for any tau, so standard- and linear-mode vectors are measured the same way.
@@ -30,14 +30,14 @@ from taskarith.regularizers import pooled_tangents
 from taskarith.vectors import TaskVector
 
 DEFINITION = (
-    "taujp[i][j] = mean over the first n examples x of task j's {split} split of ||J_theta0 f(x) . tau_i||^2, "
-    "where f(x) is the encoder's mean-pooled token states (before normalisation) and J_theta0 f(x) . tau_i is "
-    "computed exactly by one forward-mode JVP at the pre-trained weights theta0 (the first-order change adding "
-    "tau_i makes to task j's embeddings; tau-Jp, Yoshida et al., ICLR 2025). "
-    "normalized[i][j] = taujp[i][j] / mean_x ||f(x; theta0)||^2 over the same examples: the squared change "
-    "relative to the squared size of task j's pre-trained embeddings (0.01 means changes about 10% of the "
-    "embedding's length). taujp_norm[i][j] = mean_x ||J_theta0 f(x) . tau_i|| (unsquared), the form the "
-    "paper's released code reports. Scaling tau by c scales taujp and normalized by c^2 and taujp_norm by |c|."
+    "taujp[i][j] = mean over the first n examples x of task j's {split} split of ||J_theta0 f(x) . tau_i|| "
+    "(unsquared, as the tau-Jp paper's released code computes it), where f(x) is the encoder's mean-pooled token "
+    "states (before normalisation) and J_theta0 f(x) . tau_i is computed exactly by one forward-mode JVP at the "
+    "pre-trained weights theta0 (the first-order change adding tau_i makes to task j's embeddings; tau-Jp, "
+    "Yoshida et al., ICLR 2025). normalized[i][j] = taujp[i][j] / mean_x ||f(x; theta0)|| over the same "
+    "examples: the change relative to the size of task j's pre-trained embeddings (0.1 means changes about 10% "
+    "of the embedding's length). taujp_sq[i][j] = mean_x ||J_theta0 f(x) . tau_i||^2 (the squared form, "
+    "TAK's representation drift). Scaling tau by c scales taujp and normalized by |c| and taujp_sq by c^2."
 )
 
 
@@ -127,7 +127,7 @@ def taujp_matrix(
                         hidden, tangent = hidden_and_tangent(encoder, theta0, delta, batch)
                         if i == 0:
                             # f(x; theta0) does not depend on tau: every JVP returns it, keep the first.
-                            energy[j] += mean_pool(hidden, mask).double().pow(2).sum()
+                            energy[j] += torch.linalg.vector_norm(mean_pool(hidden, mask).double(), dim=-1).sum()
                         change = pooled_tangents(tangent, mask).double().pow(2).sum(dim=-1)
                         squared[i, j] += change.sum()
                         norms[i, j] += change.sqrt().sum()
@@ -137,14 +137,14 @@ def taujp_matrix(
     finally:
         encoder.train(was_training)
 
-    normalized = squared / energy.clamp_min(torch.finfo(torch.float64).tiny)
+    normalized = norms / energy.clamp_min(torch.finfo(torch.float64).tiny)
     return {
         "vectors": names,
         "tasks": [task.name for task in tasks],
-        "taujp": squared.tolist(),
+        "taujp": norms.tolist(),
         "normalized": normalized.tolist(),
-        "taujp_norm": norms.tolist(),
-        "output_energy": {task.name: float(e) for task, e in zip(tasks, energy)},
+        "taujp_sq": squared.tolist(),
+        "output_norm": {task.name: float(e) for task, e in zip(tasks, energy)},
         "split": split,
         "examples_per_task": counts,
         "modes": {name: vector.mode for name, vector in zip(names, vectors)},
@@ -171,11 +171,11 @@ def taujp_markdown(result: Mapping[str, Any]) -> str:
     rows, columns = result["vectors"], result["tasks"]
     counts = ", ".join(f"{_cell(name)}: {n}" for name, n in result["examples_per_task"].items())
     lines = [
-        f"### tau-Jp: mean ||J f(x) . tau||^2 on each task's {result['split']} inputs",
+        f"### tau-Jp: mean ||J f(x) . tau|| on each task's {result['split']} inputs",
         "",
         *_table(result["taujp"], rows, columns),
         "",
-        "### tau-Jp relative to the task's pre-trained embeddings: taujp / mean ||f(x; theta0)||^2",
+        "### tau-Jp relative to the task's pre-trained embeddings: taujp / mean ||f(x; theta0)||",
         "",
         *_table(result["normalized"], rows, columns),
         "",
