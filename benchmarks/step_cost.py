@@ -25,17 +25,20 @@ from taskarith.io import write_json
 from taskarith.models import load_pretrained
 
 RESULTS = Path(__file__).parent / "results"
-TASK, OTHER = "rt_sentiment", "wordnet_topic"
+TASK, OTHERS = "rt_sentiment", ("wordnet_topic", "fortune_topic")
+_TAUJP = {"regularizer": "taujp", "reg_tasks": OTHERS}
 
 VARIANTS: dict[str, dict] = {
     "standard": {"mode": "standard"},
     "linear": {"mode": "linear"},
-    "standard_taujp": {"mode": "standard", "regularizer": "taujp", "reg_strength": 1.0, "reg_tasks": (OTHER,)},
-    "linear_taujp": {"mode": "linear", "regularizer": "taujp", "reg_strength": 1.0, "reg_tasks": (OTHER,)},
-    "linear_kfac": {"mode": "linear", "regularizer": "kfac", "reg_strength": 1.0},
-    # The penalty's cost grows with its batch; the default above is a quarter of the task batch.
-    "linear_taujp_full_batch": {"mode": "linear", "regularizer": "taujp", "reg_strength": 1.0, "reg_tasks": (OTHER,),
-                                "reg_batch_size": "batch"},
+    # The published tau-Jp: 16 inputs of every protected task each step (here 2 x 16), one shared JVP.
+    "linear_taujp": {"mode": "linear", **_TAUJP},
+    "linear_taujp_cyclical": {"mode": "linear", **_TAUJP, "reg_sampling": "cyclical"},
+    # taskarith before 0.2: the squared norm on 8 inputs drawn from the union.
+    "linear_taujp_sq_pooled8": {"mode": "linear", "regularizer": "taujp_sq", "reg_strength": 1.0, "reg_tasks": OTHERS,
+                                "reg_sampling": "pooled", "reg_batch_size": 8},
+    "standard_taujp": {"mode": "standard", **_TAUJP},
+    "linear_kfac": {"mode": "linear", "regularizer": "kfac"},
 }
 
 
@@ -50,9 +53,15 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
-def _reg_batch(name: str, batch_size: int) -> int:
-    size = VARIANTS[name].get("reg_batch_size", FinetuneConfig.reg_batch_size)
-    return batch_size if size == "batch" else size
+def _reg_inputs(name: str) -> str:
+    settings = VARIANTS[name]
+    size = settings.get("reg_batch_size", FinetuneConfig.reg_batch_size)
+    sampling = settings.get("reg_sampling", "strict")
+    if sampling == "strict":
+        return f"{size} inputs of each of {', '.join(OTHERS)} per step"
+    if sampling == "cyclical":
+        return f"{size} inputs of one of {', '.join(OTHERS)} per step, in turn"
+    return f"{size} inputs drawn from the union of {', '.join(OTHERS)} per step"
 
 
 def main() -> None:
@@ -71,17 +80,16 @@ def main() -> None:
     on_gpu = pretrained.device.type == "cuda"
     result: dict = {}
     with tempfile.TemporaryDirectory() as scratch:
-        factors_file = Path(scratch) / "kfac.safetensors"
+        factor_files = [Path(scratch) / f"{other}.safetensors" for other in OTHERS]
         if "linear_kfac" in args.variants:
             from taskarith.kfac import compute_kfac_factors
 
-            compute_kfac_factors(pretrained, load_task(OTHER), num_examples=256).save(factors_file)
+            for other, path in zip(OTHERS, factor_files):
+                compute_kfac_factors(pretrained, load_task(other), progress=False).save(path)
         for name in args.variants:
             settings = dict(VARIANTS[name])
-            if settings.get("reg_batch_size") == "batch":
-                settings["reg_batch_size"] = args.batch_size
             if settings.get("regularizer") == "kfac":
-                settings["reg_factors"] = (str(factors_file),)
+                settings["reg_factors"] = tuple(str(f) for f in factor_files)
             config = FinetuneConfig(task=task.name, model=args.model, steps=args.steps, batch_size=args.batch_size,
                                     checkpoint_every=0, **settings)
             if on_gpu:
@@ -93,16 +101,18 @@ def main() -> None:
             peak_mb = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else _peak_rss_mb()
             result[name] = {"step_s": record["step_seconds_median"], "peak_mb": round(peak_mb, 1)}
             print(name, result[name], flush=True)
-    for name, reference in (("linear", "standard"), ("linear_taujp", "linear"), ("standard_taujp", "standard"), ("linear_kfac", "linear"),
-                            ("linear_taujp_full_batch", "linear")):
+    for name, reference in (("linear", "standard"), ("linear_taujp", "linear"), ("linear_taujp_cyclical", "linear"),
+                            ("linear_taujp_sq_pooled8", "linear"), ("standard_taujp", "standard"),
+                            ("linear_kfac", "linear")):
         if name in result and reference in result:
             result.setdefault("ratios", {})[f"{name}/{reference}"] = round(result[name]["step_s"] / result[reference]["step_s"], 3)
     result.update({
         "model": pretrained.name,
         "note": args.note,
         "task": task.name,
-        "regularization_inputs": {name: f"{_reg_batch(name, args.batch_size)} inputs of {OTHER} per step"
-                                  for name in args.variants if VARIANTS[name].get("regularizer") == "taujp"},
+        "regularization_inputs": {name: _reg_inputs(name) for name in args.variants
+                                  if VARIANTS[name].get("regularizer") in ("taujp", "taujp_sq")},
+        "kfac_factors": f"{', '.join(OTHERS)}: TAK's published recipe (128 examples, MC-1), merged by Eq. 8",
         "batch_size": args.batch_size,
         "max_length": pretrained.max_length,
         "steps_timed": args.steps,
