@@ -287,20 +287,26 @@ def test_existing_checkpoints_study(tmp_path, pretrained, suite, hf_checkpoint):
     assert "Fine-tuned checkpoints made elsewhere" in bench_markdown(result, {})
 
 
-def test_lambda_is_chosen_on_validation_by_the_one_shot_criterion(tmp_path, pretrained, suite):
+def test_lambda_is_chosen_on_validation_against_the_unregularized_vectors(tmp_path, pretrained, suite):
     colours, sizes, moods = suite
     profile = BenchProfile(tasks=(colours.name, sizes.name), control=moods.name, methods=("linear_taujp",),
                            steps=3, batch_size=8, lr=3e-3, eval_limit=None, xi_limit=5, xi_grid=(0.0,),
-                           alpha_grid=(1.0,), negation_grid=(1.0,), incremental_methods=(),
+                           alpha_grid=(1.0,), negation_grid=(1.0,), incremental_methods=(), seeds=(0, 1),
                            reg_strengths={"taujp": (100.0, 0.01)})
     result = run_bench(pretrained, [colours, sizes], moods, profile, tmp_path / "cache")
     choice = result["reg_strength_selection"]["linear_taujp"]
     scores = {float(k): v for k, v in choice["val_normalized_alpha_1"].items()}
-    assert choice["grid"] == [0.01, 100.0] and set(scores) == {0.01, 100.0}
+    assert choice["grid"] == [0.01, 100.0] and set(scores) == {0.01, 100.0} and choice["seed"] == 0
     assert choice["chosen"] == min(scores, key=lambda v: (-scores[v], v))
-    # Both grid values were fine-tuned on the first seed (and the chosen one is what every seed uses).
-    configs = [json.loads((d / "run.json").read_text())["config"] for d in (tmp_path / "cache" / "vectors").iterdir()]
-    assert {c["reg_strength"] for c in configs} == {0.01, 100.0}
+    records = [json.loads((d / "run.json").read_text()) for d in (tmp_path / "cache" / "vectors").iterdir()]
+    configs = [r["config"] for r in records]
+    # The denominator is the same for every lambda: the plain linear vectors of the first seed, alone.
+    plain = {r["config"]["task"]: r["val_accuracy"] for r in records
+             if r["config"]["regularizer"] is None and r["config"]["seed"] == 0}
+    assert choice["unregularized_val"] == pytest.approx(plain)
+    # Both grid values were fine-tuned on the first seed only; every other seed uses the chosen one.
+    assert {c["reg_strength"] for c in configs if c["regularizer"] and c["seed"] == 0} == {0.01, 100.0}
+    assert {c["reg_strength"] for c in configs if c["regularizer"] and c["seed"] == 1} == {choice["chosen"]}
 
 
 def test_bench_cli_grids_strengths_and_zero_overrides(tmp_path, monkeypatch, capsys, tiny_model_dir, tiny_csv):

@@ -15,8 +15,8 @@ import taskarith.finetune as finetune_module
 from taskarith.data import task_from_file
 from taskarith.errors import TaskArithError
 from taskarith.evaluate import PUBLISHED_ALPHA_GRID, best_normalized_alpha, control_constrained_alpha
-from taskarith.experiments.bench import _addition_with_search
-from taskarith.finetune import FinetuneConfig, finetune, regularization_batches, run_key
+from taskarith.experiments.bench import BenchProfile, _addition_with_search
+from taskarith.finetune import FinetuneConfig, derived_seed, finetune, regularization_batches, run_key
 from taskarith.linearize import LinearizedEncoder
 from taskarith.models import load_pretrained
 from taskarith.models.zero_shot import mean_pool
@@ -120,6 +120,27 @@ def test_cyclical_uses_task_step_mod_T_and_walks_its_own_stream():
         assert group == regularization_batches(pools, strict, step // 3)[step % 3]
 
 
+def test_cyclical_with_reg_every_visits_every_task_in_turn():
+    # Penalized at steps 0, 2, 4, ...: with task = step mod T, T = 2 would see only task 0, ever.
+    config = FinetuneConfig(task="x", regularizer="taujp", reg_tasks=("a", "b"), reg_batch_size=2,
+                            reg_sampling="cyclical", reg_every=2)
+    strict = FinetuneConfig(task="x", regularizer="taujp", reg_tasks=("a", "b"), reg_batch_size=2)
+    pools = _pools()[:2]
+    for turn in range(6):
+        (group,) = regularization_batches(pools, config, 2 * turn)
+        assert all(item.startswith(f"t{turn % 2}-") for item in group)
+        assert group == regularization_batches(pools, strict, turn // 2)[turn % 2]
+
+
+def test_derived_seeds_differ_for_every_name_and_fit_their_bits():
+    names = [(seed, role, step, k) for seed in range(3) for role in ("augment", "regularization")
+             for step in range(50) for k in range(40)]
+    seeds = [derived_seed(*name) for name in names]
+    assert len(set(seeds)) == len(names) and all(0 <= s < 2 ** 40 for s in seeds)
+    assert derived_seed(1, "augment", 3) == derived_seed(1, "augment", 3)
+    assert all(0 <= derived_seed(seed, bits=62) < 2 ** 62 for seed in range(100))
+
+
 def test_pooled_sampling_is_the_former_iid_draw_from_the_union():
     config = FinetuneConfig(task="x", regularizer="taujp_sq", reg_strength=1.0, reg_tasks=("a", "b", "c"),
                             reg_batch_size=8, reg_sampling="pooled", seed=2)
@@ -211,6 +232,10 @@ def test_runs_and_vectors_from_before_the_published_form_are_not_mistaken_for_it
     path = tmp_path / "old.safetensors"
     TaskVector.from_state_dicts(theta0, theta0, task="x", config=old).save(path)
     assert TaskVector.load(path).config["penalty_form"].startswith("taujp/1:mean_pooled(||J delta||_2^2)")
+    # Nor is such a record replayed as if it were today's form.
+    with pytest.raises(TaskArithError, match="before taskarith 0.2"):
+        FinetuneConfig.from_dict(old, source="run.json")
+    assert FinetuneConfig.from_dict(config.to_json()) == config
 
 
 # -------------------------------------------------------------------------------------------------
@@ -242,6 +267,26 @@ def test_alpha_is_chosen_by_normalized_not_absolute_validation_accuracy():
     result = _addition_with_search(outputs, tasks, finetuned_val, finetuned_val, ["hard", "easy"], (0.5, 1.0), None)
     assert result["alpha_searched"]["alpha"] == 0.5
     assert max(result["val_curve"], key=result["val_curve"].get) == "1.0"  # what the absolute rule would pick
+
+
+def test_an_undefined_score_is_never_chosen_and_a_zero_normalizer_is_named():
+    scores = {0.0: 0.4, 0.5: math.nan, 1.0: 0.6}
+    for grid in ((0.0, 0.5, 1.0), (1.0, 0.5, 0.0), (0.5, 0.0, 1.0)):
+        assert best_normalized_alpha(grid, scores.__getitem__) == 1.0
+    with pytest.raises(TaskArithError, match="no alpha"):
+        best_normalized_alpha((0.0, 1.0), lambda a: math.nan)
+    tasks = [SimpleNamespace(name="dead"), SimpleNamespace(name="fine")]
+    outputs = FakeOutputs({(t.name, "val", a): 0.5 for t in tasks for a in (0.0, 1.0)})
+    with pytest.raises(TaskArithError, match="dead"):
+        _addition_with_search(outputs, tasks, {"dead": 0.0, "fine": 1.0}, {"dead": 0.0, "fine": 1.0},
+                              ["dead", "fine"], (0.0, 1.0), None)
+
+
+def test_a_negative_negation_alpha_is_refused():
+    with pytest.raises(TaskArithError, match="negative"):
+        control_constrained_alpha((0.0, -0.5, 1.0), lambda a: 0.5, lambda a: 1.0, 0.5)
+    with pytest.raises(TaskArithError, match="negation_grid"):
+        BenchProfile(tasks=("a", "b"), control="c", negation_grid=(0.0, -1.0))
 
 
 def test_ties_go_to_the_smallest_alpha_and_the_published_grid():

@@ -155,6 +155,7 @@ def finetune(
     reg_sampling: Annotated[str, typer.Option(help="tau-Jp inputs: strict (a batch from every other task each step), cyclical (one task per step) or pooled (i.i.d. from their union).")] = "strict",
     reg_batch_size: Annotated[int, typer.Option(help="tau-Jp inputs per other task and step (pooled: in all).")] = 16,
     reg_every: Annotated[int, typer.Option(help="Apply the penalty every N steps.")] = 1,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Augment training inputs (and tau-Jp's) with the model's train_preprocess, as the papers do; models without one are unaffected.")] = True,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from a checkpoint in --out if one exists.")] = True,
     device: DeviceOption = "auto",
 ) -> None:
@@ -173,7 +174,7 @@ def finetune(
                             seed=seed, max_length=max_length, checkpoint_every=checkpoint_every,
                             regularizer=regularizer, reg_strength=reg_strength, reg_tasks=tuple(reg_task or ()),
                             reg_factors=tuple(str(f) for f in reg_factors or ()), reg_batch_size=reg_batch_size,
-                            reg_every=reg_every)
+                            reg_every=reg_every, augment=augment)
     pretrained = _load_model(model, local_device(device), max_length)
     result = run_finetune(config, pretrained, loaded, out_dir, resume=resume)
     out.print(f"task vector: {out_dir / 'task_vector.safetensors'} (norm {result.task_vector.norm():.4f})")

@@ -6,6 +6,7 @@ merged encoder ``pre + sum_t alpha_t * tau_t`` is evaluated on each task with th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -81,7 +82,17 @@ def best_normalized_alpha(grid: Sequence[float], normalized: Callable[[float], f
     if not grid:
         raise TaskArithError("the alpha grid is empty")
     scores = {alpha: normalized(alpha) for alpha in grid}
-    return min(grid, key=lambda alpha: (-scores[alpha], alpha))
+    if all(math.isnan(score) for score in scores.values()):
+        raise TaskArithError(f"no alpha of {sorted(grid)} has a defined normalized accuracy")
+    # NaN compares false with everything, which would make min() depend on the grid's order: rank it last.
+    return min(grid, key=lambda alpha: (math.inf if math.isnan(scores[alpha]) else -scores[alpha], alpha))
+
+
+def check_reference(reference: Mapping[str, float], what: str) -> None:
+    """Refuse a normalizer of 0: the normalized accuracy of that task would be undefined for every alpha."""
+    zero = sorted(name for name, value in reference.items() if not value > 0)
+    if zero:
+        raise TaskArithError(f"{', '.join(zero)}: {what} is 0 on validation, so its normalized accuracy is undefined")
 
 
 def choose_addition_alpha(
@@ -94,6 +105,7 @@ def choose_addition_alpha(
         raise TaskArithError(f"choose_addition_alpha pairs each vector with its task: got {len(vectors)} vectors "
                              f"for {len(tasks)} tasks")
     single = {task.name: accuracy(model, task, "val", edited_encoder(model, [tau])) for task, tau in zip(tasks, vectors)}
+    check_reference(single, "the accuracy of its own vector")
     curve = {alpha: accuracies(model, tasks, "val", edited_encoder(model, vectors, alpha)) for alpha in grid}
     best = best_normalized_alpha(grid, lambda a: mean(normalized_accuracy(curve[a], single).values()))
     return AlphaChoice(alpha=best, curve=curve)
@@ -125,6 +137,10 @@ def control_constrained_alpha(
     alpha = 0 (no edit) is always a candidate and keeps the control by definition (floor <= its accuracy),
     so there is always an answer, as in the papers, whose grid starts at 0. Ties go to the smaller alpha.
     """
+    negative = sorted(alpha for alpha in grid if alpha < 0)
+    if negative:
+        raise TaskArithError(f"negation alpha grid: {negative} are negative; the grid holds the magnitudes "
+                             "subtracted (pre - alpha * tau), from 0 up")
     allowed = [0.0] + [alpha for alpha in sorted(set(grid) - {0.0}) if control(alpha) >= floor]
     return min(allowed, key=lambda alpha: (target(alpha), alpha))
 

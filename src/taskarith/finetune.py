@@ -150,6 +150,11 @@ class FinetuneConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise TaskArithError(f"{source}: unknown fine-tuning options {unknown} (known: {sorted(known)})")
+        if data.get("regularizer") and not data.get("penalty_form"):
+            # A record from before penalty forms were recorded: today's penalty of that name may be another one.
+            raise TaskArithError(f"{source}: regularizer {data['regularizer']!r} without penalty_form was recorded "
+                                 f"before taskarith 0.2, whose penalty of that name differs from today's; replaying it "
+                                 f"would train something else (see docs/protocol.md)")
         return cls(**data)
 
     def to_json(self) -> dict[str, Any]:
@@ -161,6 +166,16 @@ class FinetuneConfig:
 class FinetuneResult:
     task_vector: TaskVector
     record: dict[str, Any]
+
+
+def derived_seed(*parts: int | str, bits: int = 40) -> int:
+    """A seed for one random stream, named by ``parts`` (e.g. the run's seed, a role, a step, a task, a position).
+
+    Hashing the whole name gives unrelated seeds to distinct names, where sums of offsets collide once a
+    count outgrows its spacing; 40 bits leave room for ``batch_indices`` to multiply the seed by its epoch
+    stride below torch's 64-bit seed limit."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> (64 - bits)
 
 
 def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -293,25 +308,29 @@ def regularization_batches(pools: list[list[Any]], config: FinetuneConfig, step:
     """The other tasks' inputs penalized at ``step``, one list per group the penalty averages over.
 
     A pure function of (seed, step), like the task's own batches, so resuming draws the same inputs.
-    strict: one batch from every task, each task walking through its own seeded epochs; cyclical: a batch
-    from task step mod T only (its (step // T)-th); pooled: one group drawn i.i.d. from the union.
+    With r = step // reg_every the count of regularized steps (= step by default), strict: the r-th batch
+    of every task, each walking through its own seeded epochs; cyclical: a batch from task r mod T only
+    (its (r // T)-th); pooled: one group drawn i.i.d. from the union.
     """
     if not pools:
         return []
     size = config.reg_batch_size
     if config.reg_sampling == "pooled":
         union = [item for pool in pools for item in pool]
+        # The draw of taskarith before 0.2, kept so that taujp_sq + pooled retrains the vectors made then.
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step + 1)
         return [[union[i] for i in torch.randint(len(union), (size,), generator=generator).tolist()]]
 
     def batch(task: int, position: int) -> list[Any]:
-        # Each task's stream has its own seed, distinct from the fine-tuning task's (seed * 1_000_003 + epoch).
-        stream = config.seed + 1_000 * (task + 1)
+        # Each task walks through seeded epochs of its own; the stream's seed is named apart from the task's.
+        stream = derived_seed(config.seed, "regularization", task)
         return [pools[task][i] for i in batch_indices(len(pools[task]), size, stream, position)]
 
     if config.reg_sampling == "cyclical":
-        return [batch(step % len(pools), step // len(pools))]
-    return [batch(task, step) for task in range(len(pools))]
+        # Count the regularized steps, not the steps: with reg_every > 1, step mod T could skip tasks for good.
+        turn = step // config.reg_every
+        return [batch(turn % len(pools), turn // len(pools))]
+    return [batch(task, step // config.reg_every) for task in range(len(pools))]
 
 
 def _split(tangents: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
@@ -334,7 +353,8 @@ def finetune(
     see :mod:`taskarith.distributed`.
     """
     cluster = cluster or cluster_from_environment()
-    if config.batch_size < cluster.world or (config.regularizer and config.reg_batch_size < cluster.world):
+    samples_inputs = config.regularizer is not None and REGULARIZERS[config.regularizer].needs_inputs
+    if config.batch_size < cluster.world or (samples_inputs and config.reg_batch_size < cluster.world):
         raise TaskArithError(f"batch_size={config.batch_size} and reg_batch_size={config.reg_batch_size} must be at "
                              f"least the number of processes ({cluster.world}), so that every process has examples")
     out = Path(out_dir) if out_dir is not None else None
@@ -378,16 +398,14 @@ def finetune(
         inputs = [train.inputs[i] for i in indices]
         # One augmentation seed per input of the global batch, so a run gives the same vector however it
         # is split over processes; the regularization inputs draw from a stream of their own.
-        step_seed = (config.seed * 1_000_003 + step) * 100_003
-        seeds = cluster.shard([step_seed + k for k in range(len(global_indices))])
+        seeds = cluster.shard([derived_seed(config.seed, "augment", step, k, bits=62) for k in range(len(global_indices))])
         regularize = regularizer is not None and step % config.reg_every == 0
         groups = regularization_batches(reg_pools, config, step) if regularize else []
         local_groups = [cluster.shard(group) for group in groups]
         reg_inputs = [item for group in local_groups for item in group]
         sizes = [len(group) for group in local_groups]
-        offsets = [sum(len(g) for g in groups[:j]) for j in range(len(groups))]
-        reg_seeds = [step_seed + 50_000 + offset + k for group, offset in zip(groups, offsets)
-                     for k in cluster.shard(list(range(len(group))))]
+        reg_seeds = [derived_seed(config.seed, "augment", step, "regularization", j, k, bits=62)
+                     for j, group in enumerate(groups) for k in cluster.shard(list(range(len(group))))]
 
         def batch_of(items: list[Any], item_seeds: list[int]) -> dict[str, torch.Tensor]:
             return pretrained.tokenize(items, train=config.augment, seeds=item_seeds)
@@ -431,13 +449,13 @@ def finetune(
         if decay_theta:
             with torch.no_grad():
                 for name, param in trainable.named_params:
-                    param.add_(theta0[name] + param, alpha=-group["lr"] * config.weight_decay)
+                    param.add_(theta0[name] + param, alpha=-optimizer.param_groups[0]["lr"] * config.weight_decay)
         optimizer.step()
         step_seconds.append(time.perf_counter() - step_started)
 
         if step % 10 == 0 or step == config.steps - 1:
             reported_loss = cluster.sum_(task_loss.detach().clone()).item()
-            entry = {"step": step, "loss": round(reported_loss, 5), "lr": group["lr"], "grad_norm": round(float(grad_norm), 5)}
+            entry = {"step": step, "loss": round(reported_loss, 5), "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(float(grad_norm), 5)}
             if penalty is not None:
                 entry["penalty"] = round(cluster.sum_(penalty.detach().clone()).item(), 6)
             history.append(entry)

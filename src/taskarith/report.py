@@ -156,8 +156,8 @@ def _strengths(result: dict[str, Any]) -> str:
         if choice.get("criterion") == "fixed":
             parts.append(f"{method} {choice['chosen']:g} (fixed)")
         else:
-            parts.append(f"{method} {choice['chosen']:g} (chosen on validation from {_grid(choice['grid'])}, "
-                         f"one-shot criterion)")
+            parts.append(f"{method} {choice['chosen']:g} (chosen on validation from {_grid(choice['grid'])}: "
+                         f"the sum at alpha = 1 over the unregularized vectors' accuracy)")
     return "; ".join(parts) or "none"
 
 

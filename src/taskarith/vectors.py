@@ -29,7 +29,8 @@ FORMAT = "taskarith.task_vector/1"
 # What a regularized vector saved before taskarith recorded penalty forms was trained with.
 LEGACY_PENALTY_FORMS = {
     "taujp": "taujp/1:mean_pooled(||J delta||_2^2), before taskarith 0.2 (today's taujp_sq with reg_sampling='pooled')",
-    "kfac": "kfac/1:factors averaged over tasks (K-FAC-reduce, unnormalized embedding), before taskarith 0.2",
+    "kfac": "kfac, before taskarith 0.2: unrecorded form (the factor files in reg_factors say which: kfac/1, "
+            "averaged K-FAC-reduce factors of the unnormalized embedding, or kfac/2, TAK's)",
 }
 MODES = ("standard", "linear")
 

@@ -22,9 +22,11 @@ from taskarith.evaluate import (
     PUBLISHED_ALPHA_GRID,
     EditedOutputs,
     best_normalized_alpha,
+    check_reference,
     control_constrained_alpha,
     disentanglement_error,
     mean,
+    normalized_accuracy,
 )
 from taskarith.finetune import FinetuneConfig, finetune_cached, run_key
 from taskarith.regularizers import PUBLISHED_STRENGTH
@@ -43,12 +45,14 @@ METHODS: dict[str, dict[str, Any]] = {
     "linear": {"mode": "linear"},
     "posthoc": {"mode": "standard", "evaluate_as": "linear"},
     "linear_taujp": {"mode": "linear", "regularizer": "taujp"},
-    "linear_kfac": {"mode": "linear", "regularizer": "kfac"},
+    "linear_kfac": {"mode": "linear", "regularizer": "kfac", "weight_decay_on": "delta"},  # as TAK decays
     # Beyond the papers: tau-Jp in standard mode (the released code cannot run it), and the squared form.
     "standard_taujp": {"mode": "standard", "regularizer": "taujp"},
     "linear_taujp_sq": {"mode": "linear", "regularizer": "taujp_sq"},
 }
 DEFAULT_METHODS = ("standard", "linear", "posthoc", "linear_taujp", "linear_kfac")
+LAMBDA_CRITERION = ("mean validation accuracy of the sum at alpha = 1, each task over its unregularized vector's "
+                    "(taskarith's criterion; the papers do not say how they chose lambda)")
 
 
 def _published_strengths() -> dict[str, tuple[float, ...]]:
@@ -68,8 +72,8 @@ class BenchProfile:
     warmup_steps: int | None = None  # None: 10% of the steps (the papers: 500 of ~2000)
     seeds: tuple[int, ...] = (0,)
     # lambda per regularizer: one value is used as is (the published ones by default, tuned on CLIP ViT-B/32);
-    # several are a grid, chosen per method on the first seed by the one-shot criterion (mean normalized
-    # validation accuracy of the sum at alpha = 1), ties to the smaller lambda, then used for every seed.
+    # several are a grid, chosen per method on the first seed with no alpha tuning (Suite.choose_strength),
+    # ties to the smaller lambda, then used for every seed.
     reg_strengths: dict[str, tuple[float, ...]] = field(default_factory=_published_strengths)
     reg_sampling: str = "strict"
     reg_batch_size: int = 16
@@ -104,6 +108,9 @@ class BenchProfile:
                            ("xi_grid", self.xi_grid)):
             if not grid or not all(isinstance(a, (int, float)) and math.isfinite(a) for a in grid):
                 raise TaskArithError(f"bench option {name}={list(grid)} must be a non-empty list of finite numbers")
+        if any(a < 0 for a in self.negation_grid):
+            raise TaskArithError(f"bench option negation_grid={list(self.negation_grid)}: the grid holds the magnitudes "
+                                 "subtracted (pre - alpha * tau), so no value may be negative")
         for method in {*self.methods, *self.incremental_methods, self.checkpoint_method}:
             regularizer = METHODS[method].get("regularizer")
             grid = self.reg_strengths.get(regularizer, ()) if regularizer else (1.0,)
@@ -237,8 +244,13 @@ class Suite:
                 for t in self.tasks}
 
     def choose_strength(self, method: str, seed: int) -> dict[str, Any]:
-        """lambda for ``method`` by the papers' one-shot criterion: the grid value whose vectors, summed at
-        alpha = 1, give the best mean normalized validation accuracy (ties to the smaller lambda)."""
+        """lambda for ``method``, chosen with no alpha tuning: the grid value whose vectors, summed at alpha = 1,
+        give the best mean validation accuracy, each task's accuracy divided by that of the *unregularized*
+        vector of the same mode alone (ties to the smaller lambda).
+
+        The denominator does not depend on lambda on purpose: dividing by each lambda's own single-task
+        accuracy would reward a lambda so large that the task is barely learnt (the sum then matches the
+        barely-changed single vectors and scores near 1)."""
         regularizer = METHODS[method].get("regularizer")
         if regularizer is None:
             return {}
@@ -247,17 +259,18 @@ class Suite:
             self.strengths[method] = grid[0]
             return {"grid": list(grid), "chosen": grid[0], "criterion": "fixed"}
         limit, names = self.profile.eval_limit, [t.name for t in self.tasks]
+        plain = EditedOutputs(self.pretrained, {t.name: self.vector(method, t, (), seed) for t in self.tasks})
+        reference = {t.name: plain.accuracy(t, "val", ((t.name, 1.0),), limit) for t in self.tasks}
+        check_reference(reference, f"the accuracy of its unregularized {METHODS[method]['mode']} vector")
         scores = {}
         for strength in grid:
             outputs = EditedOutputs(self.pretrained, self.vectors(method, seed, strength))
-            single = {t.name: outputs.accuracy(t, "val", ((t.name, 1.0),), limit) for t in self.tasks}
             merged = {t.name: outputs.accuracy(t, "val", _edit(names, 1.0), limit) for t in self.tasks}
-            scores[strength] = mean(merged[n] / single[n] if single[n] > 0 else math.nan for n in names)
+            scores[strength] = mean(normalized_accuracy(merged, reference).values())
         chosen = best_normalized_alpha(grid, lambda v: scores[v])
         self.strengths[method] = chosen
         return {"grid": list(grid), "val_normalized_alpha_1": {str(k): v for k, v in scores.items()},
-                "chosen": chosen, "seed": seed,
-                "criterion": "mean normalized validation accuracy of the sum at alpha = 1 (one-shot)"}
+                "unregularized_val": reference, "chosen": chosen, "seed": seed, "criterion": LAMBDA_CRITERION}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -272,7 +285,7 @@ def _addition(outputs: EditedOutputs, tasks: Sequence[Task], finetuned: Mapping[
               alpha: float, limit: int | None) -> dict[str, Any]:
     """Test accuracy of pre + alpha * (sum of the vectors ``names``), absolute and normalized by fine-tuned."""
     accuracy = {t.name: outputs.accuracy(t, "test", _edit(names, alpha), limit) for t in tasks}
-    normalized = {t.name: accuracy[t.name] / finetuned[t.name] if finetuned[t.name] > 0 else math.nan for t in tasks}
+    normalized = normalized_accuracy(accuracy, finetuned)
     return {"alpha": alpha, "accuracy": accuracy, "normalized": normalized,
             "mean_accuracy": mean(accuracy.values()), "mean_normalized": mean(normalized.values())}
 
@@ -282,9 +295,9 @@ def _addition_with_search(outputs: EditedOutputs, tasks: Sequence[Task], finetun
                           limit: int | None) -> dict[str, Any]:
     """Addition at alpha = 1 (untuned) and at the alpha of ``grid`` chosen as published: the best mean
     normalized validation accuracy (each task over its own vector's validation accuracy), ties to the smallest."""
+    check_reference(finetuned_val, "the accuracy of its own vector")
     val_curve = {alpha: {t.name: outputs.accuracy(t, "val", _edit(names, alpha), limit) for t in tasks} for alpha in grid}
-    normalized_curve = {alpha: mean(acc[n] / finetuned_val[n] if finetuned_val[n] > 0 else math.nan for n in acc)
-                        for alpha, acc in val_curve.items()}
+    normalized_curve = {alpha: mean(normalized_accuracy(acc, finetuned_val).values()) for alpha, acc in val_curve.items()}
     chosen = best_normalized_alpha(grid, lambda a: normalized_curve[a])
     return {"alpha_1": _addition(outputs, tasks, finetuned, names, 1.0, limit),
             "alpha_searched": _addition(outputs, tasks, finetuned, names, chosen, limit),
