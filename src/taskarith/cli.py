@@ -37,9 +37,12 @@ def _parse_weighted(spec: str, default_alpha: float) -> tuple[Path, float]:
     path, sep, alpha = spec.rpartition(":")
     if sep and path and not Path(spec).exists():
         try:
-            return Path(path), float(alpha)
+            value = float(alpha)
         except ValueError:
             raise TaskArithError(f"'{spec}': expected FILE or FILE:ALPHA with a number after the colon") from None
+        if not math.isfinite(value):
+            raise TaskArithError(f"'{spec}': the weight {alpha} is not a finite number")
+        return Path(path), value
     return Path(spec), default_alpha
 
 

@@ -139,6 +139,10 @@ class TaskVector:
     # persistence ----------------------------------------------------------------------------------
 
     def save(self, path: str | PathLike) -> None:
+        for name, delta in self.deltas.items():
+            if delta.is_floating_point() and not torch.isfinite(delta).all():
+                raise TaskArithError(f"refusing to write {path}: tensor '{name}' of task vector {self.task or '?'} "
+                                     "is NaN or Inf (a coefficient too large for its dtype?)")
         metadata = {
             "format": FORMAT,
             "base_hash": self.base_hash or "",

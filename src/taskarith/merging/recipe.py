@@ -24,6 +24,7 @@ it is a previous taskarith output (:func:`taskarith.outputs.check_output`).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -114,8 +115,8 @@ def _sources(entries: object, key: str, folder: Path, where: str) -> tuple[Sourc
         else:
             raise TaskArithError(f"{where}: {key}[{i}] must be a path or a mapping with '{path_key}: PATH'")
         weight = params.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise TaskArithError(f"{where}: {key}[{i}] weight must be a number, got {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise TaskArithError(f"{where}: {key}[{i}] weight must be a finite number, got {weight!r}")
         sources.append(Source(path=str(_resolve(path, folder)), weight=float(weight)))
     return tuple(sources)
 

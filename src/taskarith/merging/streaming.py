@@ -17,6 +17,7 @@ other methods wrap the same arrays as tensors (no copy) and call :data:`MERGE_ME
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -194,11 +195,48 @@ def from_working(values: np.ndarray, dtype: str) -> np.ndarray:
     return rounded
 
 
-def _ensure_finite(values: np.ndarray, entry: TensorEntry, name: str) -> None:
-    """Refuse NaN or Inf weights, as loading a task vector does: arithmetic on them poisons the merge."""
+def _ensure_finite(values: np.ndarray, entry: TensorEntry, name: str) -> float:
+    """Refuse NaN or Inf weights, as loading a task vector does: arithmetic on them poisons the merge.
+
+    Returns the largest magnitude, which bounds what arithmetic on the values can reach.
+    """
+    if not values.size:
+        return 0.0
     # min and max propagate NaN and show +-Inf, without the tensor-sized mask np.isfinite would allocate.
-    if values.size and not (np.isfinite(values.min()) and np.isfinite(values.max())):
+    low, high = values.min(), values.max()
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise TaskArithError(f"{entry.file}: tensor '{name}' contains NaN or Inf")
+    return max(-float(low), float(high))
+
+
+def _check_weighted(delta: np.ndarray, bound: float, weight: float, entry: TensorEntry, name: str) -> None:
+    """Refuse a weighted delta that overflowed working precision (TIES would turn its Inf into a finite 0).
+
+    ``bound`` (|fine-tuned| + |base|, times |weight|) is an upper bound of every entry, so the exact check,
+    a pass over the tensor, is needed only when it exceeds the largest finite value.
+    """
+    if bound * abs(weight) <= np.finfo(delta.dtype).max:
+        return
+    if delta.size and not (np.isfinite(delta.min()) and np.isfinite(delta.max())):
+        raise TaskArithError(f"tensor '{name}' of {entry.file} times its weight {weight:g} overflows "
+                             f"{delta.dtype}; nothing was written: use a smaller weight")
+
+
+def _check_merged(merged: np.ndarray, dtype: str, name: str, method: str, params: Mapping[str, Any]) -> None:
+    """Refuse a merged tensor that is not finite, in working precision or once rounded to ``dtype``.
+
+    Rounding is monotonic, so the stored extremes are the rounded working extremes: two scalars to
+    convert rather than the tensor.
+    """
+    if not merged.size:
+        return
+    extremes = np.array([merged.min(), merged.max()], dtype=merged.dtype)
+    stored = to_working(from_working(extremes, dtype).reshape(-1).view(np.uint8), dtype)
+    if not np.isfinite(extremes).all() or not np.isfinite(stored).all():
+        settings = ", ".join(f"{key}={value:g}" for key, value in params.items())
+        raise TaskArithError(f"merged tensor '{name}' ({method}, {settings}) is NaN or Inf in {dtype} "
+                             f"(extremes {extremes[0]:g}, {extremes[1]:g}); nothing was written: "
+                             "lower the weights or the scaling")
 
 
 def plan_shards(layout: Mapping[str, tuple[str, tuple[int, ...]]], shard_bytes: int) -> list[list[str]]:
@@ -261,6 +299,9 @@ def merge_checkpoints(
     weights = [1.0] * len(finetuned) if weights is None else [float(w) for w in weights]
     if len(weights) != len(finetuned):
         raise TaskArithError(f"{len(weights)} weights for {len(finetuned)} fine-tuned checkpoints")
+    for path, weight in zip(finetuned, weights):
+        if not math.isfinite(weight):
+            raise TaskArithError(f"the weight of {path} is {weight}; weights must be finite numbers")
     if shard_bytes < 1:
         raise TaskArithError(f"shard_bytes={shard_bytes} must be positive")
     params = check_hyperparameters(method, hyperparameters)
@@ -299,22 +340,29 @@ def merge_checkpoints(
     def produce(name: str) -> np.ndarray:
         if on_tensor is not None:
             on_tensor(name)
+        # Overflow is checked explicitly (below), with a message naming the tensor, not by NumPy's warnings.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return merged_bytes(name)
+
+    def merged_bytes(name: str) -> np.ndarray:
         entry = base_index.entries[name]
         stored = read_bytes(entry, buffers[0])
         if entry.dtype not in _WORK_DTYPE:
             return hand_over(stored)
         base_values = to_working(stored, entry.dtype).reshape(entry.shape)
-        _ensure_finite(base_values, entry, name)
+        base_bound = _ensure_finite(base_values, entry, name)
         deltas = []
         for other, weight, buffer in zip(others, weights, buffers[1:]):
             delta = to_working(read_bytes(other.entries[name], buffer), entry.dtype).reshape(entry.shape)
-            _ensure_finite(delta, other.entries[name], name)
+            bound = _ensure_finite(delta, other.entries[name], name) + base_bound
             delta -= base_values  # in place: the array is this loop's own
             if weight != 1.0:  # the same product as scaling a TaskVector, so both merges agree bit for bit
                 delta *= weight
+            _check_weighted(delta, bound, weight, other.entries[name], name)
             deltas.append(delta)
         merged = merged_array(name, deltas, method, params, seed)
         merged += base_values  # merged is a fresh result or one of the deltas; addition commutes exactly
+        _check_merged(merged, entry.dtype, name, method, params)
         return hand_over(from_working(merged, entry.dtype).reshape(-1).view(np.uint8))
 
     file_names = ([SAFETENSORS_SINGLE] if len(shards) == 1 else
