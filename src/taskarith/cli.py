@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
+from taskarith.display import Output, shown
 from taskarith.errors import TaskArithError
 
 app = typer.Typer(
@@ -24,8 +24,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Edit pre-trained networks by task arithmetic: fine-tune, build task vectors, add and negate them.",
 )
-out = Console()
-err = Console(stderr=True)
+# Every command prints through these two (plain text, escapes stripped; see taskarith.display).
+out = Output()
+err = Output(stderr=True)
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model: 'all-MiniLM-L6-v2' (embedded text encoder), 'efficientnet-lite0' (embedded image backbone), a Hugging Face folder (text encoder, sequence classifier or CLIPModel) or hub id, 'open_clip:NAME@WEIGHTS', or 'timm:NAME@WEIGHTS'.")]
 
@@ -78,7 +79,7 @@ def _parse_strength(spec: str) -> tuple[str, tuple[float, ...]]:
 def _load_model(model: str, device: str, max_length: int = 64):
     from taskarith.models import load_pretrained
 
-    with err.status(f"loading {model}"):
+    with err.status(f"loading {shown(model)}"):
         return load_pretrained(model, max_length=max_length, device=device)
 
 
@@ -112,25 +113,27 @@ def tasks(
                "sizes": {s: len(task.split(s)) for s in ("train", "val", "test")}, "source": task.source}
         if zero_shot:
             pretrained = model_for(task)
-            with err.status(f"pre-trained accuracy of {name}"):
+            with err.status(f"pre-trained accuracy of {shown(name)}"):
                 row["model"] = pretrained.name
                 row["zero_shot_accuracy"] = round(accuracy(pretrained, task, "test"), 4)
         rows.append(row)
     if as_json:
-        print(json.dumps(rows, indent=2))
+        out.json(rows)
         return
     from rich.table import Table
+
+    from taskarith.display import cell
 
     table = Table(title="built-in tasks")
     for column in ("name", "domain", "train/val/test", "classes", "zero-shot"):
         table.add_column(column)
     for row in rows:
         if "error" in row:
-            table.add_row(row["name"], "[red]unavailable[/red]", "", row["error"], "")
+            table.add_row(cell(row["name"]), Text("unavailable", style="red"), "", cell(row["error"]), "")
             continue
         sizes = "/".join(str(row["sizes"][s]) for s in ("train", "val", "test"))
         zs = f"{100 * row['zero_shot_accuracy']:.1f}%" if "zero_shot_accuracy" in row else "-"
-        table.add_row(row["name"], row["domain"], sizes, ", ".join(row["classes"]), zs)
+        table.add_row(cell(row["name"]), cell(row["domain"]), sizes, cell(", ".join(row["classes"])), zs)
     out.print(table)
 
 
@@ -180,8 +183,8 @@ def finetune(
                             reg_every=reg_every, augment=augment)
     pretrained = _load_model(model, local_device(device), max_length)
     result = run_finetune(config, pretrained, loaded, out_dir, resume=resume)
-    out.print(f"task vector: {out_dir / 'task_vector.safetensors'} (norm {result.task_vector.norm():.4f})")
-    out.print(f"validation accuracy: {100 * result.record['val_accuracy']:.1f}%  record: {out_dir / 'run.json'}")
+    out.print(f"task vector: {shown(out_dir / 'task_vector.safetensors')} (norm {result.task_vector.norm():.4f})")
+    out.print(f"validation accuracy: {100 * result.record['val_accuracy']:.1f}%  record: {shown(out_dir / 'run.json')}")
 
 
 @app.command("eval")
@@ -207,10 +210,10 @@ def evaluate(
     with err.status("evaluating"):
         scores = accuracies(pretrained, loaded, split, encoder)
     if as_json:
-        print(json.dumps({"split": split, "vectors": [f"{p}:{a:g}" for p, a in weighted], "accuracy": scores}, indent=2))
+        out.json({"split": split, "vectors": [f"{p}:{a:g}" for p, a in weighted], "accuracy": scores})
         return
     for name, value in scores.items():
-        out.print(f"{name}: {100 * value:.2f}% ({split})")
+        out.print(f"{shown(name)}: {100 * value:.2f}% ({split})")
 
 
 @app.command()
@@ -232,7 +235,7 @@ def compose(
         raise TaskArithError("nothing to compose: give at least one --add or --negate")
     composed = combine([TaskVector.load(path) for path, _ in terms], [a for _, a in terms])
     composed.save(out_file)
-    out.print(f"wrote {out_file}: {composed.task} (norm {composed.norm():.4f})")
+    out.print(f"wrote {shown(out_file)}: {shown(composed.task)} (norm {composed.norm():.4f})")
     if model_out is not None:
         from taskarith.models.hf import save_hf_encoder
 
@@ -241,7 +244,7 @@ def compose(
             raise TaskArithError(f"--model-out writes Hugging Face text encoders; '{model}' is not one. Apply the "
                                  "vector with TaskVector.apply_to, or to a model folder with 'taskarith merge'")
         save_hf_encoder(composed.apply_to(pretrained.encoder), pretrained.tokenizer, model_out)
-        out.print(f"wrote edited model to {model_out}")
+        out.print(f"wrote edited model to {shown(model_out)}")
 
 
 def _parse_assignment(spec: str) -> tuple[str, object]:
@@ -301,7 +304,7 @@ def merge(
     count = len(plan.models)
     with tqdm(desc=f"merge ({plan.method})", unit="tensor", disable=not count, leave=False) as bar:
         summary = run_recipe(plan, overwrite=overwrite, on_tensor=lambda name: bar.update())
-    out.print(f"wrote {summary['out']} ({plan.method}, {json.dumps(summary['hyperparameters'], sort_keys=True)})")
+    out.print(f"wrote {shown(summary['out'])} ({plan.method}, {json.dumps(summary['hyperparameters'], sort_keys=True)})")
 
 
 @app.command()
@@ -332,7 +335,7 @@ def interference(
         heatmap(result[key], result["vectors"], result["tasks"], out_dir / f"{key}.png", title=title,
                 xlabel="inputs of task", ylabel="task vector")
     out.print(taujp_markdown(result))
-    out.print(f"wrote {out_dir / 'taujp.json'}, {out_dir / 'taujp.png'}, {out_dir / 'normalized.png'}")
+    out.print(f"wrote {shown(out_dir / 'taujp.json')}, {shown(out_dir / 'taujp.png')}, {shown(out_dir / 'normalized.png')}")
 
 
 @app.command()
@@ -364,11 +367,11 @@ def kfac(
                                        norm_blocks=norm_blocks, conv=conv)
     factors.save(out_file)
     size = sum(factors.memory_bytes().values()) / 2**20
-    out.print(f"wrote {out_file}: K-FAC factors of {loaded.name} ({factors.num_examples} examples, {size:.1f} MiB)")
+    out.print(f"wrote {shown(out_file)}: K-FAC factors of {shown(loaded.name)} ({factors.num_examples} examples, {size:.1f} MiB)")
     missing = uncovered_parameters(pretrained.encoder, factors)
     if missing:
-        err.print(escape(f"warning: no curvature for {len(missing)} parameters, which the kfac penalty leaves free: "
-                         f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"))
+        err.print(f"warning: no curvature for {len(missing)} parameters, which the kfac penalty leaves free: "
+                  f"{shown(', '.join(missing[:10]))}{' ...' if len(missing) > 10 else ''}")
 
 
 @app.command("kfac-merge")
@@ -382,7 +385,8 @@ def kfac_merge(
 
     merged = merge_factors([KFACFactors.load(path) for path in factor_files], rule=rule)
     merged.save(out_file)
-    out.print(f"wrote {out_file}: K-FAC factors of {', '.join(merged.tasks)} (rule {merged.merge})")
+    out.print(f"wrote {shown(out_file)}: K-FAC factors of {shown(', '.join(map(shown, merged.tasks)))} "
+              f"(rule {merged.merge})")
 
 
 @app.command("kfac-compress")
@@ -403,7 +407,8 @@ def kfac_compress(
                   else compress_factors(factors, "eigen", rank=rank))  # type: ignore[arg-type]
     compressed.save(out_file)
     after = sum(compressed.memory_bytes().values()) / 2**20
-    out.print(f"wrote {out_file}: {compressed.compression} K-FAC factors of {', '.join(compressed.tasks)} "
+    out.print(f"wrote {shown(out_file)}: {compressed.compression} K-FAC factors of "
+              f"{shown(', '.join(map(shown, compressed.tasks)))} "
               f"({before:.1f} -> {after:.1f} MiB)")
 
 
@@ -485,7 +490,7 @@ def bench(
             raise TaskArithError(f"--checkpoint {spec!r}: {folder} is not a folder")
         checkpoints.append((load_task(name), Path(folder)))
     result = run_bench(pretrained, tasks_, control_task, profile, cache or out_dir / "cache",
-                       on_stage=lambda stage: err.print(f"[bold]>[/bold] {stage}"), checkpoints=checkpoints,
+                       on_stage=lambda stage: err.print(Text(">", style="bold"), stage), checkpoints=checkpoints,
                        new_task=load_task(new_task) if new_task else None)
     write_json(out_dir / "results.json", result)
     figures = bench_figures(result, out_dir)
@@ -496,7 +501,7 @@ def bench(
                          title=f"task arithmetic on {pretrained.name}: test accuracy (%), all columns in report.md"))
     if profile.merge_methods:
         out.print(rich_table(*bench_merge_rows(result), title="task addition by merging method: normalized accuracy (%)"))
-    out.print(f"report: {out_dir / 'report.md'}, numbers: {out_dir / 'results.json'}")
+    out.print(f"report: {shown(out_dir / 'report.md')}, numbers: {shown(out_dir / 'results.json')}")
 
 
 @app.command()
@@ -518,19 +523,19 @@ def demo(
     tasks_ = [load_task(name) for name in DEMO_TASKS]
     control = load_task(DEMO_CONTROL)
     result = run_demo(pretrained, tasks_, control, out_dir / "vectors", config,
-                      on_stage=lambda stage: err.print(f"[bold]>[/bold] {stage}"))
+                      on_stage=lambda stage: err.print(Text(">", style="bold"), stage))
     write_json(out_dir / "results.json", result)
     write_text(out_dir / "results.md", demo_markdown(result))
     out.print(rich_table(*demo_rows(result), title=f"task addition on {pretrained.name}: test accuracy (%)"))
     out.print(rich_table(*negation_rows(result), title=f"task negation, control task {control.name}: test accuracy (%)"))
-    out.print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}")
+    out.print(f"results: {shown(out_dir / 'results.json')}, {shown(out_dir / 'results.md')}")
 
 
 def main() -> None:
     try:
         app()
     except TaskArithError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err.error(str(exc))
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -214,7 +214,11 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
 def load_tensors(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
     """Load every tensor of a safetensors file plus its string metadata."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # is_file() answers False for a missing file, but raises for a name too long
+        raise TaskArithError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not found:
         raise TaskArithError(f"{path}: file not found")
     try:
         with safe_open(str(path), framework="pt") as fh:
