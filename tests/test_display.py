@@ -133,7 +133,7 @@ fuzz = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 def test_fuzz_compose_prints_any_task_metadata_safely(cli, tmp_path, monkeypatch, task):
     monkeypatch.chdir(tmp_path)
     vector(task, tmp_path / "v.safetensors")
-    code, out, err = cli("compose", "--add", "v.safetensors", "--out", "sum.safetensors")
+    code, out, err = cli("compose", "--add", "v.safetensors", "--out", "sum.safetensors", "--overwrite")
     assert code == 0, err
     assert_safe(out + err)
     assert out.count("\n") == 1 and len(out) < LIMIT + 120
@@ -146,7 +146,7 @@ def test_fuzz_kfac_merge_prints_any_tasks_metadata_safely(cli, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     factors(task, tmp_path / "a.safetensors")
     factors(task + "b", tmp_path / "b.safetensors", seed=1)
-    code, out, err = cli("kfac-merge", "a.safetensors", "b.safetensors", "--out", "m.safetensors")
+    code, out, err = cli("kfac-merge", "a.safetensors", "b.safetensors", "--out", "m.safetensors", "--overwrite")
     assert code == 0, err
     assert_safe(out + err)
     assert out.count("\n") == 1 and len(out) < LIMIT + 120

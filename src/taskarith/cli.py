@@ -32,6 +32,14 @@ ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model: 'all-Min
 
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")]
 
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (only a previous taskarith output of the same kind).")]
+
+
+def _existing(role: str, *paths: object) -> list[tuple[str, str]]:
+    """``(role, path)`` input pairs for the paths that exist: a name that is not a path (a built-in task, a
+    hub model) cannot be written over."""
+    return [(role, str(path)) for path in paths if path is not None and Path(str(path)).exists()]
+
 
 def _parse_weighted(spec: str, default_alpha: float) -> tuple[Path, float]:
     """'file.safetensors' or 'file.safetensors:0.5'."""
@@ -163,26 +171,37 @@ def finetune(
     reg_every: Annotated[int, typer.Option(help="Apply the penalty every N steps.")] = 1,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Augment training inputs (and tau-Jp's) with the model's train_preprocess, as the papers do; models without one are unaffected.")] = True,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from a checkpoint in --out if one exists.")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run's task vector and record in --out, or discard its checkpoint with --no-resume.")] = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Fine-tune the encoder on one task (head frozen), optionally regularized, and save its task vector.
 
     Runs data-parallel unchanged under `torchrun --nproc_per_node N -m taskarith finetune ...`.
     """
-    from taskarith.data import load_task
-    from taskarith.distributed import local_device
-    from taskarith.finetune import FinetuneConfig, finetune as run_finetune
+    from contextlib import nullcontext
 
-    loaded = load_task(task)
-    config = FinetuneConfig(task=loaded.name, model=model, mode=mode, steps=steps, batch_size=batch_size, lr=lr,
-                            weight_decay=weight_decay, warmup_fraction=warmup_fraction, warmup_steps=warmup_steps,
-                            weight_decay_on=weight_decay_on, reg_sampling=reg_sampling, max_grad_norm=max_grad_norm,
-                            seed=seed, max_length=max_length, checkpoint_every=checkpoint_every,
-                            regularizer=regularizer, reg_strength=reg_strength, reg_tasks=tuple(reg_task or ()),
-                            reg_factors=tuple(str(f) for f in reg_factors or ()), reg_batch_size=reg_batch_size,
-                            reg_every=reg_every, augment=augment)
-    pretrained = _load_model(model, local_device(device), max_length)
-    result = run_finetune(config, pretrained, loaded, out_dir, resume=resume)
+    from taskarith.data import load_task
+    from taskarith.distributed import cluster_from_environment, local_device
+    from taskarith.finetune import FinetuneConfig, check_run_folder, finetune as run_finetune
+    from taskarith.outputs import RunLock
+
+    inputs = [*_existing("task", task), *_existing("model", model), *_existing("factor file", *(reg_factors or ()))]
+    # Checked and locked before anything loads (the run takes the lock again, re-entrantly, and checks again
+    # under it); rank 0 only. Checked first, so that a refusal leaves not even a lock file behind.
+    main_process = cluster_from_environment().is_main
+    if main_process:
+        check_run_folder(out_dir, inputs, resume=resume, overwrite=overwrite)
+    with RunLock(out_dir) if main_process else nullcontext():
+        loaded = load_task(task)
+        config = FinetuneConfig(task=loaded.name, model=model, mode=mode, steps=steps, batch_size=batch_size, lr=lr,
+                                weight_decay=weight_decay, warmup_fraction=warmup_fraction, warmup_steps=warmup_steps,
+                                weight_decay_on=weight_decay_on, reg_sampling=reg_sampling,
+                                max_grad_norm=max_grad_norm, seed=seed, max_length=max_length,
+                                checkpoint_every=checkpoint_every, regularizer=regularizer, reg_strength=reg_strength,
+                                reg_tasks=tuple(reg_task or ()), reg_factors=tuple(str(f) for f in reg_factors or ()),
+                                reg_batch_size=reg_batch_size, reg_every=reg_every, augment=augment)
+        pretrained = _load_model(model, local_device(device), max_length)
+        result = run_finetune(config, pretrained, loaded, out_dir, resume=resume, overwrite=overwrite, protect=inputs)
     out.print(f"task vector: {shown(out_dir / 'task_vector.safetensors')} (norm {result.task_vector.norm():.4f})")
     out.print(f"validation accuracy: {100 * result.record['val_accuracy']:.1f}%  record: {shown(out_dir / 'run.json')}")
 
@@ -224,17 +243,23 @@ def compose(
     alpha: Annotated[float, typer.Option(help="Coefficient for vectors given without :ALPHA.")] = 1.0,
     model_out: Annotated[Optional[Path], typer.Option(help="Also write the edited encoder as a Hugging Face model folder.")] = None,
     model: ModelOption = "all-MiniLM-L6-v2",
+    overwrite: OverwriteOption = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Write sum(alpha * added) - sum(alpha * negated) as one task vector (and optionally the edited model)."""
-    from taskarith.vectors import TaskVector, combine
+    from taskarith.outputs import check_output, output_file
+    from taskarith.vectors import FORMAT, TaskVector, combine
 
     terms = [_parse_weighted(spec, alpha) for spec in add or []]
     terms += [(path, -a) for path, a in (_parse_weighted(spec, alpha) for spec in negate or [])]
     if not terms:
         raise TaskArithError("nothing to compose: give at least one --add or --negate")
+    inputs = [("task vector", str(path)) for path, _ in terms]
+    check_output(out_file, inputs, overwrite=overwrite, format=FORMAT, folder=False)
     composed = combine([TaskVector.load(path) for path, _ in terms], [a for _, a in terms])
-    composed.save(out_file)
+    composed.check_finite(out_file)
+    with output_file(out_file, inputs, overwrite=overwrite, format=FORMAT) as tmp:
+        composed.save(tmp)
     out.print(f"wrote {shown(out_file)}: {shown(composed.task)} (norm {composed.norm():.4f})")
     if model_out is not None:
         from taskarith.models.hf import save_hf_encoder
@@ -350,14 +375,18 @@ def kfac(
     conv: Annotated[str, typer.Option(help="Conv2d layers over positions: reduce or expand.")] = "reduce",
     seed: int = 0,
     model: ModelOption = "all-MiniLM-L6-v2",
+    overwrite: OverwriteOption = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Compute a task's K-FAC factors once (TAK); others then regularize against it without its data."""
     import warnings
 
     from taskarith.data import load_task
-    from taskarith.kfac import compute_kfac_factors, uncovered_parameters
+    from taskarith.kfac import FORMAT, compute_kfac_factors, uncovered_parameters
+    from taskarith.outputs import check_output, output_file
 
+    inputs = [*_existing("task", task), *_existing("model", model)]
+    check_output(out_file, inputs, overwrite=overwrite, format=FORMAT, folder=False)  # before the computation
     loaded = load_task(task)
     pretrained = _load_model(model, device)
     with warnings.catch_warnings():
@@ -365,7 +394,8 @@ def kfac(
         factors = compute_kfac_factors(pretrained, loaded, num_examples=num_examples, seed=seed,
                                        mc_samples=mc_samples or None, function=function, tokens=tokens,
                                        norm_blocks=norm_blocks, conv=conv)
-    factors.save(out_file)
+    with output_file(out_file, inputs, overwrite=overwrite, format=FORMAT) as tmp:
+        factors.save(tmp)
     size = sum(factors.memory_bytes().values()) / 2**20
     out.print(f"wrote {shown(out_file)}: K-FAC factors of {shown(loaded.name)} ({factors.num_examples} examples, {size:.1f} MiB)")
     missing = uncovered_parameters(pretrained.encoder, factors)
@@ -379,12 +409,17 @@ def kfac_merge(
     factor_files: Annotated[list[Path], typer.Argument(help="Factor files to merge.")],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Merged factor file to write.")],
     rule: Annotated[str, typer.Option(help="sum (TAK's Eq. 8: output sides summed, input sides averaged by examples) or average (both averaged).")] = "sum",
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Merge several tasks' K-FAC factors into one file of the same size."""
-    from taskarith.kfac import KFACFactors, merge_factors
+    from taskarith.kfac import FORMAT, KFACFactors, merge_factors
+    from taskarith.outputs import check_output, output_file
 
+    inputs = [("factor file", str(path)) for path in factor_files]
+    check_output(out_file, inputs, overwrite=overwrite, format=FORMAT, folder=False)
     merged = merge_factors([KFACFactors.load(path) for path in factor_files], rule=rule)
-    merged.save(out_file)
+    with output_file(out_file, inputs, overwrite=overwrite, format=FORMAT) as tmp:
+        merged.save(tmp)
     out.print(f"wrote {shown(out_file)}: K-FAC factors of {shown(', '.join(map(shown, merged.tasks)))} "
               f"(rule {merged.merge})")
 
@@ -395,17 +430,22 @@ def kfac_compress(
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Compressed factor file to write.")],
     blocks: Annotated[Optional[int], typer.Option(help="Keep this many diagonal blocks of each factor (TAK's block-k).")] = None,
     rank: Annotated[Optional[int], typer.Option(help="Keep this many eigenpairs of each factor.")] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Compress a K-FAC factor file: block-diagonal factors (--blocks) or truncated eigendecompositions (--rank)."""
-    from taskarith.kfac import KFACFactors, compress_factors
+    from taskarith.kfac import FORMAT, KFACFactors, compress_factors
+    from taskarith.outputs import check_output, output_file
 
     if (blocks is None) == (rank is None):
         raise TaskArithError("kfac-compress needs exactly one of --blocks and --rank")
+    inputs = [("factor file", str(factor_file))]
+    check_output(out_file, inputs, overwrite=overwrite, format=FORMAT, folder=False)
     factors = KFACFactors.load(factor_file)
     before = sum(factors.memory_bytes().values()) / 2**20
     compressed = (compress_factors(factors, "block", blocks=blocks) if blocks is not None
                   else compress_factors(factors, "eigen", rank=rank))  # type: ignore[arg-type]
-    compressed.save(out_file)
+    with output_file(out_file, inputs, overwrite=overwrite, format=FORMAT) as tmp:
+        compressed.save(tmp)
     after = sum(compressed.memory_bytes().values()) / 2**20
     out.print(f"wrote {shown(out_file)}: {compressed.compression} K-FAC factors of "
               f"{shown(', '.join(map(shown, compressed.tasks)))} "

@@ -8,6 +8,7 @@ file intact.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -42,23 +43,104 @@ _PICKLE_SINGLE = "pytorch_model.bin"
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    # mkstemp makes the file private (0600); the result should get the permissions any new file gets.
-    os.chmod(tmp, 0o666 & ~current_umask())
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_beside(target)
+    except OSError as exc:
+        raise TaskArithError(f"could not write {target}: {exc.strerror or exc}") from exc
     try:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
+        sync_folder(target.parent)
     except OSError as exc:
         raise TaskArithError(
             f"could not write {target} (the previous file, if any, is untouched): {exc.strerror or exc}"
         ) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temporary_beside(target: Path, suffix: str = ".tmp", folder: bool = False) -> Path:
+    """A new hidden file (or folder) beside ``target``, with the permissions a new file or folder gets.
+
+    Its name keeps only the start of ``target``'s: a legal 250-character name plus the random part and
+    the suffix would pass the file system's 255-byte limit.
+    """
+    prefix = f".{target.name.encode('utf-8')[:120].decode('utf-8', 'ignore')}."
+    if folder:
+        made = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=target.parent))
+        made.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the output private
+        return made
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
+    os.close(fd)
+    os.chmod(name, 0o666 & ~current_umask())  # mkstemp's 0600 likewise
+    return Path(name)
+
+
+def sync_folder(folder: str | os.PathLike) -> None:
+    """Make the renames and new entries in ``folder`` durable: a rename is on disk only once its folder is.
+
+    File systems that cannot sync a folder (some network and FUSE ones) say so with EINVAL; there is
+    nothing more to do on them.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # Windows cannot open folders; its renames are durable with the file's own flush
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Not an OSError: the callers' "nothing was replaced" handlers must not claim it, the rename is done.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise TaskArithError(f"{folder}: a file was renamed into it, but the folder could not be synced "
+                                 f"({exc.strerror or exc}); it may not survive a power cut") from exc
+    finally:
+        os.close(fd)
+
+
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    """Linux's renameat2 from the C library, or None where there is none (macOS, old glibc, Windows)."""
+    try:
+        import ctypes
+
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, ImportError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def rename_no_replace(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename ``source`` to ``target``, raising FileExistsError if anything is at ``target``.
+
+    The kernel decides at the rename itself (renameat2 with RENAME_NOREPLACE), so nothing that appears
+    at the target an instant earlier is replaced. Where that call is missing or the file system refuses
+    it, a file is linked into place (a link never replaces either) and a folder is renamed after a last
+    check: rename(2) replaces only an empty folder, so all such a late newcomer can lose is its emptiness.
+    """
+    function = _renameat2()
+    if function is not None:
+        import ctypes
+
+        if function(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(code, os.strerror(code), os.fspath(target))
+    if os.path.isdir(source) and not os.path.islink(source):
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(target))
+        os.rename(source, target)
+        return
+    os.link(source, target, follow_symlinks=False)
+    os.unlink(source)
 
 
 def current_umask() -> int:

@@ -138,11 +138,15 @@ class TaskVector:
 
     # persistence ----------------------------------------------------------------------------------
 
-    def save(self, path: str | PathLike) -> None:
+    def check_finite(self, destination: str | PathLike) -> None:
+        """Refuse to write a vector holding NaN or Inf (what overflowing coefficients make) to ``destination``."""
         for name, delta in self.deltas.items():
             if delta.is_floating_point() and not torch.isfinite(delta).all():
-                raise TaskArithError(f"refusing to write {path}: tensor '{name}' of task vector {self.task or '?'} "
-                                     "is NaN or Inf (a coefficient too large for its dtype?)")
+                raise TaskArithError(f"refusing to write {destination}: tensor '{name}' of task vector "
+                                     f"{self.task or '?'} is NaN or Inf (a coefficient too large for its dtype?)")
+
+    def save(self, path: str | PathLike) -> None:
+        self.check_finite(path)
         metadata = {
             "format": FORMAT,
             "base_hash": self.base_hash or "",

@@ -37,7 +37,7 @@ import yaml
 from taskarith.errors import TaskArithError
 from taskarith.merging.hyperparameters import check_hyperparameters
 from taskarith.merging.streaming import DEFAULT_SHARD_BYTES, merge_checkpoints
-from taskarith.outputs import check_output
+from taskarith.outputs import check_output, output_file
 
 __all__ = ["MergeRecipe", "load_recipe", "parse_size", "run_recipe"]
 
@@ -196,11 +196,12 @@ def run_recipe(recipe: MergeRecipe, *, overwrite: bool = False,
     from taskarith.vectors import FORMAT, TaskVector
 
     out = Path(recipe.out)
-    destination = check_output(out, [*recipe_file, *(("task vector", v.path) for v in recipe.task_vectors)],
-                               overwrite=overwrite, format=FORMAT, folder=False)
+    inputs = [*recipe_file, *(("task vector", v.path) for v in recipe.task_vectors)]
+    check_output(out, inputs, overwrite=overwrite, format=FORMAT, folder=False)
     vectors = [TaskVector.load(v.path) * v.weight if v.weight != 1.0 else TaskVector.load(v.path)
                for v in recipe.task_vectors]
     merged = merge_task_vectors(vectors, recipe.method, seed=recipe.seed, **recipe.parameters)
-    merged.save(destination)
+    with output_file(out, inputs, overwrite=overwrite, format=FORMAT) as tmp:
+        merged.save(tmp)
     return {"method": recipe.method, "hyperparameters": check_hyperparameters(recipe.method, recipe.parameters),
             "seed": recipe.seed, "out": str(out), "vectors": len(vectors), "norm": merged.norm()}

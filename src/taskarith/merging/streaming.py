@@ -21,7 +21,6 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,11 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from taskarith.errors import TaskArithError
-from taskarith.io import SAFETENSORS_ITEMSIZE, current_umask, layout_bytes, stream_safetensors, write_json
+from taskarith.io import (SAFETENSORS_ITEMSIZE, layout_bytes, stream_safetensors, sync_folder, temporary_beside,
+                          write_json)
 from taskarith.merging import kernels
 from taskarith.merging.hyperparameters import check_hyperparameters
-from taskarith.outputs import MARKER, MERGED_MODEL_FORMAT, check_output, write_marker
+from taskarith.outputs import MARKER, MERGED_MODEL_FORMAT, check_output, commit, write_marker
 
 __all__ = ["CheckpointIndex", "TensorEntry", "merge_checkpoints"]
 
@@ -368,9 +368,11 @@ def merge_checkpoints(
     file_names = ([SAFETENSORS_SINGLE] if len(shards) == 1 else
                   [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     total = sum(layout_bytes(dtype, shape) for dtype, shape in base_index.layout.values())
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
-    building.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the merged model private
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        building = temporary_beside(destination, suffix=".partial", folder=True)
+    except OSError as exc:
+        raise TaskArithError(f"could not write the merged model to {target}: {exc.strerror or exc}") from None
     try:
         for file_name, shard in zip(file_names, shards):
             with open(building / file_name, "wb") as fh:
@@ -383,9 +385,9 @@ def merge_checkpoints(
         _copy_companion_files(base_index.folder, building)
         write_marker(building, MERGED_MODEL_FORMAT, method=method, hyperparameters=params, seed=seed,
                      weights=weights)
-        # Again, now: the merge may have taken hours, and something else may have appeared at the output.
-        check_output(out_dir, inputs, overwrite=overwrite, format=MERGED_MODEL_FORMAT, folder=True)
-        previous = _replace_folder(building, destination)
+        sync_folder(building)
+        # Decided again at the rename: the merge may have taken hours, and something may have appeared at the output.
+        commit(building, out_dir, inputs, overwrite=overwrite, format=MERGED_MODEL_FORMAT, folder=True)
     except OSError as exc:
         shutil.rmtree(building, ignore_errors=True)
         raise TaskArithError(f"could not write the merged model to {target} (nothing was replaced): "
@@ -393,12 +395,6 @@ def merge_checkpoints(
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    if previous is not None:
-        try:
-            shutil.rmtree(previous)
-        except OSError as exc:
-            raise TaskArithError(f"wrote the merged model to {target}, but the output it replaced, moved aside to "
-                                 f"{previous}, could not be removed ({exc.strerror or exc}); delete it") from exc
     return {"method": method, "hyperparameters": params, "seed": seed, "tensors": len(base_index.entries),
             "bytes": total, "shards": len(shards), "out": str(target), "models": len(others)}
 
@@ -411,20 +407,3 @@ def _copy_companion_files(folder: Path | None, destination: Path) -> None:
         if (path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in _WEIGHT_INDEXES
                 and path.name != MARKER):  # a base that is itself a merge: the new marker is the merge's own
             shutil.copy2(path, destination / path.name)
-
-
-def _replace_folder(built: Path, target: Path) -> Path | None:
-    """Put ``built`` at ``target``; an existing ``target`` (a folder, checked by the caller) is moved aside
-    first and put back if the rename fails. Returns where the previous folder now lies, for the caller to
-    remove once the new one is in place."""
-    if not os.path.lexists(target):
-        os.replace(built, target)
-        return None
-    aside = target.parent / f".{target.name}.{built.name.rsplit('.', 2)[-2]}.old"
-    os.replace(target, aside)
-    try:
-        os.replace(built, target)
-    except OSError:
-        os.replace(aside, target)
-        raise
-    return aside
