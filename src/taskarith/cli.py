@@ -276,13 +276,18 @@ def _parse_assignment(spec: str) -> tuple[str, object]:
     """'density=0.2' -> ('density', 0.2): values are read as YAML scalars (numbers, booleans, strings)."""
     import yaml
 
+    from taskarith.display import quoted
+    from taskarith.merging.recipe import safe_yaml
+
     key, sep, value = spec.partition("=")
     if not sep or not key.strip():
-        raise TaskArithError(f"--set {spec!r}: expected KEY=VALUE, e.g. --set density=0.2")
+        raise TaskArithError(f"--set {quoted(spec)}: expected KEY=VALUE, e.g. --set density=0.2")
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), safe_yaml(value)
+    except TaskArithError as exc:
+        raise TaskArithError(f"--set {quoted(spec)}: {exc}") from None
     except yaml.YAMLError:
-        raise TaskArithError(f"--set {spec!r}: the value is not a number, boolean or string") from None
+        raise TaskArithError(f"--set {quoted(spec)}: the value is not a number, boolean or string") from None
 
 
 @app.command()

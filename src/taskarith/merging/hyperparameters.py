@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from taskarith.display import quoted
 from taskarith.errors import TaskArithError
 
 __all__ = ["DEFAULTS", "HYPERPARAMETERS", "Hyperparameter", "check_hyperparameters", "check_method"]
@@ -93,14 +94,14 @@ def check_method(name: str) -> str:
 def _number(method: str, key: str, raw: object, spec: Hyperparameter) -> float:
     # Strings are accepted so that `--param density=0.3` from a command line needs no special casing.
     if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-        raise TaskArithError(f"{method} hyper-parameter '{key}' must be a number, got {raw!r}")
+        raise TaskArithError(f"{method} hyper-parameter '{key}' must be a number, got {quoted(raw)}")
     try:
         value = float(raw)
     except ValueError:
-        raise TaskArithError(f"{method} hyper-parameter '{key}' must be a number, got {raw!r}") from None
+        raise TaskArithError(f"{method} hyper-parameter '{key}' must be a number, got {quoted(raw)}") from None
     if not math.isfinite(value) or not spec.contains(value) or (spec.integer and value != int(value)):
         raise TaskArithError(
-            f"{method} hyper-parameter '{key}' = {raw!r} is out of range: it must be {spec.range_text()}"
+            f"{method} hyper-parameter '{key}' = {quoted(raw)} is out of range: it must be {spec.range_text()}"
         )
     return int(value) if spec.integer else value
 
