@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from taskarith.display import shown
 from taskarith.errors import TaskArithError
 from taskarith.io import (SAFETENSORS_ITEMSIZE, layout_bytes, stream_safetensors, sync_folder, temporary_beside,
                           write_json)
@@ -56,15 +57,26 @@ _NUMPY_METHODS: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
+# A file's identity as os.stat gives it: a file renamed over the path has another inode, one rewritten in
+# place another size or modification time.
+FileIdentity = tuple[int, int, int, int]
+
+
+def file_identity(stat: os.stat_result) -> FileIdentity:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
 @dataclass(frozen=True)
 class TensorEntry:
-    """Where one tensor's bytes lie: its file, its safetensors dtype and shape, and its byte range."""
+    """Where one tensor's bytes lie: its file, its safetensors dtype and shape, its byte range, and the
+    identity the file had when its header was read (every later read must find the same file)."""
 
     file: Path
     dtype: str
     shape: tuple[int, ...]
     start: int
     end: int
+    identity: FileIdentity
 
 
 @dataclass(frozen=True)
@@ -104,19 +116,38 @@ class CheckpointIndex:
     def folder(self) -> Path | None:
         return self.source if self.source.is_dir() else None
 
+    def check_unchanged(self) -> None:
+        """Refuse if any weight file is no longer the file whose header was read (replaced or rewritten)."""
+        for file, identity in sorted({(entry.file, entry.identity) for entry in self.entries.values()}):
+            try:
+                now: FileIdentity | None = file_identity(os.stat(file))
+            except OSError:
+                now = None
+            if now != identity:
+                raise _changed(file)
+
+
+def _changed(file: Path) -> TaskArithError:
+    return TaskArithError(f"{file}: the file was replaced or changed during the merge (was it still being "
+                          "saved?); nothing was written: merge again once it is complete")
+
 
 def _shard_entries(shard: Path) -> dict[str, TensorEntry]:
     """The tensors of one safetensors file, after the library has validated its header."""
     try:
-        with safe_open(str(shard), framework="numpy") as fh:
-            validated = set(fh.keys())
-        with open(shard, "rb") as fh:
-            (header_size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(header_size))
-    except (SafetensorError, OSError, ValueError, struct.error) as exc:
-        raise TaskArithError(f"{shard}: not a readable safetensors file ({exc})") from None
+        # The identity comes from the handle the header is read through; the path, stated after the
+        # library's validation, must still name that file, so the header trusted is the header validated.
+        with open(shard, "rb") as raw:
+            identity = file_identity(os.fstat(raw.fileno()))
+            with safe_open(str(shard), framework="numpy") as fh:
+                validated = set(fh.keys())
+            (header_size,) = struct.unpack("<Q", raw.read(8))
+            header = json.loads(raw.read(header_size))
+        same = file_identity(os.stat(shard)) == identity
+    except (SafetensorError, OSError, ValueError, struct.error, RecursionError) as exc:
+        raise TaskArithError(f"{shard}: not a readable safetensors file ({shown(exc)})") from None
     header.pop("__metadata__", None)
-    if set(header) != validated:  # the file changed between the two reads
+    if not same or set(header) != validated:
         raise TaskArithError(f"{shard}: the file changed while its header was being read")
     entries = {}
     for name, info in header.items():
@@ -126,7 +157,7 @@ def _shard_entries(shard: Path) -> dict[str, TensorEntry]:
         if end - start != layout_bytes(info["dtype"], tuple(info["shape"])):
             raise TaskArithError(f"{shard}: the file changed while its header was being read")
         entries[name] = TensorEntry(shard, info["dtype"], tuple(info["shape"]), 8 + header_size + start,
-                                    8 + header_size + end)
+                                    8 + header_size + end, identity)
     return entries
 
 
@@ -164,6 +195,10 @@ def read_bytes(entry: TensorEntry, buffer: np.ndarray | None = None) -> np.ndarr
     view, done = memoryview(data), 0
     try:
         with open(entry.file, "rb", buffering=0) as fh:
+            # Each tensor re-opens its file (holding every shard of every model open could pass the limit
+            # on open files), so each open checks that the path still names the file whose header was read.
+            if file_identity(os.fstat(fh.fileno())) != entry.identity:
+                raise _changed(entry.file)
             fh.seek(entry.start)
             while done < len(data):
                 got = fh.readinto(view[done:])
@@ -383,6 +418,10 @@ def merge_checkpoints(
             weight_map = {name: file_name for file_name, shard in zip(file_names, shards) for name in shard}
             write_json(building / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         _copy_companion_files(base_index.folder, building)
+        # A file renamed over an input after its last tensor was read, or rewritten in place during that
+        # read, is caught only here.
+        for index in (base_index, *others):
+            index.check_unchanged()
         write_marker(building, MERGED_MODEL_FORMAT, method=method, hyperparameters=params, seed=seed,
                      weights=weights)
         sync_folder(building)
