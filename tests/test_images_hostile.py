@@ -7,6 +7,7 @@ the bomb would exceed many times over; they assert on the outcome, never on time
 
 from __future__ import annotations
 
+import shutil
 import struct
 import subprocess
 import sys
@@ -102,3 +103,99 @@ except TaskArithError as exc:
 """, 2 << 30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("refused:") and "bomb.png is 12000 x 12000" in done.stdout
+
+
+# ---- image folders and links -----------------------------------------------------------------------------
+
+
+def write_png(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(path)
+
+
+def class_folders(root: Path, classes: tuple[str, ...] = ("a", "b"), n: int = 6) -> Path:
+    for c, name in enumerate(classes):
+        for i in range(n):
+            write_png(root / name / f"{i}.png", 100 * c + i)
+    return root
+
+
+def all_inputs(task) -> list[tuple[Path, int]]:
+    return [(Path(x), y) for split in (task.train, task.val, task.test) for x, y in zip(split.inputs, split.labels)]
+
+
+def test_a_link_back_to_an_ancestor_adds_nothing(tmp_path):
+    from taskarith.data import task_from_image_folder
+
+    root = class_folders(tmp_path / "data")
+    plain = all_inputs(task_from_image_folder(root))
+    (root / "b" / "loop").symlink_to("..")  # the issue's attack: 12 files became hundreds of examples
+    (root / "b" / "self").symlink_to(".")
+    looped = all_inputs(task_from_image_folder(root))
+    assert looped == plain and len(looped) == 12
+    real = [p.resolve() for p, _ in looped]
+    assert len(set(real)) == len(real)  # each file once, so no test file is also in train
+    assert all((p.parent.name == "a") == (y == 0) for p, y in looped)  # class-a images keep their label
+
+
+def test_a_link_to_another_class_does_not_relabel_its_images(tmp_path):
+    from taskarith.data import task_from_image_folder
+
+    root = class_folders(tmp_path / "data")
+    (root / "a" / "more").symlink_to("../b")
+    (root / "a" / "x.png").symlink_to("../b/0.png")
+    inputs = all_inputs(task_from_image_folder(root))
+    assert len(inputs) == 12 and all((p.resolve().parent.name == "a") == (y == 0) for p, y in inputs)
+
+
+def test_a_link_inside_the_class_folder_is_followed_once(tmp_path):
+    from taskarith.data import task_from_image_folder
+
+    root = class_folders(tmp_path / "data")
+    write_png(root / "a" / "stash" / "extra.png", 999)
+    (root / "a" / "alias").symlink_to("stash")  # a second route to a folder of its own class
+    (root / "a" / "again.png").symlink_to("0.png")
+    inputs = all_inputs(task_from_image_folder(root))
+    assert len(inputs) == 13 and len({p.resolve() for p, _ in inputs}) == 13
+
+
+@pytest.mark.parametrize("where", ["b/outside", "b/leak.png", "c"])
+def test_a_link_out_of_the_folder_is_refused_naming_it(tmp_path, where):
+    from taskarith.data import task_from_image_folder
+
+    root = class_folders(tmp_path / "data")
+    private = class_folders(tmp_path / "private", classes=("secret",))
+    target = private / "secret" / ("0.png" if where.endswith(".png") else "")
+    (root / where).symlink_to(target)
+    with pytest.raises(TaskArithError, match=rf"{where}( leads through a link to .*private/secret.*, outside the "
+                                             r"folder)"):
+        task_from_image_folder(root)
+
+
+def test_a_file_reached_from_two_splits_is_kept_where_it_lies(tmp_path):
+    from taskarith.data import task_from_image_folder
+
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        class_folders(root / split, n=4)
+    for i in range(4):  # every test image of class a would also be a training one
+        (root / "test" / "a" / f"{i}.png").unlink()
+        (root / "test" / "a" / f"{i}.png").symlink_to(f"../../train/a/{i}.png")
+    write_png(root / "test" / "a" / "own.png", 77)
+    task = task_from_image_folder(root)
+    train = {Path(x).resolve() for x in (*task.train.inputs, *task.val.inputs)}
+    test = {Path(x).resolve() for x in task.test.inputs}
+    assert not train & test and len(train) == 8 and len(test) == 5
+
+
+def test_a_class_folder_linked_to_one_of_another_split_is_refused(tmp_path):
+    from taskarith.data import task_from_image_folder
+
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        class_folders(root / split, n=4)
+    shutil.rmtree(root / "test" / "a")
+    (root / "test" / "a").symlink_to("../train/a")
+    with pytest.raises(TaskArithError, match=r"test/a is the folder .*train/a \(through a link\), whose images are "
+                                             r"listed already"):
+        task_from_image_folder(root)
