@@ -128,3 +128,79 @@ def test_an_unchanged_merge_still_succeeds(work):
     summary = merge_checkpoints("base", ["ftA"], "merged")
     assert summary["tensors"] == 6 and (work / "merged" / "model.safetensors").is_file()
     assert json.loads((work / "merged" / "config.json").read_text()) == {"model_type": "tiny"}
+
+
+# ---- model folders that reach outside themselves --------------------------------------------------------
+
+
+def shard(folder: Path, weight_map: dict) -> Path:
+    """``folder`` made a sharded model whose index maps its tensors to ``weight_map``'s values."""
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+@pytest.mark.parametrize("name", ["../secret.safetensors", "/etc/passwd", "sub/model.safetensors", "..", ".", "",
+                                  "a\\..\\b.safetensors"])
+def test_a_shard_index_naming_a_path_outside_the_folder_is_refused(work, name):
+    from taskarith.io import read_state_dict
+
+    save_file({"layer0.weight": np.ones((8, 4), np.float32)}, str(work / "secret.safetensors"))
+    tensors = [f"layer{i}.weight" for i in range(6)]
+    shard(work / "ftA", {**{t: "model-00001-of-00001.safetensors" for t in tensors}, "layer0.weight": name})
+    pattern = r"ftA/model.safetensors.index.json: weight_map\['layer0.weight'\] is .*; a shard must be a plain file name"
+    with pytest.raises(TaskArithError, match=pattern):
+        merge_checkpoints("base", ["ftA"], "merged")
+    with pytest.raises(TaskArithError, match=pattern):
+        read_state_dict(work / "ftA")
+    assert not (work / "merged").exists()
+
+
+@pytest.mark.parametrize("value", [5, None, ["model.safetensors"], {"a": 1}])
+def test_a_shard_index_with_values_that_are_not_strings_is_refused(work, value):
+    from taskarith.io import read_state_dict
+
+    shard(work / "ftA", {"layer0.weight": value})
+    with pytest.raises(TaskArithError, match=r"weight_map\['layer0.weight'\] is .*, not a file name"):
+        read_state_dict(work / "ftA")
+    with pytest.raises(TaskArithError, match=r"weight_map\['layer0.weight'\] is .*, not a file name"):
+        merge_checkpoints("base", ["ftA"], "merged")
+
+
+def test_the_cli_refuses_a_bad_shard_index_in_one_line(cli, work):
+    shard(work / "ftA", {f"layer{i}.weight": "../base/model.safetensors" for i in range(6)})
+    code, _, err = cli("merge", "--base", "base", "--model", "ftA", "--out", "merged")
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(lines) == 1 and "a shard must be a plain file name" in lines[0], err
+    assert not (work / "merged").exists()
+
+
+@pytest.mark.parametrize("target", ["outside", "absolute"])
+def test_a_companion_file_linked_outside_the_folder_is_refused_before_merging(work, target):
+    (work / "private.txt").write_text("hf_token=secret\n")
+    link = work / "base" / "tokenizer_config.json"
+    link.symlink_to("../private.txt" if target == "outside" else work / "private.txt")
+    seen: list[str] = []
+    with pytest.raises(TaskArithError, match=r"base/tokenizer_config.json is a link to .*private.txt, outside the "
+                                             "model folder"):
+        merge_checkpoints("base", ["ftA"], "merged", on_tensor=seen.append)
+    assert seen == [] and not (work / "merged").exists()
+
+
+def test_companion_links_inside_the_folder_and_into_the_hub_cache_are_copied(tmp_path):
+    # The Hugging Face cache stores every file of a snapshot as a link to ../../blobs/<hash>.
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    write_model(snapshot, seed=0)
+    (repo / "blobs").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).rename(repo / "blobs" / f"hash-{name}")
+        (snapshot / name).symlink_to(f"../../blobs/hash-{name}")
+    (snapshot / "notes").mkdir()
+    (snapshot / "notes" / "README.md").write_text("# tiny\n")
+    (snapshot / "README.md").symlink_to("notes/README.md")
+    write_model(tmp_path / "ftA", seed=1)
+    merge_checkpoints(snapshot, [tmp_path / "ftA"], tmp_path / "merged")
+    merged = tmp_path / "merged"
+    assert (merged / "README.md").read_text() == "# tiny\n" and not (merged / "README.md").is_symlink()
+    assert json.loads((merged / "config.json").read_text()) == {"model_type": "tiny"}

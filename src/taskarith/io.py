@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from safetensors import SafetensorError, safe_open
 
+from taskarith.display import quoted, shown
 from taskarith.errors import TaskArithError
 
 if TYPE_CHECKING:
@@ -171,8 +172,12 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TaskArithError(f"{path}: file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TaskArithError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise TaskArithError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    # ValueError: also a number of more than 4300 digits, which Python refuses to convert; RecursionError:
+    # arrays nested some thousands deep.
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise TaskArithError(f"{path}: not valid JSON ({shown(exc)})") from None
 
 
 # Written data are synced to disk in steps of this size while a long file is being written.
@@ -332,17 +337,41 @@ def _load_weight_file(path: Path) -> StateDict:
     return load_tensors(path)[0]
 
 
-def _load_sharded(directory: Path, index_name: str) -> StateDict:
-    index = read_json(directory / index_name)
+def shard_files(index_path: Path, index: Any) -> list[Path]:
+    """The weight files a Hugging Face shard index names, checked to be plain file names in its folder.
+
+    An index is data from whoever published the model; a name such as ``../../home/me/key.safetensors`` or
+    an absolute path would read, and merge into the output, a file outside the model folder.
+    """
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-        raise TaskArithError(f"{directory / index_name}: missing 'weight_map'")
+        raise TaskArithError(f"{index_path}: missing 'weight_map' (a mapping from tensor names to shard files)")
+    names: set[str] = set()
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str):
+            raise TaskArithError(f"{index_path}: weight_map[{quoted(tensor)}] is {quoted(name)}, not a file name")
+        if not plain_file_name(name):
+            raise TaskArithError(f"{index_path}: weight_map[{quoted(tensor)}] is {quoted(name)}; a shard must be a "
+                                 f"plain file name in {shown(index_path.parent)} (no folders, '..' or absolute paths)")
+        names.add(name)
+    return [index_path.parent / name for name in sorted(names)]
+
+
+def plain_file_name(name: str) -> bool:
+    """Whether ``name`` names a file directly inside a folder: no separator, not '.' or '..', no NUL."""
+    return (name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+            and os.path.basename(name) == name and not os.path.isabs(name))
+
+
+def _load_sharded(directory: Path, index_name: str) -> StateDict:
+    index_path = directory / index_name
+    index = read_json(index_path)
     state: StateDict = {}
-    for shard in sorted(set(weight_map.values())):
-        state.update(_load_weight_file(directory / shard))
-    missing = sorted(set(weight_map) - set(state))
+    for shard in shard_files(index_path, index):
+        state.update(_load_weight_file(shard))
+    missing = sorted(set(index["weight_map"]) - set(state))
     if missing:
-        raise TaskArithError(f"{directory / index_name}: tensors listed but absent from shards: {missing[:5]}")
+        raise TaskArithError(f"{index_path}: tensors listed but absent from shards: {quoted(missing[:5])}")
     return state
 
 

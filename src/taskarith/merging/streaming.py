@@ -31,8 +31,8 @@ from safetensors import SafetensorError, safe_open
 
 from taskarith.display import shown
 from taskarith.errors import TaskArithError
-from taskarith.io import (SAFETENSORS_ITEMSIZE, layout_bytes, stream_safetensors, sync_folder, temporary_beside,
-                          write_json)
+from taskarith.io import (SAFETENSORS_ITEMSIZE, layout_bytes, shard_files, stream_safetensors, sync_folder,
+                          temporary_beside, write_json)
 from taskarith.merging import kernels
 from taskarith.merging.hyperparameters import check_hyperparameters
 from taskarith.outputs import MARKER, MERGED_MODEL_FORMAT, check_output, commit, write_marker
@@ -164,12 +164,9 @@ def _shard_entries(shard: Path) -> dict[str, TensorEntry]:
 def _shards_of_index(index_path: Path) -> list[Path]:
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TaskArithError(f"{index_path}: not a readable JSON index ({exc})") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise TaskArithError(f"{index_path}: missing or malformed 'weight_map'")
-    shards = sorted({index_path.parent / name for name in weight_map.values()})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
+        raise TaskArithError(f"{index_path}: not a readable JSON index ({shown(exc)})") from None
+    shards = shard_files(index_path, index)
     missing = [str(s) for s in shards if not s.is_file()]
     if missing:
         raise TaskArithError(f"{index_path}: shards listed but absent: {missing[:3]}")
@@ -351,6 +348,7 @@ def merge_checkpoints(
     inputs = [("base model", base), *(("model", path) for path in finetuned), *other_inputs,
               *(("weights file", file) for index in (base_index, *others)
                 for file in sorted({entry.file for entry in index.entries.values()}))]
+    companions = companion_files(base_index.folder)
     target = Path(out_dir)
     destination = check_output(out_dir, inputs, overwrite=overwrite, format=MERGED_MODEL_FORMAT, folder=True)
 
@@ -417,7 +415,8 @@ def merge_checkpoints(
         if len(shards) > 1:
             weight_map = {name: file_name for file_name, shard in zip(file_names, shards) for name in shard}
             write_json(building / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        _copy_companion_files(base_index.folder, building)
+        for companion in companions:
+            shutil.copy2(companion, building / companion.name)
         # A file renamed over an input after its last tensor was read, or rewritten in place during that
         # read, is caught only here.
         for index in (base_index, *others):
@@ -438,11 +437,28 @@ def merge_checkpoints(
             "bytes": total, "shards": len(shards), "out": str(target), "models": len(others)}
 
 
-def _copy_companion_files(folder: Path | None, destination: Path) -> None:
-    """Config, tokenizer and generation files travel with the merged weights; the base's weights do not."""
+def companion_files(folder: Path | None) -> list[Path]:
+    """Config, tokenizer and generation files of a model folder, which travel with the merged weights.
+
+    Each is copied by content into the merged model, which users then publish; a link to a file outside
+    the folder (``tokenizer_config.json -> ~/.netrc``) is refused, naming it, before anything is merged.
+    Links into the Hugging Face cache's ``blobs`` folder of the same model are how every file of a
+    downloaded snapshot is stored, and are followed.
+    """
     if folder is None:
-        return
+        return []
+    real = Path(os.path.realpath(folder))
+    allowed = [real]
+    if real.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<revision>/config.json -> ../../blobs/<hash>
+        allowed.append(real.parent.parent / "blobs")
+    found = []
     for path in sorted(folder.iterdir()):
-        if (path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in _WEIGHT_INDEXES
-                and path.name != MARKER):  # a base that is itself a merge: the new marker is the merge's own
-            shutil.copy2(path, destination / path.name)
+        if (not path.is_file() or path.name.endswith(_WEIGHT_SUFFIXES) or path.name in _WEIGHT_INDEXES
+                or path.name == MARKER):  # a base that is itself a merge: the new marker is the merge's own
+            continue
+        target = Path(os.path.realpath(path))
+        if not any(target.is_relative_to(place) for place in allowed):
+            raise TaskArithError(f"{shown(path)} is a link to {shown(target)}, outside the model folder; it would be "
+                                 "copied into the merged model: copy the file into the folder, or remove the link")
+        found.append(path)
+    return found
