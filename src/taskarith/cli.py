@@ -84,6 +84,20 @@ def _parse_strength(spec: str) -> tuple[str, tuple[float, ...]]:
     return name, grid
 
 
+def _at_least(option: str, value: int | None, low: int = 1, meaning: str = "") -> None:
+    """Refuse a count option below ``low`` on the command line, before anything loads."""
+    if value is not None and value < low:
+        raise TaskArithError(f"{option} {value}: must be at least {low}{meaning}")
+
+
+def _check_seed(option: str, value: int | None) -> None:
+    """Refuse a seed torch cannot take, before the model loads (torch says so only when seeded)."""
+    from taskarith.finetune import MAX_SEED
+
+    if value is not None and not 0 <= value <= MAX_SEED:
+        raise TaskArithError(f"{option} {shown(value)}: must be between 0 and {MAX_SEED}")
+
+
 def _load_model(model: str, device: str, max_length: int = 64):
     from taskarith.models import load_pretrained
 
@@ -182,15 +196,19 @@ def finetune(
 
     from taskarith.data import load_task
     from taskarith.distributed import cluster_from_environment, local_device
-    from taskarith.finetune import FinetuneConfig, check_run_folder, finetune as run_finetune
+    from taskarith.finetune import FinetuneConfig, check_against_task, check_run_folder, finetune as run_finetune
     from taskarith.outputs import RunLock
 
+    _check_seed("--seed", seed)
     inputs = [*_existing("task", task), *_existing("model", model), *_existing("factor file", *(reg_factors or ()))]
     # Checked and locked before anything loads (the run takes the lock again, re-entrantly, and checks again
     # under it); rank 0 only. Checked first, so that a refusal leaves not even a lock file behind.
     main_process = cluster_from_environment().is_main
     if main_process:
         check_run_folder(out_dir, inputs, resume=resume, overwrite=overwrite)
+    from taskarith.models import check_max_length
+
+    check_max_length(model, max_length)  # from the model's config, before the data or the weights load
     with RunLock(out_dir) if main_process else nullcontext():
         loaded = load_task(task)
         config = FinetuneConfig(task=loaded.name, model=model, mode=mode, steps=steps, batch_size=batch_size, lr=lr,
@@ -200,6 +218,7 @@ def finetune(
                                 checkpoint_every=checkpoint_every, regularizer=regularizer, reg_strength=reg_strength,
                                 reg_tasks=tuple(reg_task or ()), reg_factors=tuple(str(f) for f in reg_factors or ()),
                                 reg_batch_size=reg_batch_size, reg_every=reg_every, augment=augment)
+        check_against_task(config, loaded)
         pretrained = _load_model(model, local_device(device), max_length)
         result = run_finetune(config, pretrained, loaded, out_dir, resume=resume, overwrite=overwrite, protect=inputs)
     out.print(f"task vector: {shown(out_dir / 'task_vector.safetensors')} (norm {result.task_vector.norm():.4f})")
@@ -354,6 +373,7 @@ def interference(
     from taskarith.plots import heatmap
     from taskarith.vectors import TaskVector
 
+    _at_least("--max-examples", max_examples)
     loaded_vectors = [TaskVector.load(path) for path in vectors]
     loaded_tasks = [load_task(name) for name in task]
     pretrained = _load_model(model, device)
@@ -390,6 +410,9 @@ def kfac(
     from taskarith.kfac import FORMAT, compute_kfac_factors, uncovered_parameters
     from taskarith.outputs import check_output, output_file
 
+    _at_least("--num-examples", num_examples)
+    _at_least("--mc-samples", mc_samples, 0, " (0: every output coordinate)")
+    _check_seed("--seed", seed)
     inputs = [*_existing("task", task), *_existing("model", model)]
     check_output(out_file, inputs, overwrite=overwrite, format=FORMAT, folder=False)  # before the computation
     loaded = load_task(task)
@@ -443,6 +466,8 @@ def kfac_compress(
 
     if (blocks is None) == (rank is None):
         raise TaskArithError("kfac-compress needs exactly one of --blocks and --rank")
+    _at_least("--blocks", blocks)
+    _at_least("--rank", rank)
     inputs = [("factor file", str(factor_file))]
     check_output(out_file, inputs, overwrite=overwrite, format=FORMAT, folder=False)
     factors = KFACFactors.load(factor_file)
@@ -505,9 +530,14 @@ def bench(
         ("steps", steps), ("batch_size", batch_size), ("lr", lr), ("eval_limit", eval_limit),
         ("warmup_steps", warmup_steps), ("reg_sampling", reg_sampling), ("reg_batch_size", reg_batch_size),
         ("reg_control", reg_control)) if value is not None})
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("reg_batch_size", reg_batch_size)):
-        if value is not None and value < 1:
-            raise TaskArithError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("reg_batch_size", reg_batch_size),
+                        ("seeds", seeds)):
+        _at_least(f"--{name.replace('_', '-')}", value)
+    if seeds is not None and seeds > 1000:
+        raise TaskArithError(f"--seeds {shown(seeds)}: at most 1000 (each seed is a full run of the protocol)")
+    _at_least("--warmup-steps", warmup_steps, 0)
+    if lr is not None and not (math.isfinite(lr) and 0 < lr < 1):
+        raise TaskArithError(f"--lr {lr}: must be in (0, 1)")
     if eval_limit is not None and eval_limit < 0:
         raise TaskArithError(f"--eval-limit {eval_limit}: must be at least 0 (0: every example)")
     if eval_limit == 0:
@@ -563,6 +593,8 @@ def demo(
     from taskarith.io import write_json, write_text
     from taskarith.report import demo_markdown, demo_rows, negation_rows, rich_table
 
+    _at_least("--steps", steps)
+    _check_seed("--seed", seed)
     config = DemoConfig(steps=steps, seed=seed)
     pretrained = _load_model(model, device)
     tasks_ = [load_task(name) for name in DEMO_TASKS]

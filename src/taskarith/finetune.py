@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from taskarith import __version__
 from taskarith.data import Task, load_task
+from taskarith.display import quoted, shown
 from taskarith.distributed import Cluster, cluster_from_environment
 from taskarith.errors import TaskArithError
 from taskarith.evaluate import accuracy
@@ -141,11 +142,12 @@ class FinetuneConfig:
             ("max_grad_norm", self.max_grad_norm > 0, "must be positive"),
             ("max_length", 2 <= self.max_length <= 8192, "must be between 2 and 8192"),
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0 (0: only at the end)"),
+            ("seed", 0 <= self.seed <= MAX_SEED, f"must be between 0 and {MAX_SEED} (torch's generators take 64 bits)"),
         ]
         for name, ok, rule in checks:
             value = getattr(self, name)
             if not ok or (isinstance(value, float) and not math.isfinite(value)):
-                raise TaskArithError(f"fine-tuning option {name}={value!r} {rule}")
+                raise TaskArithError(f"fine-tuning option {name}={quoted(value)} {rule}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> FinetuneConfig:
@@ -169,6 +171,22 @@ class FinetuneConfig:
 class FinetuneResult:
     task_vector: TaskVector
     record: dict[str, Any]
+
+
+# The largest seed a run takes: torch.manual_seed refuses more than 64 bits, and only after the model loaded.
+MAX_SEED = 2**63 - 1
+
+
+def check_against_task(config: FinetuneConfig, task: Task) -> None:
+    """Refuse options that the task's data cannot serve, before the model loads or training starts.
+
+    A batch larger than the training split repeats its examples within the step (65,536 copies of 46
+    examples took 7.3 GB before failing in the allocator).
+    """
+    examples = len(task.train)
+    if config.batch_size > examples:
+        raise TaskArithError(f"fine-tuning option batch_size={config.batch_size} is more than the {examples} training "
+                             f"examples of task {shown(task.name)}; use at most {examples}")
 
 
 def derived_seed(*parts: int | str, bits: int = 40) -> int:
@@ -416,6 +434,7 @@ def _finetune(
     protect: Sequence[tuple[str, str]],
     cluster: Cluster,
 ) -> FinetuneResult:
+    check_against_task(config, task)
     samples_inputs = config.regularizer is not None and REGULARIZERS[config.regularizer].needs_inputs
     if config.batch_size < cluster.world or (samples_inputs and config.reg_batch_size < cluster.world):
         raise TaskArithError(f"batch_size={config.batch_size} and reg_batch_size={config.reg_batch_size} must be at "
