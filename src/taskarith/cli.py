@@ -305,7 +305,7 @@ def _parse_assignment(spec: str) -> tuple[str, object]:
         return key.strip(), safe_yaml(value)
     except TaskArithError as exc:
         raise TaskArithError(f"--set {quoted(spec)}: {exc}") from None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: also an integer of over 4300 digits
         raise TaskArithError(f"--set {quoted(spec)}: the value is not a number, boolean or string") from None
 
 

@@ -248,9 +248,25 @@ def _load_checkpoint(path: Path, config: FinetuneConfig, base_hash: str,
         raise TaskArithError(f"{path}: not a taskarith fine-tuning checkpoint")
     if metadata.get("base_hash") != base_hash:
         raise TaskArithError(f"{path}: checkpoint of base model {metadata.get('base_hash')}, not {base_hash}")
-    if json.loads(metadata.get("config", "{}")) != config.to_json():
+    try:
+        recorded = json.loads(metadata.get("config", "{}"))
+    except (ValueError, RecursionError):  # ValueError: also an integer of over 4300 digits
+        recorded = None
+    if recorded != config.to_json():
         raise TaskArithError(f"{path}: checkpoint was made with another configuration; delete it or use another --out")
-    step = int(metadata["step"])
+    # A checkpoint is a file someone may have edited or damaged: its step and tensors are checked before use.
+    step_text = metadata.get("step", "")
+    if not (step_text.isascii() and step_text.isdigit() and len(step_text) < 19 and int(step_text) <= config.steps):
+        raise TaskArithError(f"{path}: checkpoint step {quoted(step_text)} is not a step of this run "
+                             f"(0 to {config.steps}); delete it or use another --out")
+    step = int(step_text)
+    for name, param in named_params:
+        for prefix in ("param", "exp_avg", "exp_avg_sq"):
+            saved = tensors.get(f"{prefix}/{name}")
+            if (saved is None and prefix == "param") or (saved is not None and (saved.shape != param.shape
+                                                                                 or saved.dtype != param.dtype)):
+                raise TaskArithError(f"{path}: checkpoint tensor {quoted(f'{prefix}/{name}')} is missing or not "
+                                     f"{param.dtype} {tuple(param.shape)}; delete it or use another --out")
     with torch.no_grad():
         for name, param in named_params:
             param.copy_(tensors[f"param/{name}"])

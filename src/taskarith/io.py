@@ -322,9 +322,15 @@ def _load_pickle_weights(path: Path) -> StateDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types here; all mean "refused or unreadable"
+        # Only what torch's unpickler objected to is relayed: its message also advises loading the file with
+        # weights_only=False, which for a file refused this way means running whatever code it carries.
+        text = str(exc)
+        marker = "WeightsUnpickler error:"
+        detail = text[text.index(marker) + len(marker):] if marker in text else text
         raise TaskArithError(
-            f"{path}: refused to load (only plain tensors are read from pickle files, "
-            f"with torch.load(weights_only=True); convert it to safetensors): {exc}"
+            f"{path}: refused to load: only plain tensors are read from pickle files (torch.load with "
+            f"weights_only=True), and this one holds something else ({shown(detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__, 120)}); "
+            "get the weights as safetensors"
         ) from None
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise TaskArithError(f"{path}: expected a mapping from names to tensors")

@@ -106,11 +106,12 @@ def _number(method: str, key: str, raw: object, spec: Hyperparameter) -> float:
     return int(value) if spec.integer else value
 
 
-def check_hyperparameters(name: str, params: Mapping[str, object]) -> dict[str, float]:
+def check_hyperparameters(name: str, params: Mapping[str, object], *, models: int | None = None) -> dict[str, float]:
     """The method's full hyper-parameters: ``params`` validated, the rest filled from :data:`DEFAULTS`.
 
     Raises :class:`TaskArithError` for an unknown method, an unknown key (listing the accepted ones),
-    or a value out of range (naming key and value).
+    or a value out of range (naming key and value). ``models``, the number of models or vectors merged
+    when known, bounds the values that count them.
     """
     specs = HYPERPARAMETERS[check_method(name)]
     unknown = sorted(str(key) for key in params if key not in specs)
@@ -125,4 +126,8 @@ def check_hyperparameters(name: str, params: Mapping[str, object]) -> dict[str, 
             f"breadcrumbs keeps 'density' = {checked['density']:g} and removes 'gamma' = {checked['gamma']:g} "
             f"as outliers; together they cannot exceed 1"
         )
+    if name == "consensus" and models is not None and checked["k"] > models:
+        # No entry can be kept by more masks than there are models: the merge would silently be the base.
+        raise TaskArithError(f"consensus 'k' = {checked['k']:g} is more than the {models} models merged; an entry "
+                             f"kept by at least k of them cannot exist: use k <= {models}")
     return checked

@@ -409,7 +409,7 @@ def merge_task_vectors(
         raise TaskArithError("no task vectors to merge")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TaskArithError(f"the merge seed must be an integer, got {seed!r}")
-    params = check_hyperparameters(method, hyperparameters)
+    params = check_hyperparameters(method, hyperparameters, models=len(vectors))
     anchor, meta = _shared_meta(vectors)
     deltas = {}
     for key in anchor.deltas:

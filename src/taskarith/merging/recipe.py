@@ -79,7 +79,8 @@ class MergeRecipe:
         if self.shard_size < 1:
             raise TaskArithError(f"{where}: 'shard_size' must be positive, got {self.shard_size}")
         try:
-            check_hyperparameters(self.method, self.parameters)
+            check_hyperparameters(self.method, self.parameters,
+                                  models=len(self.models) + len(self.task_vectors) or None)
         except TaskArithError as exc:
             raise TaskArithError(f"{where}: {exc}") from None
         return self
@@ -89,13 +90,18 @@ def parse_size(value: object, where: str = "shard_size") -> int:
     """``2GB``, ``500MiB``, ``1e9`` or an integer number of bytes."""
     if isinstance(value, bool):
         raise TaskArithError(f"{where}: expected a size like 2GB, got {quoted(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TaskArithError(f"{where}: expected a size like 2GB, got {quoted(value)}")
     if isinstance(value, (int, float)):
         return int(value)
     match = _SIZE.match(str(value))
     unit = (match.group(2) or "").upper() if match else None
     if not match or unit not in _UNITS:
         raise TaskArithError(f"{where}: expected a size like 2GB or 500MiB, got {quoted(value)}")
-    return int(float(match.group(1)) * _UNITS[unit])
+    size = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(size):
+        raise TaskArithError(f"{where}: expected a size like 2GB or 500MiB, got {quoted(value)}")
+    return int(size)
 
 
 def _sources(entries: object, key: str, folder: Path, where: str) -> tuple[Source, ...]:
@@ -166,7 +172,8 @@ def load_recipe(path: str | os.PathLike) -> MergeRecipe:
         raise TaskArithError(f"{source}: recipe not found") from None
     except TaskArithError as exc:
         raise TaskArithError(f"{source}: {exc}") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    # ValueError: also an integer of over 4300 digits, which Python refuses to convert; RecursionError: deep nesting.
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
         raise TaskArithError(f"{source}: not a readable YAML recipe ({shown(exc)})") from None
     where = str(source)
     if not isinstance(data, dict):

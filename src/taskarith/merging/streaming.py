@@ -336,7 +336,7 @@ def merge_checkpoints(
             raise TaskArithError(f"the weight of {path} is {weight}; weights must be finite numbers")
     if shard_bytes < 1:
         raise TaskArithError(f"shard_bytes={shard_bytes} must be positive")
-    params = check_hyperparameters(method, hyperparameters)
+    params = check_hyperparameters(method, hyperparameters, models=len(finetuned))
     base_index = CheckpointIndex.open(base)
     others = [CheckpointIndex.open(path) for path in finetuned]
     for other in others:
