@@ -211,7 +211,7 @@ def test_recipe_with_relative_paths_and_weights(tmp_path, tiny_model_dir, finetu
     ("merge_method: ties\nmodels: [a]\nout: o\n", "need a 'base_model'"),
     ("merge_method: nope\ntask_vectors: [a.safetensors]\nout: o\n", "unknown merging method 'nope'"),
     ("merge_method: ties\ntask_vectors: [a.safetensors]\nout: o\nparameters: {density: 2}\n", "'density' = 2"),
-    ("merge_method: ties\nmodels: [{model: a, parameters: {weight: x}}]\nbase_model: b\nout: o\n", "weight must be a number"),
+    ("merge_method: ties\nmodels: [{model: a, parameters: {weight: x}}]\nbase_model: b\nout: o\n", "weight must be a finite number"),
     ("key: [unclosed\n", "not a readable YAML recipe"),
 ])
 def test_bad_recipes_are_named(tmp_path, text, expected):

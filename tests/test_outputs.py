@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +250,238 @@ def test_something_put_at_the_output_during_the_merge_is_not_replaced(tmp_path, 
         merge_checkpoints("base", ["ftA"], "merged", overwrite=True, on_tensor=meanwhile)
     assert (work / "merged" / "results.csv").read_text() == "acc\n0.9\n"
     assert sorted(p.name for p in work.iterdir()) == ["base", "ftA", "merged", "notes.txt"]  # no .partial left
+
+
+# ---- every writer: one rule, decided at the rename ---------------------------------------------
+
+
+def no_model_loading(monkeypatch) -> None:
+    """A refusal must come before the expensive step: loading the model (and so computing or training)."""
+    import taskarith.cli
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was refused")
+
+    monkeypatch.setattr(taskarith.cli, "_load_model", fail)
+
+
+def factor_file(path: Path, task: str = "t") -> Path:
+    from taskarith.kfac import KFACFactors
+
+    KFACFactors(A={"l": torch.eye(3)}, S={"l": torch.eye(2)}, examples={task: 2}, base_hash="h").save(path)
+    return path
+
+
+def test_compose_and_kfac_writers_refuse_an_existing_output(cli, tmp_path, work, vectors, monkeypatch):
+    no_model_loading(monkeypatch)
+    factor_file(work / "f.safetensors")
+    writers = {
+        "compose": ("compose", "--add", "tau0.safetensors"),
+        "kfac-merge": ("kfac-merge", "f.safetensors"),
+        "kfac-compress": ("kfac-compress", "f.safetensors", "--rank", "1"),
+        "kfac": ("kfac", "rt_sentiment", "--model", "base"),
+    }
+    for name, args in writers.items():
+        assert "notes.txt" in refused(cli, tmp_path, *args, "--out", "notes.txt"), name
+        assert "is not a safetensors file written by taskarith" in refused(
+            cli, tmp_path, *args, "--out", "notes.txt", "--overwrite"), name
+    assert "is the task vector" in refused(cli, tmp_path, "compose", "--add", "tau0.safetensors", "--out",
+                                           "tau0.safetensors", "--overwrite")
+    assert "is the factor file" in refused(cli, tmp_path, "kfac-merge", "f.safetensors", "--out", "f.safetensors",
+                                           "--overwrite")
+
+
+def test_compose_replaces_only_with_overwrite_and_only_a_task_vector(cli, tmp_path, work, vectors):
+    assert cli("compose", "--add", "tau0.safetensors", "--out", "sum.safetensors")[0] == 0
+    assert "already exists" in refused(cli, tmp_path, "compose", "--add", "tau1.safetensors", "--out",
+                                       "sum.safetensors")
+    code, _, err = cli("compose", "--add", "tau1.safetensors", "--out", "sum.safetensors", "--overwrite")
+    assert code == 0, err
+    assert TaskVector.load(work / "sum.safetensors").deltas["w"].tolist() == [2.0, 2.0, 2.0]
+    factor_file(work / "f.safetensors")
+    assert "is not a taskarith taskarith.task_vector/1 file" in refused(
+        cli, tmp_path, "compose", "--add", "tau0.safetensors", "--out", "f.safetensors", "--overwrite")
+
+
+FINETUNE = ("finetune", "rt_sentiment", "--out", "run")
+
+
+def test_finetune_refuses_a_finished_run_folder_before_training(cli, tmp_path, work, monkeypatch):
+    no_model_loading(monkeypatch)
+    (work / "run").mkdir()
+    TaskVector(deltas={"w": torch.ones(2)}).save(work / "run" / "task_vector.safetensors")
+    assert "run/task_vector.safetensors) already exists" in refused(cli, tmp_path, *FINETUNE)
+    (work / "run" / "task_vector.safetensors").write_text("my own file\n")
+    assert "not a safetensors file written by taskarith" in refused(cli, tmp_path, *FINETUNE, "--overwrite")
+
+
+def test_finetune_keeps_an_unfinished_runs_checkpoint_unless_told(cli, tmp_path, work, monkeypatch):
+    no_model_loading(monkeypatch)
+    (work / "run").mkdir()
+    save_file({"w": np.zeros(2, dtype=np.float32)}, str(work / "run" / "checkpoint.safetensors"),
+              metadata={"format": "taskarith.checkpoint/1"})
+    message = refused(cli, tmp_path, *FINETUNE, "--no-resume")
+    assert "holds an unfinished run; resume it (--resume) or discard it (--overwrite)" in message
+
+
+def test_a_locked_run_folder_is_refused_before_loading(cli, tmp_path, work, monkeypatch):
+    import subprocess
+    import sys
+
+    from taskarith.outputs import RunLock
+
+    no_model_loading(monkeypatch)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from taskarith.outputs import RunLock; "
+                               "lock = RunLock(sys.argv[1]); print('locked', flush=True); sys.stdin.read()",
+                               str(work / "run")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"  # waits for the other run, no sleeping
+        message = refused(cli, tmp_path, *FINETUNE)
+        assert f"error: run is in use by another taskarith run (pid {holder.pid} on" in message
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    with RunLock(work / "run"):  # released when its process ended
+        pass
+
+
+def test_only_rank_0_takes_the_run_lock(work, monkeypatch):
+    import fcntl
+
+    from taskarith import finetune as finetune_module
+    from taskarith.distributed import Cluster
+    from taskarith.outputs import LOCK
+
+    def locked() -> bool:
+        with open(work / "run" / LOCK, "a") as other:  # a second open file: flock conflicts with the holder
+            try:
+                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(other.fileno(), fcntl.LOCK_UN)
+            return False
+
+    ran = []
+    monkeypatch.setattr(finetune_module, "_finetune",
+                        lambda *args, **kwargs: ran.append((kwargs["cluster"].rank, (work / "run").exists() and locked())))
+    monkeypatch.setattr(Cluster, "sum_", lambda self, tensor: tensor)  # no process group in a test
+    pretrained = type("Pretrained", (), {"device": "cpu"})()
+    finetune_module.finetune(None, pretrained, None, work / "run", cluster=Cluster(rank=1, world=2))
+    finetune_module.finetune(None, pretrained, None, work / "run", cluster=Cluster(rank=0, world=2))
+    assert ran == [(1, False), (0, True)] and not locked()
+
+
+def test_a_second_merge_to_the_same_output_is_refused_at_the_rename(work):
+    from taskarith.errors import TaskArithError
+    from taskarith.merging import merge_checkpoints
+
+    others: list[dict] = []
+
+    def concurrent(name: str) -> None:  # a whole second merge runs while the first is at its first tensor
+        if not others:
+            others.append(merge_checkpoints("base", ["ftA"], "merged", weights=[0.5], overwrite=bool(others_overwrite)))
+
+    others_overwrite: list[bool] = []
+
+    with pytest.raises(TaskArithError, match="already exists"):
+        merge_checkpoints("base", ["ftA"], "merged", on_tensor=concurrent)
+    assert json.loads((work / "merged" / MARKER).read_text())["weights"] == [0.5]  # the other's, whole
+    assert sorted(p.name for p in work.iterdir()) == ["base", "ftA", "merged", "notes.txt"]
+
+    # With --overwrite both replace a taskarith output: the last to finish wins, whole.
+    others.clear()
+    others_overwrite.append(True)
+    merge_checkpoints("base", ["ftA"], "merged", overwrite=True, weights=[2.0], on_tensor=concurrent)
+    assert json.loads((work / "merged" / MARKER).read_text())["weights"] == [2.0]
+    assert sorted(p.name for p in work.iterdir()) == ["base", "ftA", "merged", "notes.txt"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_something_put_at_the_output_after_the_last_check_is_not_replaced(work, monkeypatch, overwrite):
+    """The narrowest window: between the final check and the rename; only the rename itself can decide."""
+    from taskarith import outputs
+    from taskarith.errors import TaskArithError
+    from taskarith.merging import merge_checkpoints
+
+    if overwrite:
+        merge_checkpoints("base", ["ftA"], "merged")
+    checks = []
+    real_check = outputs.check_output
+
+    def check_then_race(out, inputs, **kwargs):
+        result = real_check(out, inputs, **kwargs)
+        checks.append(out)
+        if len(checks) == 1:  # commit's own check has passed: now a user's folder appears
+            if overwrite:
+                shutil.rmtree(work / "merged")
+            (work / "merged").mkdir()
+            (work / "merged" / "results.csv").write_text("acc\n0.9\n")
+        return result
+
+    monkeypatch.setattr(outputs, "check_output", check_then_race)
+    with pytest.raises(TaskArithError, match="appeared while this command ran"):
+        merge_checkpoints("base", ["ftA"], "merged", overwrite=overwrite)
+    assert sorted(p.name for p in (work / "merged").iterdir()) == ["results.csv"]
+    assert sorted(p.name for p in work.iterdir()) == ["base", "ftA", "merged", "notes.txt"]
+
+
+def test_an_over_long_output_name_is_written(cli, tmp_path, work, vectors):
+    name = "v" * 240 + ".safetensors"  # legal (252 bytes); the temporary name must not pass 255
+    code, _, err = cli("compose", "--add", "tau0.safetensors", "--out", name)
+    assert code == 0, err
+    assert TaskVector.load(work / name).deltas["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+# ---- durability: every rename is followed by a sync of its folder -------------------------------
+
+
+@pytest.fixture
+def events(monkeypatch) -> list[tuple[str, str]]:
+    """Record renames (by their destination folder) and fsyncs of folders, in order."""
+    import stat
+
+    from taskarith import io, outputs
+
+    log: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_no_replace = os.fsync, os.replace, io.rename_no_replace
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            log.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(source, target, **kwargs):
+        log.append(("rename", os.path.dirname(os.path.abspath(target))))
+        return real_replace(source, target, **kwargs)
+
+    def no_replace(source, target):
+        real_no_replace(source, target)
+        log.append(("rename", os.path.dirname(os.path.abspath(target))))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(outputs, "rename_no_replace", no_replace)
+    return log
+
+
+def assert_each_rename_synced(log: list[tuple[str, str]]) -> None:
+    renames = [i for i, (kind, _) in enumerate(log) if kind == "rename"]
+    assert renames
+    for i in renames:
+        folder = log[i][1]
+        following = log[i + 1:]
+        upto = next((j for j, (kind, _) in enumerate(following) if kind == "rename"), len(following))
+        assert ("sync", folder) in following[:upto], (log[i], log)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a synced folder through /proc")
+def test_every_rename_is_followed_by_a_sync_of_its_folder(cli, work, vectors, events):
+    assert cli(*MERGE, "--out", "merged")[0] == 0
+    assert cli(*MERGE, "--out", "merged", "--overwrite")[0] == 0  # moved aside, replaced: three renames
+    assert cli("compose", "--add", "tau0.safetensors", "--out", "sum.safetensors")[0] == 0
+    assert cli("compose", "--add", "tau1.safetensors", "--out", "sum.safetensors", "--overwrite")[0] == 0
+    from taskarith.io import write_json
+
+    write_json(work / "record.json", {"a": 1})  # the writer of checkpoints and records
+    assert sum(kind == "rename" for kind, _ in events) >= 10
+    assert_each_rename_synced(events)

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
+from taskarith.display import Output, shown
 from taskarith.errors import TaskArithError
 
 app = typer.Typer(
@@ -24,12 +24,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Edit pre-trained networks by task arithmetic: fine-tune, build task vectors, add and negate them.",
 )
-out = Console()
-err = Console(stderr=True)
+# Every command prints through these two (plain text, escapes stripped; see taskarith.display).
+out = Output()
+err = Output(stderr=True)
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model: 'all-MiniLM-L6-v2' (embedded text encoder), 'efficientnet-lite0' (embedded image backbone), a Hugging Face folder (text encoder, sequence classifier or CLIPModel) or hub id, 'open_clip:NAME@WEIGHTS', or 'timm:NAME@WEIGHTS'.")]
 
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")]
+
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (only a previous taskarith output of the same kind).")]
+
+
+def _existing(role: str, *paths: object) -> list[tuple[str, str]]:
+    """``(role, path)`` input pairs for the paths that exist: a name that is not a path (a built-in task, a
+    hub model) cannot be written over."""
+    return [(role, str(path)) for path in paths if path is not None and Path(str(path)).exists()]
 
 
 def _parse_weighted(spec: str, default_alpha: float) -> tuple[Path, float]:
@@ -37,9 +46,12 @@ def _parse_weighted(spec: str, default_alpha: float) -> tuple[Path, float]:
     path, sep, alpha = spec.rpartition(":")
     if sep and path and not Path(spec).exists():
         try:
-            return Path(path), float(alpha)
+            value = float(alpha)
         except ValueError:
             raise TaskArithError(f"'{spec}': expected FILE or FILE:ALPHA with a number after the colon") from None
+        if not math.isfinite(value):
+            raise TaskArithError(f"'{spec}': the weight {alpha} is not a finite number")
+        return Path(path), value
     return Path(spec), default_alpha
 
 
@@ -72,10 +84,24 @@ def _parse_strength(spec: str) -> tuple[str, tuple[float, ...]]:
     return name, grid
 
 
+def _at_least(option: str, value: int | None, low: int = 1, meaning: str = "") -> None:
+    """Refuse a count option below ``low`` on the command line, before anything loads."""
+    if value is not None and value < low:
+        raise TaskArithError(f"{option} {value}: must be at least {low}{meaning}")
+
+
+def _check_seed(option: str, value: int | None) -> None:
+    """Refuse a seed torch cannot take, before the model loads (torch says so only when seeded)."""
+    from taskarith.finetune import MAX_SEED
+
+    if value is not None and not 0 <= value <= MAX_SEED:
+        raise TaskArithError(f"{option} {shown(value)}: must be between 0 and {MAX_SEED}")
+
+
 def _load_model(model: str, device: str, max_length: int = 64):
     from taskarith.models import load_pretrained
 
-    with err.status(f"loading {model}"):
+    with err.status(f"loading {shown(model)}"):
         return load_pretrained(model, max_length=max_length, device=device)
 
 
@@ -109,25 +135,27 @@ def tasks(
                "sizes": {s: len(task.split(s)) for s in ("train", "val", "test")}, "source": task.source}
         if zero_shot:
             pretrained = model_for(task)
-            with err.status(f"pre-trained accuracy of {name}"):
+            with err.status(f"pre-trained accuracy of {shown(name)}"):
                 row["model"] = pretrained.name
                 row["zero_shot_accuracy"] = round(accuracy(pretrained, task, "test"), 4)
         rows.append(row)
     if as_json:
-        print(json.dumps(rows, indent=2))
+        out.json(rows)
         return
     from rich.table import Table
+
+    from taskarith.display import cell
 
     table = Table(title="built-in tasks")
     for column in ("name", "domain", "train/val/test", "classes", "zero-shot"):
         table.add_column(column)
     for row in rows:
         if "error" in row:
-            table.add_row(row["name"], "[red]unavailable[/red]", "", row["error"], "")
+            table.add_row(cell(row["name"]), Text("unavailable", style="red"), "", cell(row["error"]), "")
             continue
         sizes = "/".join(str(row["sizes"][s]) for s in ("train", "val", "test"))
         zs = f"{100 * row['zero_shot_accuracy']:.1f}%" if "zero_shot_accuracy" in row else "-"
-        table.add_row(row["name"], row["domain"], sizes, ", ".join(row["classes"]), zs)
+        table.add_row(cell(row["name"]), cell(row["domain"]), sizes, cell(", ".join(row["classes"])), zs)
     out.print(table)
 
 
@@ -157,28 +185,44 @@ def finetune(
     reg_every: Annotated[int, typer.Option(help="Apply the penalty every N steps.")] = 1,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Augment training inputs (and tau-Jp's) with the model's train_preprocess, as the papers do; models without one are unaffected.")] = True,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from a checkpoint in --out if one exists.")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run's task vector and record in --out, or discard its checkpoint with --no-resume.")] = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Fine-tune the encoder on one task (head frozen), optionally regularized, and save its task vector.
 
     Runs data-parallel unchanged under `torchrun --nproc_per_node N -m taskarith finetune ...`.
     """
-    from taskarith.data import load_task
-    from taskarith.distributed import local_device
-    from taskarith.finetune import FinetuneConfig, finetune as run_finetune
+    from contextlib import nullcontext
 
-    loaded = load_task(task)
-    config = FinetuneConfig(task=loaded.name, model=model, mode=mode, steps=steps, batch_size=batch_size, lr=lr,
-                            weight_decay=weight_decay, warmup_fraction=warmup_fraction, warmup_steps=warmup_steps,
-                            weight_decay_on=weight_decay_on, reg_sampling=reg_sampling, max_grad_norm=max_grad_norm,
-                            seed=seed, max_length=max_length, checkpoint_every=checkpoint_every,
-                            regularizer=regularizer, reg_strength=reg_strength, reg_tasks=tuple(reg_task or ()),
-                            reg_factors=tuple(str(f) for f in reg_factors or ()), reg_batch_size=reg_batch_size,
-                            reg_every=reg_every, augment=augment)
-    pretrained = _load_model(model, local_device(device), max_length)
-    result = run_finetune(config, pretrained, loaded, out_dir, resume=resume)
-    out.print(f"task vector: {out_dir / 'task_vector.safetensors'} (norm {result.task_vector.norm():.4f})")
-    out.print(f"validation accuracy: {100 * result.record['val_accuracy']:.1f}%  record: {out_dir / 'run.json'}")
+    from taskarith.data import load_task
+    from taskarith.distributed import cluster_from_environment, local_device
+    from taskarith.finetune import FinetuneConfig, check_against_task, check_run_folder, finetune as run_finetune
+    from taskarith.outputs import RunLock
+
+    _check_seed("--seed", seed)
+    inputs = [*_existing("task", task), *_existing("model", model), *_existing("factor file", *(reg_factors or ()))]
+    # Checked and locked before anything loads (the run takes the lock again, re-entrantly, and checks again
+    # under it); rank 0 only. Checked first, so that a refusal leaves not even a lock file behind.
+    main_process = cluster_from_environment().is_main
+    if main_process:
+        check_run_folder(out_dir, inputs, resume=resume, overwrite=overwrite)
+    from taskarith.models import check_max_length
+
+    check_max_length(model, max_length)  # from the model's config, before the data or the weights load
+    with RunLock(out_dir) if main_process else nullcontext():
+        loaded = load_task(task)
+        config = FinetuneConfig(task=loaded.name, model=model, mode=mode, steps=steps, batch_size=batch_size, lr=lr,
+                                weight_decay=weight_decay, warmup_fraction=warmup_fraction, warmup_steps=warmup_steps,
+                                weight_decay_on=weight_decay_on, reg_sampling=reg_sampling,
+                                max_grad_norm=max_grad_norm, seed=seed, max_length=max_length,
+                                checkpoint_every=checkpoint_every, regularizer=regularizer, reg_strength=reg_strength,
+                                reg_tasks=tuple(reg_task or ()), reg_factors=tuple(str(f) for f in reg_factors or ()),
+                                reg_batch_size=reg_batch_size, reg_every=reg_every, augment=augment)
+        check_against_task(config, loaded)
+        pretrained = _load_model(model, local_device(device), max_length)
+        result = run_finetune(config, pretrained, loaded, out_dir, resume=resume, overwrite=overwrite, protect=inputs)
+    out.print(f"task vector: {shown(out_dir / 'task_vector.safetensors')} (norm {result.task_vector.norm():.4f})")
+    out.print(f"validation accuracy: {100 * result.record['val_accuracy']:.1f}%  record: {shown(out_dir / 'run.json')}")
 
 
 @app.command("eval")
@@ -204,10 +248,10 @@ def evaluate(
     with err.status("evaluating"):
         scores = accuracies(pretrained, loaded, split, encoder)
     if as_json:
-        print(json.dumps({"split": split, "vectors": [f"{p}:{a:g}" for p, a in weighted], "accuracy": scores}, indent=2))
+        out.json({"split": split, "vectors": [f"{p}:{a:g}" for p, a in weighted], "accuracy": scores})
         return
     for name, value in scores.items():
-        out.print(f"{name}: {100 * value:.2f}% ({split})")
+        out.print(f"{shown(name)}: {100 * value:.2f}% ({split})")
 
 
 @app.command()
@@ -218,18 +262,24 @@ def compose(
     alpha: Annotated[float, typer.Option(help="Coefficient for vectors given without :ALPHA.")] = 1.0,
     model_out: Annotated[Optional[Path], typer.Option(help="Also write the edited encoder as a Hugging Face model folder.")] = None,
     model: ModelOption = "all-MiniLM-L6-v2",
+    overwrite: OverwriteOption = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Write sum(alpha * added) - sum(alpha * negated) as one task vector (and optionally the edited model)."""
-    from taskarith.vectors import TaskVector, combine
+    from taskarith.outputs import check_output, output_file
+    from taskarith.vectors import FORMAT, TaskVector, combine
 
     terms = [_parse_weighted(spec, alpha) for spec in add or []]
     terms += [(path, -a) for path, a in (_parse_weighted(spec, alpha) for spec in negate or [])]
     if not terms:
         raise TaskArithError("nothing to compose: give at least one --add or --negate")
+    inputs = [("task vector", str(path)) for path, _ in terms]
+    check_output(out_file, inputs, overwrite=overwrite, format=FORMAT, folder=False)
     composed = combine([TaskVector.load(path) for path, _ in terms], [a for _, a in terms])
-    composed.save(out_file)
-    out.print(f"wrote {out_file}: {composed.task} (norm {composed.norm():.4f})")
+    composed.check_finite(out_file)
+    with output_file(out_file, inputs, overwrite=overwrite, format=FORMAT) as tmp:
+        composed.save(tmp)
+    out.print(f"wrote {shown(out_file)}: {shown(composed.task)} (norm {composed.norm():.4f})")
     if model_out is not None:
         from taskarith.models.hf import save_hf_encoder
 
@@ -238,20 +288,25 @@ def compose(
             raise TaskArithError(f"--model-out writes Hugging Face text encoders; '{model}' is not one. Apply the "
                                  "vector with TaskVector.apply_to, or to a model folder with 'taskarith merge'")
         save_hf_encoder(composed.apply_to(pretrained.encoder), pretrained.tokenizer, model_out)
-        out.print(f"wrote edited model to {model_out}")
+        out.print(f"wrote edited model to {shown(model_out)}")
 
 
 def _parse_assignment(spec: str) -> tuple[str, object]:
     """'density=0.2' -> ('density', 0.2): values are read as YAML scalars (numbers, booleans, strings)."""
     import yaml
 
+    from taskarith.display import quoted
+    from taskarith.merging.recipe import safe_yaml
+
     key, sep, value = spec.partition("=")
     if not sep or not key.strip():
-        raise TaskArithError(f"--set {spec!r}: expected KEY=VALUE, e.g. --set density=0.2")
+        raise TaskArithError(f"--set {quoted(spec)}: expected KEY=VALUE, e.g. --set density=0.2")
     try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise TaskArithError(f"--set {spec!r}: the value is not a number, boolean or string") from None
+        return key.strip(), safe_yaml(value)
+    except TaskArithError as exc:
+        raise TaskArithError(f"--set {quoted(spec)}: {exc}") from None
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: also an integer of over 4300 digits
+        raise TaskArithError(f"--set {quoted(spec)}: the value is not a number, boolean or string") from None
 
 
 @app.command()
@@ -298,7 +353,7 @@ def merge(
     count = len(plan.models)
     with tqdm(desc=f"merge ({plan.method})", unit="tensor", disable=not count, leave=False) as bar:
         summary = run_recipe(plan, overwrite=overwrite, on_tensor=lambda name: bar.update())
-    out.print(f"wrote {summary['out']} ({plan.method}, {json.dumps(summary['hyperparameters'], sort_keys=True)})")
+    out.print(f"wrote {shown(summary['out'])} ({plan.method}, {json.dumps(summary['hyperparameters'], sort_keys=True)})")
 
 
 @app.command()
@@ -318,6 +373,7 @@ def interference(
     from taskarith.plots import heatmap
     from taskarith.vectors import TaskVector
 
+    _at_least("--max-examples", max_examples)
     loaded_vectors = [TaskVector.load(path) for path in vectors]
     loaded_tasks = [load_task(name) for name in task]
     pretrained = _load_model(model, device)
@@ -329,7 +385,7 @@ def interference(
         heatmap(result[key], result["vectors"], result["tasks"], out_dir / f"{key}.png", title=title,
                 xlabel="inputs of task", ylabel="task vector")
     out.print(taujp_markdown(result))
-    out.print(f"wrote {out_dir / 'taujp.json'}, {out_dir / 'taujp.png'}, {out_dir / 'normalized.png'}")
+    out.print(f"wrote {shown(out_dir / 'taujp.json')}, {shown(out_dir / 'taujp.png')}, {shown(out_dir / 'normalized.png')}")
 
 
 @app.command()
@@ -344,14 +400,21 @@ def kfac(
     conv: Annotated[str, typer.Option(help="Conv2d layers over positions: reduce or expand.")] = "reduce",
     seed: int = 0,
     model: ModelOption = "all-MiniLM-L6-v2",
+    overwrite: OverwriteOption = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Compute a task's K-FAC factors once (TAK); others then regularize against it without its data."""
     import warnings
 
     from taskarith.data import load_task
-    from taskarith.kfac import compute_kfac_factors, uncovered_parameters
+    from taskarith.kfac import FORMAT, compute_kfac_factors, uncovered_parameters
+    from taskarith.outputs import check_output, output_file
 
+    _at_least("--num-examples", num_examples)
+    _at_least("--mc-samples", mc_samples, 0, " (0: every output coordinate)")
+    _check_seed("--seed", seed)
+    inputs = [*_existing("task", task), *_existing("model", model)]
+    check_output(out_file, inputs, overwrite=overwrite, format=FORMAT, folder=False)  # before the computation
     loaded = load_task(task)
     pretrained = _load_model(model, device)
     with warnings.catch_warnings():
@@ -359,13 +422,14 @@ def kfac(
         factors = compute_kfac_factors(pretrained, loaded, num_examples=num_examples, seed=seed,
                                        mc_samples=mc_samples or None, function=function, tokens=tokens,
                                        norm_blocks=norm_blocks, conv=conv)
-    factors.save(out_file)
+    with output_file(out_file, inputs, overwrite=overwrite, format=FORMAT) as tmp:
+        factors.save(tmp)
     size = sum(factors.memory_bytes().values()) / 2**20
-    out.print(f"wrote {out_file}: K-FAC factors of {loaded.name} ({factors.num_examples} examples, {size:.1f} MiB)")
+    out.print(f"wrote {shown(out_file)}: K-FAC factors of {shown(loaded.name)} ({factors.num_examples} examples, {size:.1f} MiB)")
     missing = uncovered_parameters(pretrained.encoder, factors)
     if missing:
-        err.print(escape(f"warning: no curvature for {len(missing)} parameters, which the kfac penalty leaves free: "
-                         f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"))
+        err.print(f"warning: no curvature for {len(missing)} parameters, which the kfac penalty leaves free: "
+                  f"{shown(', '.join(missing[:10]))}{' ...' if len(missing) > 10 else ''}")
 
 
 @app.command("kfac-merge")
@@ -373,13 +437,19 @@ def kfac_merge(
     factor_files: Annotated[list[Path], typer.Argument(help="Factor files to merge.")],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Merged factor file to write.")],
     rule: Annotated[str, typer.Option(help="sum (TAK's Eq. 8: output sides summed, input sides averaged by examples) or average (both averaged).")] = "sum",
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Merge several tasks' K-FAC factors into one file of the same size."""
-    from taskarith.kfac import KFACFactors, merge_factors
+    from taskarith.kfac import FORMAT, KFACFactors, merge_factors
+    from taskarith.outputs import check_output, output_file
 
+    inputs = [("factor file", str(path)) for path in factor_files]
+    check_output(out_file, inputs, overwrite=overwrite, format=FORMAT, folder=False)
     merged = merge_factors([KFACFactors.load(path) for path in factor_files], rule=rule)
-    merged.save(out_file)
-    out.print(f"wrote {out_file}: K-FAC factors of {', '.join(merged.tasks)} (rule {merged.merge})")
+    with output_file(out_file, inputs, overwrite=overwrite, format=FORMAT) as tmp:
+        merged.save(tmp)
+    out.print(f"wrote {shown(out_file)}: K-FAC factors of {shown(', '.join(map(shown, merged.tasks)))} "
+              f"(rule {merged.merge})")
 
 
 @app.command("kfac-compress")
@@ -388,19 +458,27 @@ def kfac_compress(
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Compressed factor file to write.")],
     blocks: Annotated[Optional[int], typer.Option(help="Keep this many diagonal blocks of each factor (TAK's block-k).")] = None,
     rank: Annotated[Optional[int], typer.Option(help="Keep this many eigenpairs of each factor.")] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Compress a K-FAC factor file: block-diagonal factors (--blocks) or truncated eigendecompositions (--rank)."""
-    from taskarith.kfac import KFACFactors, compress_factors
+    from taskarith.kfac import FORMAT, KFACFactors, compress_factors
+    from taskarith.outputs import check_output, output_file
 
     if (blocks is None) == (rank is None):
         raise TaskArithError("kfac-compress needs exactly one of --blocks and --rank")
+    _at_least("--blocks", blocks)
+    _at_least("--rank", rank)
+    inputs = [("factor file", str(factor_file))]
+    check_output(out_file, inputs, overwrite=overwrite, format=FORMAT, folder=False)
     factors = KFACFactors.load(factor_file)
     before = sum(factors.memory_bytes().values()) / 2**20
     compressed = (compress_factors(factors, "block", blocks=blocks) if blocks is not None
                   else compress_factors(factors, "eigen", rank=rank))  # type: ignore[arg-type]
-    compressed.save(out_file)
+    with output_file(out_file, inputs, overwrite=overwrite, format=FORMAT) as tmp:
+        compressed.save(tmp)
     after = sum(compressed.memory_bytes().values()) / 2**20
-    out.print(f"wrote {out_file}: {compressed.compression} K-FAC factors of {', '.join(compressed.tasks)} "
+    out.print(f"wrote {shown(out_file)}: {compressed.compression} K-FAC factors of "
+              f"{shown(', '.join(map(shown, compressed.tasks)))} "
               f"({before:.1f} -> {after:.1f} MiB)")
 
 
@@ -452,9 +530,14 @@ def bench(
         ("steps", steps), ("batch_size", batch_size), ("lr", lr), ("eval_limit", eval_limit),
         ("warmup_steps", warmup_steps), ("reg_sampling", reg_sampling), ("reg_batch_size", reg_batch_size),
         ("reg_control", reg_control)) if value is not None})
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("reg_batch_size", reg_batch_size)):
-        if value is not None and value < 1:
-            raise TaskArithError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("reg_batch_size", reg_batch_size),
+                        ("seeds", seeds)):
+        _at_least(f"--{name.replace('_', '-')}", value)
+    if seeds is not None and seeds > 1000:
+        raise TaskArithError(f"--seeds {shown(seeds)}: at most 1000 (each seed is a full run of the protocol)")
+    _at_least("--warmup-steps", warmup_steps, 0)
+    if lr is not None and not (math.isfinite(lr) and 0 < lr < 1):
+        raise TaskArithError(f"--lr {lr}: must be in (0, 1)")
     if eval_limit is not None and eval_limit < 0:
         raise TaskArithError(f"--eval-limit {eval_limit}: must be at least 0 (0: every example)")
     if eval_limit == 0:
@@ -482,7 +565,7 @@ def bench(
             raise TaskArithError(f"--checkpoint {spec!r}: {folder} is not a folder")
         checkpoints.append((load_task(name), Path(folder)))
     result = run_bench(pretrained, tasks_, control_task, profile, cache or out_dir / "cache",
-                       on_stage=lambda stage: err.print(f"[bold]>[/bold] {stage}"), checkpoints=checkpoints,
+                       on_stage=lambda stage: err.print(Text(">", style="bold"), stage), checkpoints=checkpoints,
                        new_task=load_task(new_task) if new_task else None)
     write_json(out_dir / "results.json", result)
     figures = bench_figures(result, out_dir)
@@ -493,7 +576,7 @@ def bench(
                          title=f"task arithmetic on {pretrained.name}: test accuracy (%), all columns in report.md"))
     if profile.merge_methods:
         out.print(rich_table(*bench_merge_rows(result), title="task addition by merging method: normalized accuracy (%)"))
-    out.print(f"report: {out_dir / 'report.md'}, numbers: {out_dir / 'results.json'}")
+    out.print(f"report: {shown(out_dir / 'report.md')}, numbers: {shown(out_dir / 'results.json')}")
 
 
 @app.command()
@@ -510,24 +593,26 @@ def demo(
     from taskarith.io import write_json, write_text
     from taskarith.report import demo_markdown, demo_rows, negation_rows, rich_table
 
+    _at_least("--steps", steps)
+    _check_seed("--seed", seed)
     config = DemoConfig(steps=steps, seed=seed)
     pretrained = _load_model(model, device)
     tasks_ = [load_task(name) for name in DEMO_TASKS]
     control = load_task(DEMO_CONTROL)
     result = run_demo(pretrained, tasks_, control, out_dir / "vectors", config,
-                      on_stage=lambda stage: err.print(f"[bold]>[/bold] {stage}"))
+                      on_stage=lambda stage: err.print(Text(">", style="bold"), stage))
     write_json(out_dir / "results.json", result)
     write_text(out_dir / "results.md", demo_markdown(result))
     out.print(rich_table(*demo_rows(result), title=f"task addition on {pretrained.name}: test accuracy (%)"))
     out.print(rich_table(*negation_rows(result), title=f"task negation, control task {control.name}: test accuracy (%)"))
-    out.print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}")
+    out.print(f"results: {shown(out_dir / 'results.json')}, {shown(out_dir / 'results.md')}")
 
 
 def main() -> None:
     try:
         app()
     except TaskArithError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err.error(str(exc))
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -9,6 +9,7 @@ weights, optimizer moments and the step number to continue exactly where it stop
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -16,7 +17,7 @@ import platform
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from taskarith import __version__
 from taskarith.data import Task, load_task
+from taskarith.display import quoted, shown
 from taskarith.distributed import Cluster, cluster_from_environment
 from taskarith.errors import TaskArithError
 from taskarith.evaluate import accuracy
@@ -36,6 +38,7 @@ from taskarith.io import load_tensors, read_json, save_tensors, state_hash, writ
 from taskarith.linearize import LinearizedEncoder, hidden_and_tangent
 from taskarith.models import DEFAULT_MODEL, Pretrained, ZeroShotClassifier
 from taskarith.models.zero_shot import mean_pool
+from taskarith.outputs import RunLock, check_output, output_file
 from taskarith.regularizers import (
     PENALTY_FORMS,
     PUBLISHED_STRENGTH,
@@ -44,12 +47,13 @@ from taskarith.regularizers import (
     get_regularizer,
     pooled_tangents,
 )
-from taskarith.vectors import TaskVector
+from taskarith.vectors import FORMAT as VECTOR_FORMAT, TaskVector
 
 TASK_VECTOR_FILE = "task_vector.safetensors"
 RECORD_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "taskarith.checkpoint/1"
+RECORD_FORMAT = "taskarith.run_record/1"
 
 
 REG_SAMPLINGS = ("strict", "cyclical", "pooled")
@@ -138,11 +142,12 @@ class FinetuneConfig:
             ("max_grad_norm", self.max_grad_norm > 0, "must be positive"),
             ("max_length", 2 <= self.max_length <= 8192, "must be between 2 and 8192"),
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0 (0: only at the end)"),
+            ("seed", 0 <= self.seed <= MAX_SEED, f"must be between 0 and {MAX_SEED} (torch's generators take 64 bits)"),
         ]
         for name, ok, rule in checks:
             value = getattr(self, name)
             if not ok or (isinstance(value, float) and not math.isfinite(value)):
-                raise TaskArithError(f"fine-tuning option {name}={value!r} {rule}")
+                raise TaskArithError(f"fine-tuning option {name}={quoted(value)} {rule}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> FinetuneConfig:
@@ -166,6 +171,22 @@ class FinetuneConfig:
 class FinetuneResult:
     task_vector: TaskVector
     record: dict[str, Any]
+
+
+# The largest seed a run takes: torch.manual_seed refuses more than 64 bits, and only after the model loaded.
+MAX_SEED = 2**63 - 1
+
+
+def check_against_task(config: FinetuneConfig, task: Task) -> None:
+    """Refuse options that the task's data cannot serve, before the model loads or training starts.
+
+    A batch larger than the training split repeats its examples within the step (65,536 copies of 46
+    examples took 7.3 GB before failing in the allocator).
+    """
+    examples = len(task.train)
+    if config.batch_size > examples:
+        raise TaskArithError(f"fine-tuning option batch_size={config.batch_size} is more than the {examples} training "
+                             f"examples of task {shown(task.name)}; use at most {examples}")
 
 
 def derived_seed(*parts: int | str, bits: int = 40) -> int:
@@ -227,9 +248,25 @@ def _load_checkpoint(path: Path, config: FinetuneConfig, base_hash: str,
         raise TaskArithError(f"{path}: not a taskarith fine-tuning checkpoint")
     if metadata.get("base_hash") != base_hash:
         raise TaskArithError(f"{path}: checkpoint of base model {metadata.get('base_hash')}, not {base_hash}")
-    if json.loads(metadata.get("config", "{}")) != config.to_json():
+    try:
+        recorded = json.loads(metadata.get("config", "{}"))
+    except (ValueError, RecursionError):  # ValueError: also an integer of over 4300 digits
+        recorded = None
+    if recorded != config.to_json():
         raise TaskArithError(f"{path}: checkpoint was made with another configuration; delete it or use another --out")
-    step = int(metadata["step"])
+    # A checkpoint is a file someone may have edited or damaged: its step and tensors are checked before use.
+    step_text = metadata.get("step", "")
+    if not (step_text.isascii() and step_text.isdigit() and len(step_text) < 19 and int(step_text) <= config.steps):
+        raise TaskArithError(f"{path}: checkpoint step {quoted(step_text)} is not a step of this run "
+                             f"(0 to {config.steps}); delete it or use another --out")
+    step = int(step_text)
+    for name, param in named_params:
+        for prefix in ("param", "exp_avg", "exp_avg_sq"):
+            saved = tensors.get(f"{prefix}/{name}")
+            if (saved is None and prefix == "param") or (saved is not None and (saved.shape != param.shape
+                                                                                 or saved.dtype != param.dtype)):
+                raise TaskArithError(f"{path}: checkpoint tensor {quoted(f'{prefix}/{name}')} is missing or not "
+                                     f"{param.dtype} {tuple(param.shape)}; delete it or use another --out")
     with torch.no_grad():
         for name, param in named_params:
             param.copy_(tensors[f"param/{name}"])
@@ -337,6 +374,29 @@ def _split(tangents: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return list(torch.split(tangents, sizes, dim=0))
 
 
+def check_run_folder(out_dir: str | Path | None, inputs: Sequence[tuple[str, str]] = (), *, resume: bool = True,
+                     overwrite: bool = False) -> None:
+    """Refuse, before any training, a run folder whose outputs this run may not write.
+
+    A finished run's task vector and record are replaced only with ``overwrite``, and only if taskarith
+    wrote them (:func:`taskarith.outputs.check_output`). Resuming from the folder's own checkpoint is not
+    an overwrite: what that unfinished run already wrote is its own (a kill between the vector and the
+    record leaves both). Starting afresh (``resume=False``) discards a checkpoint only with ``overwrite``.
+    """
+    if out_dir is None:
+        return
+    out = Path(out_dir)
+    checkpoint = out / CHECKPOINT_FILE
+    resuming = resume and checkpoint.exists()
+    for name, form in ((TASK_VECTOR_FILE, VECTOR_FORMAT), (RECORD_FILE, RECORD_FORMAT)):
+        check_output(out / name, inputs, overwrite=overwrite or resuming, format=form, folder=False)
+    if checkpoint.exists() and not resume:
+        if not overwrite:
+            raise TaskArithError(f"{checkpoint} holds an unfinished run; resume it (--resume) or discard it "
+                                 "(--overwrite)")
+        check_output(checkpoint, inputs, overwrite=True, format=CHECKPOINT_FORMAT, folder=False)
+
+
 def finetune(
     config: FinetuneConfig,
     pretrained: Pretrained,
@@ -345,14 +405,52 @@ def finetune(
     *,
     progress: bool = True,
     resume: bool = True,
+    overwrite: bool = False,
+    protect: Sequence[tuple[str, str]] = (),
     cluster: Cluster | None = None,
 ) -> FinetuneResult:
     """Fine-tune on ``task`` in the config's mode; write the task vector and run record to ``out_dir``.
 
     Under ``torchrun`` (or ``accelerate launch``) the batch is split across processes and only rank 0 writes;
-    see :mod:`taskarith.distributed`.
+    see :mod:`taskarith.distributed`. ``out_dir`` is locked for the whole run (by rank 0 only: the lock is
+    about writers) and its outputs are checked before training (:func:`check_run_folder`; ``protect`` holds
+    ``(role, path)`` pairs of inputs they must not write over), so a refusal never costs a run.
     """
     cluster = cluster or cluster_from_environment()
+    run = functools.partial(_finetune, config, pretrained, task, out_dir, progress=progress, resume=resume,
+                            overwrite=overwrite, protect=protect, cluster=cluster)
+    if out_dir is None:
+        return run()
+    lock, refusal = None, None
+    if cluster.is_main:
+        try:
+            lock = RunLock(out_dir)
+            check_run_folder(out_dir, protect, resume=resume, overwrite=overwrite)
+        except TaskArithError as exc:
+            refusal = exc
+    try:
+        # Every process must see the verdict, or the others would wait at their first collective forever.
+        if cluster.sum_(torch.tensor([float(refusal is not None)], device=pretrained.device)).item():
+            raise refusal or TaskArithError(f"{out_dir}: refused by the main process (see its error)")
+        return run()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _finetune(
+    config: FinetuneConfig,
+    pretrained: Pretrained,
+    task: Task,
+    out_dir: str | Path | None,
+    *,
+    progress: bool,
+    resume: bool,
+    overwrite: bool,
+    protect: Sequence[tuple[str, str]],
+    cluster: Cluster,
+) -> FinetuneResult:
+    check_against_task(config, task)
     samples_inputs = config.regularizer is not None and REGULARIZERS[config.regularizer].needs_inputs
     if config.batch_size < cluster.world or (samples_inputs and config.reg_batch_size < cluster.world):
         raise TaskArithError(f"batch_size={config.batch_size} and reg_batch_size={config.reg_batch_size} must be at "
@@ -472,6 +570,7 @@ def finetune(
     tau = TaskVector(deltas=deltas, base_hash=state_hash({k: theta0[k] for k in deltas}), task=task.name,
                      mode=config.mode, config=config.to_json())
     record = {
+        "format": RECORD_FORMAT,
         "config": config.to_json(),
         "task": {"name": task.name, "classes": list(task.classes), "train": len(task.train), "val": len(task.val),
                  "test": len(task.test), "source": task.source, "fingerprint": task.fingerprint},
@@ -487,8 +586,12 @@ def finetune(
     if cluster.world > 1:
         record["processes"] = cluster.world
     if out is not None and cluster.is_main:
-        tau.save(out / TASK_VECTOR_FILE)
-        write_json(out / RECORD_FILE, record)
+        # A resumed run replaces what it wrote itself before it was interrupted (see check_run_folder).
+        replace_outputs = overwrite or start_step > 0
+        with output_file(out / TASK_VECTOR_FILE, protect, overwrite=replace_outputs, format=VECTOR_FORMAT) as tmp:
+            tau.save(tmp)
+        with output_file(out / RECORD_FILE, protect, overwrite=replace_outputs, format=RECORD_FORMAT) as tmp:
+            write_json(tmp, record)
         if checkpoint is not None:
             checkpoint.unlink(missing_ok=True)
     cluster.barrier()
@@ -511,4 +614,5 @@ def finetune_cached(config: FinetuneConfig, pretrained: Pretrained, task: Task, 
     vector_file, record_file = out / TASK_VECTOR_FILE, out / RECORD_FILE
     if vector_file.is_file() and record_file.is_file():
         return FinetuneResult(task_vector=TaskVector.load(vector_file), record=read_json(record_file))
-    return finetune(config, pretrained, task, out, progress=progress)
+    # An entry with a vector but no record (a run killed between the two) is this cache's own: replace it.
+    return finetune(config, pretrained, task, out, progress=progress, overwrite=True)

@@ -8,6 +8,7 @@ file intact.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from safetensors import SafetensorError, safe_open
 
+from taskarith.display import quoted, shown
 from taskarith.errors import TaskArithError
 
 if TYPE_CHECKING:
@@ -42,23 +44,104 @@ _PICKLE_SINGLE = "pytorch_model.bin"
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    # mkstemp makes the file private (0600); the result should get the permissions any new file gets.
-    os.chmod(tmp, 0o666 & ~current_umask())
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_beside(target)
+    except OSError as exc:
+        raise TaskArithError(f"could not write {target}: {exc.strerror or exc}") from exc
     try:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
+        sync_folder(target.parent)
     except OSError as exc:
         raise TaskArithError(
             f"could not write {target} (the previous file, if any, is untouched): {exc.strerror or exc}"
         ) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temporary_beside(target: Path, suffix: str = ".tmp", folder: bool = False) -> Path:
+    """A new hidden file (or folder) beside ``target``, with the permissions a new file or folder gets.
+
+    Its name keeps only the start of ``target``'s: a legal 250-character name plus the random part and
+    the suffix would pass the file system's 255-byte limit.
+    """
+    prefix = f".{target.name.encode('utf-8')[:120].decode('utf-8', 'ignore')}."
+    if folder:
+        made = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=target.parent))
+        made.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the output private
+        return made
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
+    os.close(fd)
+    os.chmod(name, 0o666 & ~current_umask())  # mkstemp's 0600 likewise
+    return Path(name)
+
+
+def sync_folder(folder: str | os.PathLike) -> None:
+    """Make the renames and new entries in ``folder`` durable: a rename is on disk only once its folder is.
+
+    File systems that cannot sync a folder (some network and FUSE ones) say so with EINVAL; there is
+    nothing more to do on them.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # Windows cannot open folders; its renames are durable with the file's own flush
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Not an OSError: the callers' "nothing was replaced" handlers must not claim it, the rename is done.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise TaskArithError(f"{folder}: a file was renamed into it, but the folder could not be synced "
+                                 f"({exc.strerror or exc}); it may not survive a power cut") from exc
+    finally:
+        os.close(fd)
+
+
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    """Linux's renameat2 from the C library, or None where there is none (macOS, old glibc, Windows)."""
+    try:
+        import ctypes
+
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, ImportError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def rename_no_replace(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename ``source`` to ``target``, raising FileExistsError if anything is at ``target``.
+
+    The kernel decides at the rename itself (renameat2 with RENAME_NOREPLACE), so nothing that appears
+    at the target an instant earlier is replaced. Where that call is missing or the file system refuses
+    it, a file is linked into place (a link never replaces either) and a folder is renamed after a last
+    check: rename(2) replaces only an empty folder, so all such a late newcomer can lose is its emptiness.
+    """
+    function = _renameat2()
+    if function is not None:
+        import ctypes
+
+        if function(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(code, os.strerror(code), os.fspath(target))
+    if os.path.isdir(source) and not os.path.islink(source):
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(target))
+        os.rename(source, target)
+        return
+    os.link(source, target, follow_symlinks=False)
+    os.unlink(source)
 
 
 def current_umask() -> int:
@@ -89,8 +172,12 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TaskArithError(f"{path}: file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TaskArithError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise TaskArithError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    # ValueError: also a number of more than 4300 digits, which Python refuses to convert; RecursionError:
+    # arrays nested some thousands deep.
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise TaskArithError(f"{path}: not valid JSON ({shown(exc)})") from None
 
 
 # Written data are synced to disk in steps of this size while a long file is being written.
@@ -214,7 +301,11 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
 def load_tensors(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
     """Load every tensor of a safetensors file plus its string metadata."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # is_file() answers False for a missing file, but raises for a name too long
+        raise TaskArithError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not found:
         raise TaskArithError(f"{path}: file not found")
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -231,9 +322,15 @@ def _load_pickle_weights(path: Path) -> StateDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types here; all mean "refused or unreadable"
+        # Only what torch's unpickler objected to is relayed: its message also advises loading the file with
+        # weights_only=False, which for a file refused this way means running whatever code it carries.
+        text = str(exc)
+        marker = "WeightsUnpickler error:"
+        detail = text[text.index(marker) + len(marker):] if marker in text else text
         raise TaskArithError(
-            f"{path}: refused to load (only plain tensors are read from pickle files, "
-            f"with torch.load(weights_only=True); convert it to safetensors): {exc}"
+            f"{path}: refused to load: only plain tensors are read from pickle files (torch.load with "
+            f"weights_only=True), and this one holds something else ({shown(detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__, 120)}); "
+            "get the weights as safetensors"
         ) from None
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise TaskArithError(f"{path}: expected a mapping from names to tensors")
@@ -246,17 +343,41 @@ def _load_weight_file(path: Path) -> StateDict:
     return load_tensors(path)[0]
 
 
-def _load_sharded(directory: Path, index_name: str) -> StateDict:
-    index = read_json(directory / index_name)
+def shard_files(index_path: Path, index: Any) -> list[Path]:
+    """The weight files a Hugging Face shard index names, checked to be plain file names in its folder.
+
+    An index is data from whoever published the model; a name such as ``../../home/me/key.safetensors`` or
+    an absolute path would read, and merge into the output, a file outside the model folder.
+    """
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-        raise TaskArithError(f"{directory / index_name}: missing 'weight_map'")
+        raise TaskArithError(f"{index_path}: missing 'weight_map' (a mapping from tensor names to shard files)")
+    names: set[str] = set()
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str):
+            raise TaskArithError(f"{index_path}: weight_map[{quoted(tensor)}] is {quoted(name)}, not a file name")
+        if not plain_file_name(name):
+            raise TaskArithError(f"{index_path}: weight_map[{quoted(tensor)}] is {quoted(name)}; a shard must be a "
+                                 f"plain file name in {shown(index_path.parent)} (no folders, '..' or absolute paths)")
+        names.add(name)
+    return [index_path.parent / name for name in sorted(names)]
+
+
+def plain_file_name(name: str) -> bool:
+    """Whether ``name`` names a file directly inside a folder: no separator, not '.' or '..', no NUL."""
+    return (name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+            and os.path.basename(name) == name and not os.path.isabs(name))
+
+
+def _load_sharded(directory: Path, index_name: str) -> StateDict:
+    index_path = directory / index_name
+    index = read_json(index_path)
     state: StateDict = {}
-    for shard in sorted(set(weight_map.values())):
-        state.update(_load_weight_file(directory / shard))
-    missing = sorted(set(weight_map) - set(state))
+    for shard in shard_files(index_path, index):
+        state.update(_load_weight_file(shard))
+    missing = sorted(set(index["weight_map"]) - set(state))
     if missing:
-        raise TaskArithError(f"{directory / index_name}: tensors listed but absent from shards: {missing[:5]}")
+        raise TaskArithError(f"{index_path}: tensors listed but absent from shards: {quoted(missing[:5])}")
     return state
 
 

@@ -94,6 +94,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
+from taskarith.display import quoted
 from taskarith.errors import TaskArithError
 from taskarith.io import load_tensors, save_tensors
 from taskarith.models.zero_shot import mean_pool
@@ -362,10 +363,12 @@ class KFACFactors:
             kinds = {str(k): str(v) for k, v in json.loads(metadata.get("kinds", "{}")).items()}
             zero = [str(name) for name in json.loads(metadata.get("zero", "[]"))]
             tasks = json.loads(metadata["tasks"])
-        except (ValueError, TypeError, AttributeError, IndexError):
+        except (ValueError, TypeError, AttributeError, IndexError, RecursionError):
             raise TaskArithError(f"{path}: unreadable K-FAC metadata (examples, sampling, layers, kinds or zero)") from None
         if list(examples) != tasks:
-            raise TaskArithError(f"{path}: K-FAC metadata 'tasks' {tasks} does not match 'examples' {list(examples)}")
+            raise TaskArithError(f"{path}: K-FAC metadata 'tasks' {quoted(tasks)} does not match 'examples' "
+                                 f"{quoted(list(examples))}")
+        _check_loaded_tensors(path, tensors)
         tables: dict[str, dict[str, Any]] = {table: {} for table in _TABLES}
         for key, value in tensors.items():
             table, sep, rest = key.partition("/")
@@ -421,6 +424,25 @@ def _store(tensors: Tensors, key: str, value: Factor) -> None:
         tensors[f"{key}:vectors"] = value.vectors
     else:
         tensors[key] = value
+
+
+def _check_loaded_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse factor files whose curvature is not finite or whose row indices are not valid table rows: a NaN
+    factor poisons the penalty of every step, and a negative index silently picks rows from the table's end."""
+    for key, value in tensors.items():
+        if key.startswith("rows/"):
+            if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool or value.dim() != 1:
+                raise TaskArithError(f"{path}: K-FAC row index {quoted(key)} is not a list of integers")
+            if value.numel() and (int(value.min()) < 0 or not bool((value[1:] > value[:-1]).all())):
+                raise TaskArithError(f"{path}: K-FAC row index {quoted(key)} is not sorted, distinct, non-negative rows")
+        elif key.endswith(":size"):
+            if value.numel() != 1 or value.is_floating_point() or int(value) < 1:
+                raise TaskArithError(f"{path}: K-FAC block size {quoted(key)} is not a positive integer")
+        elif not value.is_floating_point() or value.dtype not in (torch.float16, torch.bfloat16, torch.float32,
+                                                                   torch.float64):
+            raise TaskArithError(f"{path}: K-FAC factor {quoted(key)} is {value.dtype}, not a float tensor")
+        elif not bool(torch.isfinite(value).all()):
+            raise TaskArithError(f"{path}: K-FAC factor {quoted(key)} contains NaN or Inf")
 
 
 def _unpack(table: Mapping[str, torch.Tensor], prefix: str) -> dict[str, Factor]:

@@ -14,26 +14,38 @@ Two rules, checked before any expensive work by :func:`check_output`:
 A symbolic link at the output is refused, with or without ``overwrite``: replacing the link would leave its
 target in place while saying the output was replaced, and writing through it would replace a folder the
 command line did not name. Give the link's target itself, or remove the link.
+
+The same rules are decided again, atomically, when the finished output is moved into place
+(:func:`commit`, used by :func:`output_file` for every file a command writes and by the streamed merge for
+its folder): the rename is one that fails if anything is at the target, so an output that appeared while
+the command ran (a concurrent run, a user's folder) is never replaced; with ``overwrite``, what is there is
+first moved aside under a name of our own and examined there, so what is replaced is exactly what was
+checked. A fine-tuning run folder is locked for the whole run (:class:`RunLock`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from safetensors import SafetensorError, safe_open
 
 from taskarith.errors import TaskArithError
-from taskarith.io import write_json
+from taskarith.io import rename_no_replace, sync_folder, temporary_beside, write_json
 
-__all__ = ["MARKER", "MERGED_MODEL_FORMAT", "check_output", "write_marker"]
+__all__ = ["LOCK", "MARKER", "MERGED_MODEL_FORMAT", "RunLock", "check_output", "commit", "output_file",
+           "write_marker"]
 
 # The file a taskarith output folder carries, and the format of a merged model folder.
 MARKER = "taskarith-output.json"
 MERGED_MODEL_FORMAT = "taskarith.merged_model/1"
+# The lock file of a fine-tuning run folder (kept after the run: removing a lock file races with its next taker).
+LOCK = ".taskarith.lock"
 
 Inputs = Iterable[tuple[str, "str | os.PathLike[str]"]]
 _Identity = tuple[int, int]
@@ -82,11 +94,145 @@ def check_output(out: str | os.PathLike, inputs: Inputs, *, overwrite: bool, for
     return target
 
 
+def commit(built: str | os.PathLike, out: str | os.PathLike, inputs: Inputs, *, overwrite: bool, format: str,
+           folder: bool) -> None:
+    """Move the finished output ``built`` (beside ``out``) to ``out`` under the rules of :func:`check_output`.
+
+    Decided at the rename: without ``overwrite`` the rename fails if anything appeared at ``out``; with it,
+    what is at ``out`` is moved aside first, checked where it now lies, and put back if it is not a previous
+    taskarith output. The folder is synced after each rename, so the result survives a power cut. On a
+    refusal ``built`` is left for the caller to remove; nothing at ``out`` has changed.
+    """
+    inputs = list(inputs)
+    target = check_output(out, inputs, overwrite=overwrite, format=format, folder=folder)
+    try:
+        rename_no_replace(built, target)
+    except FileExistsError:
+        if not overwrite:
+            raise TaskArithError(f"{target} appeared while this command ran; nothing was replaced and the new "
+                                 "output was discarded: choose another output or allow overwriting (--overwrite)") from None
+    else:
+        sync_folder(target.parent)
+        return
+    aside = target.parent / f".{target.name[:100]}.{Path(built).name[-12:]}.old"
+    try:
+        rename_no_replace(target, aside)
+    except FileNotFoundError:  # it went away meanwhile: nothing left to replace
+        return commit(built, out, inputs, overwrite=False, format=format, folder=folder)
+    sync_folder(target.parent)
+    problem = "is a symbolic link" if os.path.islink(aside) else _not_replaceable(aside, format, folder)
+    if problem:
+        rename_no_replace(aside, target)
+        sync_folder(target.parent)
+        raise TaskArithError(f"{target} {problem} (it appeared while this command ran); --overwrite replaces only "
+                             "a previous taskarith output, so nothing was replaced and the new output was discarded")
+    try:
+        rename_no_replace(built, target)
+    except FileExistsError:
+        raise TaskArithError(f"something appeared at {target} while its previous output was being replaced; the "
+                             f"new output was discarded and the previous one lies at {aside}") from None
+    sync_folder(target.parent)
+    try:
+        shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
+    except OSError as exc:
+        raise TaskArithError(f"wrote {target}, but the output it replaced, moved aside to {aside}, could not be "
+                             f"removed ({exc.strerror or exc}); delete it") from exc
+
+
+@contextmanager
+def output_file(out: str | os.PathLike, inputs: Inputs, *, overwrite: bool, format: str) -> Iterator[Path]:
+    """Check ``out`` (:func:`check_output`), yield a temporary path beside it to write the file to, then
+    :func:`commit` it. The one way a command writes a file the user named."""
+    inputs = list(inputs)
+    target = check_output(out, inputs, overwrite=overwrite, format=format, folder=False)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_beside(target)
+    except OSError as exc:
+        raise TaskArithError(f"could not write {target}: {exc.strerror or exc}") from None
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        commit(tmp, out, inputs, overwrite=overwrite, format=format, folder=False)
+    except OSError as exc:
+        raise TaskArithError(f"could not write {target} (nothing was replaced): {exc.strerror or exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held until :meth:`release` (or the process ends, even by SIGKILL).
+
+    The kernel's ``flock`` on :data:`LOCK` in the folder: a second run into the folder is refused at once,
+    naming the process that holds it, and a killed run leaves no stale lock behind. Within one process the
+    lock is re-entrant (the command line takes it before loading the model, the library again around the
+    run). Where ``flock`` is missing (Windows) runs are not locked.
+    """
+
+    _held: dict[Path, int] = {}  # folders this process has locked, and how many holders each has
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self._key = Path(os.path.realpath(self.folder))
+        self._file: IO[str] | None = None
+        self._nested = self._key in RunLock._held
+        if self._nested:
+            RunLock._held[self._key] += 1
+            return
+        try:
+            import fcntl
+        except ImportError:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            handle = open(self.folder / LOCK, "a+", encoding="utf-8")
+        except OSError as exc:
+            raise TaskArithError(f"{self.folder}: cannot create the run folder's lock ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read(200).strip() or "another process"
+            handle.close()
+            raise TaskArithError(f"{self.folder} is in use by another taskarith run ({holder}); wait for it to end "
+                                 "or choose another output folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename if hasattr(os, 'uname') else 'this machine'}\n")
+        handle.flush()
+        self._file = handle
+        RunLock._held[self._key] = 1
+
+    def release(self) -> None:
+        if self._key not in RunLock._held:
+            return
+        RunLock._held[self._key] -= 1
+        if RunLock._held[self._key]:
+            return
+        del RunLock._held[self._key]
+        if self._file is not None:
+            self._file.close()  # closing the file releases the lock
+            self._file = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def _not_replaceable(target: Path, format: str, folder: bool) -> str | None:
     """Why an existing ``target`` is not a previous taskarith output of ``format`` (None if it is one)."""
     if not folder:
         if not target.is_file():
             return "is a folder, not a taskarith file"
+        if target.suffix == ".json":  # a record: its own "format" field says who wrote it
+            try:
+                found = json.loads(target.read_text(encoding="utf-8")).get("format")
+            except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+                return "is not a JSON record written by taskarith"
+            return None if found == format else f"is not a taskarith {format} record (its 'format' is {found!r})"
         try:
             with safe_open(str(target), framework="numpy") as fh:
                 found = (fh.metadata() or {}).get("format")

@@ -6,6 +6,8 @@ from typing import Any
 
 from rich.table import Table
 
+from taskarith.display import cell
+
 
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
@@ -43,11 +45,12 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def rich_table(header: list[str], rows: list[list[str]], title: str = "") -> Table:
-    table = Table(title=title or None)
+    """A table of plain-text cells: task and model names come from outside and must not be read as markup."""
+    table = Table(title=cell(title) if title else None)
     for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=i == 0)
+        table.add_column(cell(name), justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(cell, row))
     return table
 
 

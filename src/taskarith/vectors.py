@@ -22,10 +22,13 @@ import torch
 from torch import nn
 
 from taskarith import __version__
+from taskarith.display import quoted
 from taskarith.errors import TaskArithError
 from taskarith.io import ensure_finite, floating_only, load_tensors, read_state_dict, save_tensors, state_hash
 
 FORMAT = "taskarith.task_vector/1"
+# The dtypes a task vector's deltas may have.
+DELTA_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 # What a regularized vector saved before taskarith recorded penalty forms was trained with.
 LEGACY_PENALTY_FORMS = {
     "taujp": "taujp/1:mean_pooled(||J delta||_2^2), before taskarith 0.2 (today's taujp_sq with reg_sampling='pooled')",
@@ -138,7 +141,15 @@ class TaskVector:
 
     # persistence ----------------------------------------------------------------------------------
 
+    def check_finite(self, destination: str | PathLike) -> None:
+        """Refuse to write a vector holding NaN or Inf (what overflowing coefficients make) to ``destination``."""
+        for name, delta in self.deltas.items():
+            if delta.is_floating_point() and not torch.isfinite(delta).all():
+                raise TaskArithError(f"refusing to write {destination}: tensor '{name}' of task vector "
+                                     f"{self.task or '?'} is NaN or Inf (a coefficient too large for its dtype?)")
+
     def save(self, path: str | PathLike) -> None:
+        self.check_finite(path)
         metadata = {
             "format": FORMAT,
             "base_hash": self.base_hash or "",
@@ -159,8 +170,15 @@ class TaskVector:
             )
         try:
             config = json.loads(metadata.get("config") or "{}")
-        except json.JSONDecodeError:
+        # ValueError: also a number of over 4300 digits; RecursionError: arrays nested thousands deep.
+        except (ValueError, RecursionError):
             raise TaskArithError(f"{path}: metadata 'config' is not valid JSON") from None
+        for name, tensor in tensors.items():
+            # Deltas of integer or complex tensors are not directions in weight space (a U16 "vector" composed
+            # to norm 6.5e18), and float8 values mean nothing without the scales stored beside them.
+            if tensor.dtype not in DELTA_DTYPES:
+                raise TaskArithError(f"{path}: tensor {quoted(name)} is {tensor.dtype}; a task vector holds "
+                                     "float16, bfloat16, float32 or float64 deltas")
         ensure_finite(tensors, str(path))
         if isinstance(config, dict) and config.get("regularizer") and not config.get("penalty_form"):
             # Made before penalty forms were versioned: say what it was trained with, never pass it off as today's.

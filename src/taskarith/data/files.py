@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from taskarith.display import quoted
 from taskarith.data.tasks import SPLITS, Examples, Task, split_examples
 from taskarith.errors import TaskArithError
 
@@ -30,6 +31,8 @@ SPLIT_ALIASES: dict[str, str] = {
 }
 _WS = re.compile(r"\s+")
 _INT = re.compile(r"[+-]?\d+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_LABEL_CHARACTERS = 1000
 
 # (line number, text, label, split or None)
 Record = tuple[int, str, str, "str | None"]
@@ -101,12 +104,25 @@ def _norm_label(value: object, path: str, line: int, label_key: str) -> str:
     # bool is an int subclass, but True/False as class labels is almost surely a mistake.
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise TaskArithError(
-            f"{path}, line {line}: '{label_key}' must be a string or an integer, got {type(value).__name__} {value!r}."
+            f"{path}, line {line}: '{label_key}' must be a string or an integer, got {type(value).__name__} {quoted(value)}."
         )
-    label = str(value).strip()
+    label = str(value).strip()  # JSON integers of over 4300 digits are refused by the JSON reader already
     if not label:
         raise TaskArithError(f"{path}, line {line}: '{label_key}' is empty; give every example a label.")
+    if len(label) > MAX_LABEL_CHARACTERS:
+        raise TaskArithError(f"{path}, line {line}: '{label_key}' is {len(label)} characters long; a class label "
+                             f"is a name of at most {MAX_LABEL_CHARACTERS} characters.")
+    _refuse_surrogates(label, path, line, label_key)
     return label
+
+
+def _refuse_surrogates(text: str, path: str, line: int, key: str) -> None:
+    # A JSON escape such as "\ud800" without its pair decodes to a lone surrogate, which is not text: it
+    # cannot be encoded, so hashing the task or writing its record would fail long after loading.
+    match = _SURROGATE.search(text)
+    if match:
+        raise TaskArithError(f"{path}, line {line}: '{key}' holds a lone surrogate (\\u{ord(match.group()):04x}), "
+                             "which is not a character; fix the escape in the file.")
 
 
 def _norm_text(value: object, path: str, line: int, text_key: str) -> str:
@@ -115,6 +131,7 @@ def _norm_text(value: object, path: str, line: int, text_key: str) -> str:
     text = _WS.sub(" ", value).strip()
     if not text:
         raise TaskArithError(f"{path}, line {line}: '{text_key}' is empty; remove the row or fill in its text.")
+    _refuse_surrogates(text, path, line, text_key)
     return text
 
 

@@ -8,12 +8,14 @@ from pathlib import Path
 
 from taskarith.data.pixels import IMAGE_SUFFIXES, _build_task, _Pool, check_split_rule
 from taskarith.data.tasks import Task
+from taskarith.display import shown
 from taskarith.errors import TaskArithError
 
 __all__ = ["DEFAULT_IMAGE_TEMPLATES", "task_from_image_folder"]
 
 DEFAULT_IMAGE_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.")
 
+_SPLIT_ORDER = ("train", "val", "test")
 _SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test", "testing": "test"}
 
@@ -22,19 +24,51 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
 
 
-def _images_under(folder: Path) -> list[Path]:
+def _images_under(folder: Path, root: Path, seen: set[str]) -> list[Path]:
     """Image files below ``folder`` (recursively), in torchvision ImageFolder's order: folders sorted by
-    path, files by name (so the "paper" split draws the same images as the papers' ``random_split``)."""
+    path, files by name (so the "paper" split draws the same images as the papers' ``random_split``).
+
+    Links are followed only to what lies inside ``folder`` itself (its real path): a link to an ancestor
+    (``b/loop -> ..``) or a second route to a folder already listed would list its files again, under this
+    class, and one to another class's files would give them this label. Such links inside ``root`` are
+    skipped (their files are listed where they lie); a link out of ``root`` is refused, since it would pull
+    files the folder's owner did not put there into the task. ``seen`` holds the real path of every file
+    already listed, so that no file is listed twice (in two classes or two splits).
+    """
+    home = os.path.realpath(folder)
+    _check_inside(folder, home, root)
+    visited = {home}
     walk = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        kept = []
+        for name in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if name.startswith(".") or real in visited or not _check_inside(Path(dirpath, name), real, root, home):
+                continue
+            visited.add(real)
+            kept.append(name)
+        dirnames[:] = kept
         walk.append((dirpath, filenames))
     found = []
     for dirpath, filenames in sorted(walk):
         for filename in sorted(filenames):
-            if not filename.startswith(".") and Path(filename).suffix.lower() in IMAGE_SUFFIXES:
-                found.append(Path(dirpath) / filename)
+            if filename.startswith(".") or Path(filename).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            path = Path(dirpath) / filename
+            real = os.path.realpath(path)
+            if real not in seen and _check_inside(path, real, root, home):
+                seen.add(real)
+                found.append(path)
     return found
+
+
+def _check_inside(path: Path, real: str, root: Path, home: str | None = None) -> bool:
+    """Whether ``real`` (``path`` with links resolved) lies inside ``home``; refused if it leaves ``root``."""
+    if not Path(real).is_relative_to(root):
+        raise TaskArithError(f"Image folder {shown(root)}: {shown(path)} leads through a link to {shown(real)}, "
+                             "outside the folder; taskarith reads only files inside an image folder: copy them in, or remove "
+                             "the link")
+    return home is None or Path(real).is_relative_to(home)
 
 
 def task_from_image_folder(
@@ -115,23 +149,36 @@ def _folder_pools(base: Path, layout: dict[str, Path], class_names: Mapping[str,
             if folder_name not in class_names:
                 raise TaskArithError(f"Image folder {str(base)!r}: class folder {folder_name!r} has no class name "
                                      "in the given names; remove the folder or name its class.")
-            shown = str(class_names[folder_name])
+            label = str(class_names[folder_name])
         else:
-            shown = " ".join(folder_name.replace("_", " ").split())
-        clash = [f for f, s in display.items() if s == shown]
-        if clash or not shown:
+            label = " ".join(folder_name.replace("_", " ").split())
+        clash = [f for f, s in display.items() if s == label]
+        if clash or not label:
             raise TaskArithError(
                 f"Image folder {str(base)!r}: class folders {clash + [folder_name]!r} give the same class name "
-                f"{shown!r}; rename one."
+                f"{label!r}; rename one."
             )
-        display[folder_name] = shown
+        display[folder_name] = label
     index = {f: i for i, f in enumerate(all_names)}
 
     pools: dict[str, _Pool] = {}
-    for split, folder in layout.items():
+    root = base.resolve()
+    seen: set[str] = set()
+    listed: dict[Path, Path] = {}
+    # A file reached from two splits (through links) is kept in the first of train, val, test.
+    order = sorted(layout, key=lambda split: _SPLIT_ORDER.index(split) if split in _SPLIT_ORDER else 3)
+    for split in order:
+        folder = layout[split]
         keys, labels, paths = [], [], []
         for folder_name in sorted(folder_names[split]):
-            images = _images_under(folder / folder_name)
+            images = _images_under(folder / folder_name, root, seen)
+            if not images and (folder / folder_name).resolve() in listed:
+                raise TaskArithError(
+                    f"Class folder {shown(folder / folder_name)} is the folder "
+                    f"{shown(listed[(folder / folder_name).resolve()])} (through a link), whose images are "
+                    "listed already; a file is used once, so that no test image is also a training one"
+                )
+            listed.setdefault((folder / folder_name).resolve(), folder / folder_name)
             if not images:
                 raise TaskArithError(
                     f"Class folder {str(folder / folder_name)!r} has no image files "
@@ -143,6 +190,7 @@ def _folder_pools(base: Path, layout: dict[str, Path], class_names: Mapping[str,
                 labels.append(index[folder_name])
                 paths.append(path)
         pools[split] = _Pool(keys, labels, paths)
+    pools = {split: pools[split] for split in layout}
     missing = [display[f] for f in all_names if f not in folder_names["train"]]
     if missing:
         raise TaskArithError(f"Image folder {str(base)!r}: classes {missing!r} have no training images under train/.")

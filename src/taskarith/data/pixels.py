@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import math
 import os
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Sequence
@@ -45,6 +46,7 @@ from taskarith.data.tasks import (
     split_examples,
     stable_hash,
 )
+from taskarith.display import shown
 from taskarith.errors import TaskArithError
 
 __all__ = ["IMAGE_SUFFIXES", "SPLIT_RULES", "load_image", "paper_split", "read_idx"]
@@ -67,6 +69,7 @@ def load_image(item: Any) -> np.ndarray:
     if isinstance(item, (str, os.PathLike)):
         return _read_image_file(Path(item))
     if hasattr(item, "convert") and hasattr(item, "mode"):  # a PIL image, e.g. from a torchvision dataset
+        _check_image_size(*item.size, getattr(item, "filename", "") or "(an image in memory)")
         return np.asarray(item.convert("RGB"), dtype=np.uint8)
     if not isinstance(item, np.ndarray):
         raise TaskArithError(
@@ -86,18 +89,38 @@ def load_image(item: Any) -> np.ndarray:
     )
 
 
+# The most pixels an image file may have. Every model here sees at most a few hundred pixels a side, and
+# a file's size says nothing about its decoded size: a 17 KB PNG can announce 12000 x 12000 pixels, 3.6 GB
+# once converted. The cap is read from the header, before anything is decoded; raise it here for data
+# sets of larger images (25 million pixels decode to 75 MB of RGB).
+MAX_IMAGE_PIXELS = 25_000_000
+
+
+def _check_image_size(width: int, height: int, where: object) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise TaskArithError(f"Image file {shown(where)} is {width} x {height} pixels, more than the "
+                             f"{MAX_IMAGE_PIXELS:,} taskarith decodes (taskarith.data.pixels.MAX_IMAGE_PIXELS); "
+                             "a decompression bomb, or an image to shrink before use")
+
+
 def _read_image_file(path: Path) -> np.ndarray:
     try:
         from PIL import Image
     except ImportError as err:  # pragma: no cover - pillow is a dependency
         raise TaskArithError(f"Reading image {path} needs Pillow: pip install pillow") from err
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        with warnings.catch_warnings():
+            # Pillow's own bomb warning fires above its larger limit; the cap below refuses first.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # reads the header only
+                _check_image_size(*image.size, path)
+                return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError as err:
         raise TaskArithError(f"Image file {path} does not exist.") from err
+    except Image.DecompressionBombError as err:  # Pillow's limit, in case a caller set it below ours
+        raise TaskArithError(f"Image file {shown(path)} is too large to decode: {shown(err)}") from None
     # Pillow reports truncated or foreign files with several exception types; all mean "not an image".
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except (OSError, ValueError, SyntaxError) as err:
         raise TaskArithError(f"Cannot read image file {path}: {err}") from err
 
 

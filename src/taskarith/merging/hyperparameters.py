@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from taskarith.display import quoted
 from taskarith.errors import TaskArithError
 
 __all__ = ["DEFAULTS", "HYPERPARAMETERS", "Hyperparameter", "check_hyperparameters", "check_method"]
@@ -93,23 +94,24 @@ def check_method(name: str) -> str:
 def _number(method: str, key: str, raw: object, spec: Hyperparameter) -> float:
     # Strings are accepted so that `--param density=0.3` from a command line needs no special casing.
     if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-        raise TaskArithError(f"{method} hyper-parameter '{key}' must be a number, got {raw!r}")
+        raise TaskArithError(f"{method} hyper-parameter '{key}' must be a number, got {quoted(raw)}")
     try:
         value = float(raw)
     except ValueError:
-        raise TaskArithError(f"{method} hyper-parameter '{key}' must be a number, got {raw!r}") from None
+        raise TaskArithError(f"{method} hyper-parameter '{key}' must be a number, got {quoted(raw)}") from None
     if not math.isfinite(value) or not spec.contains(value) or (spec.integer and value != int(value)):
         raise TaskArithError(
-            f"{method} hyper-parameter '{key}' = {raw!r} is out of range: it must be {spec.range_text()}"
+            f"{method} hyper-parameter '{key}' = {quoted(raw)} is out of range: it must be {spec.range_text()}"
         )
     return int(value) if spec.integer else value
 
 
-def check_hyperparameters(name: str, params: Mapping[str, object]) -> dict[str, float]:
+def check_hyperparameters(name: str, params: Mapping[str, object], *, models: int | None = None) -> dict[str, float]:
     """The method's full hyper-parameters: ``params`` validated, the rest filled from :data:`DEFAULTS`.
 
     Raises :class:`TaskArithError` for an unknown method, an unknown key (listing the accepted ones),
-    or a value out of range (naming key and value).
+    or a value out of range (naming key and value). ``models``, the number of models or vectors merged
+    when known, bounds the values that count them.
     """
     specs = HYPERPARAMETERS[check_method(name)]
     unknown = sorted(str(key) for key in params if key not in specs)
@@ -124,4 +126,8 @@ def check_hyperparameters(name: str, params: Mapping[str, object]) -> dict[str, 
             f"breadcrumbs keeps 'density' = {checked['density']:g} and removes 'gamma' = {checked['gamma']:g} "
             f"as outliers; together they cannot exceed 1"
         )
+    if name == "consensus" and models is not None and checked["k"] > models:
+        # No entry can be kept by more masks than there are models: the merge would silently be the base.
+        raise TaskArithError(f"consensus 'k' = {checked['k']:g} is more than the {models} models merged; an entry "
+                             f"kept by at least k of them cannot exist: use k <= {models}")
     return checked

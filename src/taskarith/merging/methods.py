@@ -409,9 +409,21 @@ def merge_task_vectors(
         raise TaskArithError("no task vectors to merge")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TaskArithError(f"the merge seed must be an integer, got {seed!r}")
-    params = check_hyperparameters(method, hyperparameters)
+    params = check_hyperparameters(method, hyperparameters, models=len(vectors))
     anchor, meta = _shared_meta(vectors)
-    deltas = {key: merged_delta(key, [v.deltas[key] for v in vectors], method, params, seed) for key in anchor.deltas}
+    deltas = {}
+    for key in anchor.deltas:
+        inputs = [v.deltas[key] for v in vectors]
+        # A vector scaled past its dtype's range holds Inf, which TIES's sign election turns into a finite 0.
+        for vector, delta in zip(vectors, inputs):
+            if delta.is_floating_point() and not torch.isfinite(delta).all():
+                raise TaskArithError(f"task vector {vector.task or '?'}: tensor '{key}' is NaN or Inf (a weight "
+                                     "too large for its dtype?); nothing was merged")
+        deltas[key] = merged_delta(key, inputs, method, params, seed)
+        if deltas[key].is_floating_point() and not torch.isfinite(deltas[key]).all():
+            settings = ", ".join(f"{name}={value:g}" for name, value in params.items())
+            raise TaskArithError(f"merged tensor '{key}' ({method}, {settings}) is NaN or Inf in "
+                                 f"{deltas[key].dtype}; nothing was written: lower the weights or the scaling")
     tasks = [v.task for v in vectors]
     config = {"merge_method": method, "hyperparameters": params, "seed": seed, "merged_tasks": tasks}
     label = f"{method}({'+'.join(t or '?' for t in tasks)})"

@@ -24,6 +24,7 @@ it is a previous taskarith output (:func:`taskarith.outputs.check_output`).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -33,10 +34,11 @@ from typing import Any
 
 import yaml
 
+from taskarith.display import quoted, shown
 from taskarith.errors import TaskArithError
 from taskarith.merging.hyperparameters import check_hyperparameters
 from taskarith.merging.streaming import DEFAULT_SHARD_BYTES, merge_checkpoints
-from taskarith.outputs import check_output
+from taskarith.outputs import check_output, output_file
 
 __all__ = ["MergeRecipe", "load_recipe", "parse_size", "run_recipe"]
 
@@ -77,7 +79,8 @@ class MergeRecipe:
         if self.shard_size < 1:
             raise TaskArithError(f"{where}: 'shard_size' must be positive, got {self.shard_size}")
         try:
-            check_hyperparameters(self.method, self.parameters)
+            check_hyperparameters(self.method, self.parameters,
+                                  models=len(self.models) + len(self.task_vectors) or None)
         except TaskArithError as exc:
             raise TaskArithError(f"{where}: {exc}") from None
         return self
@@ -86,14 +89,19 @@ class MergeRecipe:
 def parse_size(value: object, where: str = "shard_size") -> int:
     """``2GB``, ``500MiB``, ``1e9`` or an integer number of bytes."""
     if isinstance(value, bool):
-        raise TaskArithError(f"{where}: expected a size like 2GB, got {value!r}")
+        raise TaskArithError(f"{where}: expected a size like 2GB, got {quoted(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TaskArithError(f"{where}: expected a size like 2GB, got {quoted(value)}")
     if isinstance(value, (int, float)):
         return int(value)
     match = _SIZE.match(str(value))
     unit = (match.group(2) or "").upper() if match else None
     if not match or unit not in _UNITS:
-        raise TaskArithError(f"{where}: expected a size like 2GB or 500MiB, got {value!r}")
-    return int(float(match.group(1)) * _UNITS[unit])
+        raise TaskArithError(f"{where}: expected a size like 2GB or 500MiB, got {quoted(value)}")
+    size = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(size):
+        raise TaskArithError(f"{where}: expected a size like 2GB or 500MiB, got {quoted(value)}")
+    return int(size)
 
 
 def _sources(entries: object, key: str, folder: Path, where: str) -> tuple[Source, ...]:
@@ -114,8 +122,8 @@ def _sources(entries: object, key: str, folder: Path, where: str) -> tuple[Sourc
         else:
             raise TaskArithError(f"{where}: {key}[{i}] must be a path or a mapping with '{path_key}: PATH'")
         weight = params.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise TaskArithError(f"{where}: {key}[{i}] weight must be a number, got {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise TaskArithError(f"{where}: {key}[{i}] weight must be a finite number, got {quoted(weight)}")
         sources.append(Source(path=str(_resolve(path, folder)), weight=float(weight)))
     return tuple(sources)
 
@@ -127,7 +135,7 @@ def _path_field(data: Mapping[str, Any], key: str, folder: Path, where: str) -> 
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise TaskArithError(f"{where}: '{key}' must be a path (a non-empty string), got {value!r}")
+        raise TaskArithError(f"{where}: '{key}' must be a path (a non-empty string), got {quoted(value)}")
     return str(_resolve(value, folder))
 
 
@@ -136,31 +144,53 @@ def _resolve(path: str, folder: Path) -> Path:
     return candidate if candidate.is_absolute() else folder / candidate
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without aliases: nine levels of ``*a`` in 700 bytes expand to gigabytes ("billion laughs").
+
+    Refused at the alias event, before any node is built; a recipe has no use for them.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise TaskArithError(f"line {event.start_mark.line + 1}: YAML aliases (*{quoted(event.anchor)[1:-1]}) "
+                                 "are not allowed in recipes; write the value out")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str) -> Any:
+    """``yaml.safe_load`` refusing aliases (see :class:`_NoAliasLoader`); the one YAML reader of recipes and --set."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_recipe(path: str | os.PathLike) -> MergeRecipe:
     """Read and check a YAML recipe; paths in it are taken relative to its folder."""
     source = Path(path)
     try:
-        data = yaml.safe_load(source.read_text(encoding="utf-8"))
+        data = safe_yaml(source.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TaskArithError(f"{source}: recipe not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise TaskArithError(f"{source}: not a readable YAML recipe ({exc})") from None
+    except TaskArithError as exc:
+        raise TaskArithError(f"{source}: {exc}") from None
+    # ValueError: also an integer of over 4300 digits, which Python refuses to convert; RecursionError: deep nesting.
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
+        raise TaskArithError(f"{source}: not a readable YAML recipe ({shown(exc)})") from None
     where = str(source)
     if not isinstance(data, dict):
         raise TaskArithError(f"{where}: a recipe is a mapping with keys {sorted(_KEYS)}")
     unknown = sorted(set(map(str, data)) - _KEYS)
     if unknown:
-        raise TaskArithError(f"{where}: unknown key(s) {unknown}; known: {sorted(_KEYS)}")
+        raise TaskArithError(f"{where}: unknown key(s) {quoted(unknown)}; known: {sorted(_KEYS)}")
     folder = source.parent
     parameters = data.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise TaskArithError(f"{where}: 'parameters' must be a mapping of hyper-parameters")
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TaskArithError(f"{where}: 'seed' must be an integer, got {seed!r}")
+        raise TaskArithError(f"{where}: 'seed' must be an integer, got {quoted(seed)}")
     method = data.get("merge_method", data.get("method", "task_arithmetic"))
     if not isinstance(method, str):
-        raise TaskArithError(f"{where}: 'merge_method' must be a method name, got {method!r}")
+        raise TaskArithError(f"{where}: 'merge_method' must be a method name, got {quoted(method)}")
     return MergeRecipe(
         method=method,
         base_model=_path_field(data, "base_model", folder, where),
@@ -195,11 +225,12 @@ def run_recipe(recipe: MergeRecipe, *, overwrite: bool = False,
     from taskarith.vectors import FORMAT, TaskVector
 
     out = Path(recipe.out)
-    destination = check_output(out, [*recipe_file, *(("task vector", v.path) for v in recipe.task_vectors)],
-                               overwrite=overwrite, format=FORMAT, folder=False)
+    inputs = [*recipe_file, *(("task vector", v.path) for v in recipe.task_vectors)]
+    check_output(out, inputs, overwrite=overwrite, format=FORMAT, folder=False)
     vectors = [TaskVector.load(v.path) * v.weight if v.weight != 1.0 else TaskVector.load(v.path)
                for v in recipe.task_vectors]
     merged = merge_task_vectors(vectors, recipe.method, seed=recipe.seed, **recipe.parameters)
-    merged.save(destination)
+    with output_file(out, inputs, overwrite=overwrite, format=FORMAT) as tmp:
+        merged.save(tmp)
     return {"method": recipe.method, "hyperparameters": check_hyperparameters(recipe.method, recipe.parameters),
             "seed": recipe.seed, "out": str(out), "vectors": len(vectors), "norm": merged.norm()}

@@ -17,10 +17,10 @@ other methods wrap the same arrays as tensors (no copy) and call :data:`MERGE_ME
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +29,13 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from taskarith.display import shown
 from taskarith.errors import TaskArithError
-from taskarith.io import SAFETENSORS_ITEMSIZE, current_umask, layout_bytes, stream_safetensors, write_json
+from taskarith.io import (SAFETENSORS_ITEMSIZE, layout_bytes, shard_files, stream_safetensors, sync_folder,
+                          temporary_beside, write_json)
 from taskarith.merging import kernels
 from taskarith.merging.hyperparameters import check_hyperparameters
-from taskarith.outputs import MARKER, MERGED_MODEL_FORMAT, check_output, write_marker
+from taskarith.outputs import MARKER, MERGED_MODEL_FORMAT, check_output, commit, write_marker
 
 __all__ = ["CheckpointIndex", "TensorEntry", "merge_checkpoints"]
 
@@ -55,15 +57,26 @@ _NUMPY_METHODS: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
+# A file's identity as os.stat gives it: a file renamed over the path has another inode, one rewritten in
+# place another size or modification time.
+FileIdentity = tuple[int, int, int, int]
+
+
+def file_identity(stat: os.stat_result) -> FileIdentity:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
 @dataclass(frozen=True)
 class TensorEntry:
-    """Where one tensor's bytes lie: its file, its safetensors dtype and shape, and its byte range."""
+    """Where one tensor's bytes lie: its file, its safetensors dtype and shape, its byte range, and the
+    identity the file had when its header was read (every later read must find the same file)."""
 
     file: Path
     dtype: str
     shape: tuple[int, ...]
     start: int
     end: int
+    identity: FileIdentity
 
 
 @dataclass(frozen=True)
@@ -103,19 +116,38 @@ class CheckpointIndex:
     def folder(self) -> Path | None:
         return self.source if self.source.is_dir() else None
 
+    def check_unchanged(self) -> None:
+        """Refuse if any weight file is no longer the file whose header was read (replaced or rewritten)."""
+        for file, identity in sorted({(entry.file, entry.identity) for entry in self.entries.values()}):
+            try:
+                now: FileIdentity | None = file_identity(os.stat(file))
+            except OSError:
+                now = None
+            if now != identity:
+                raise _changed(file)
+
+
+def _changed(file: Path) -> TaskArithError:
+    return TaskArithError(f"{file}: the file was replaced or changed during the merge (was it still being "
+                          "saved?); nothing was written: merge again once it is complete")
+
 
 def _shard_entries(shard: Path) -> dict[str, TensorEntry]:
     """The tensors of one safetensors file, after the library has validated its header."""
     try:
-        with safe_open(str(shard), framework="numpy") as fh:
-            validated = set(fh.keys())
-        with open(shard, "rb") as fh:
-            (header_size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(header_size))
-    except (SafetensorError, OSError, ValueError, struct.error) as exc:
-        raise TaskArithError(f"{shard}: not a readable safetensors file ({exc})") from None
+        # The identity comes from the handle the header is read through; the path, stated after the
+        # library's validation, must still name that file, so the header trusted is the header validated.
+        with open(shard, "rb") as raw:
+            identity = file_identity(os.fstat(raw.fileno()))
+            with safe_open(str(shard), framework="numpy") as fh:
+                validated = set(fh.keys())
+            (header_size,) = struct.unpack("<Q", raw.read(8))
+            header = json.loads(raw.read(header_size))
+        same = file_identity(os.stat(shard)) == identity
+    except (SafetensorError, OSError, ValueError, struct.error, RecursionError) as exc:
+        raise TaskArithError(f"{shard}: not a readable safetensors file ({shown(exc)})") from None
     header.pop("__metadata__", None)
-    if set(header) != validated:  # the file changed between the two reads
+    if not same or set(header) != validated:
         raise TaskArithError(f"{shard}: the file changed while its header was being read")
     entries = {}
     for name, info in header.items():
@@ -125,19 +157,16 @@ def _shard_entries(shard: Path) -> dict[str, TensorEntry]:
         if end - start != layout_bytes(info["dtype"], tuple(info["shape"])):
             raise TaskArithError(f"{shard}: the file changed while its header was being read")
         entries[name] = TensorEntry(shard, info["dtype"], tuple(info["shape"]), 8 + header_size + start,
-                                    8 + header_size + end)
+                                    8 + header_size + end, identity)
     return entries
 
 
 def _shards_of_index(index_path: Path) -> list[Path]:
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TaskArithError(f"{index_path}: not a readable JSON index ({exc})") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise TaskArithError(f"{index_path}: missing or malformed 'weight_map'")
-    shards = sorted({index_path.parent / name for name in weight_map.values()})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
+        raise TaskArithError(f"{index_path}: not a readable JSON index ({shown(exc)})") from None
+    shards = shard_files(index_path, index)
     missing = [str(s) for s in shards if not s.is_file()]
     if missing:
         raise TaskArithError(f"{index_path}: shards listed but absent: {missing[:3]}")
@@ -163,6 +192,10 @@ def read_bytes(entry: TensorEntry, buffer: np.ndarray | None = None) -> np.ndarr
     view, done = memoryview(data), 0
     try:
         with open(entry.file, "rb", buffering=0) as fh:
+            # Each tensor re-opens its file (holding every shard of every model open could pass the limit
+            # on open files), so each open checks that the path still names the file whose header was read.
+            if file_identity(os.fstat(fh.fileno())) != entry.identity:
+                raise _changed(entry.file)
             fh.seek(entry.start)
             while done < len(data):
                 got = fh.readinto(view[done:])
@@ -194,11 +227,48 @@ def from_working(values: np.ndarray, dtype: str) -> np.ndarray:
     return rounded
 
 
-def _ensure_finite(values: np.ndarray, entry: TensorEntry, name: str) -> None:
-    """Refuse NaN or Inf weights, as loading a task vector does: arithmetic on them poisons the merge."""
+def _ensure_finite(values: np.ndarray, entry: TensorEntry, name: str) -> float:
+    """Refuse NaN or Inf weights, as loading a task vector does: arithmetic on them poisons the merge.
+
+    Returns the largest magnitude, which bounds what arithmetic on the values can reach.
+    """
+    if not values.size:
+        return 0.0
     # min and max propagate NaN and show +-Inf, without the tensor-sized mask np.isfinite would allocate.
-    if values.size and not (np.isfinite(values.min()) and np.isfinite(values.max())):
+    low, high = values.min(), values.max()
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise TaskArithError(f"{entry.file}: tensor '{name}' contains NaN or Inf")
+    return max(-float(low), float(high))
+
+
+def _check_weighted(delta: np.ndarray, bound: float, weight: float, entry: TensorEntry, name: str) -> None:
+    """Refuse a weighted delta that overflowed working precision (TIES would turn its Inf into a finite 0).
+
+    ``bound`` (|fine-tuned| + |base|, times |weight|) is an upper bound of every entry, so the exact check,
+    a pass over the tensor, is needed only when it exceeds the largest finite value.
+    """
+    if bound * abs(weight) <= np.finfo(delta.dtype).max:
+        return
+    if delta.size and not (np.isfinite(delta.min()) and np.isfinite(delta.max())):
+        raise TaskArithError(f"tensor '{name}' of {entry.file} times its weight {weight:g} overflows "
+                             f"{delta.dtype}; nothing was written: use a smaller weight")
+
+
+def _check_merged(merged: np.ndarray, dtype: str, name: str, method: str, params: Mapping[str, Any]) -> None:
+    """Refuse a merged tensor that is not finite, in working precision or once rounded to ``dtype``.
+
+    Rounding is monotonic, so the stored extremes are the rounded working extremes: two scalars to
+    convert rather than the tensor.
+    """
+    if not merged.size:
+        return
+    extremes = np.array([merged.min(), merged.max()], dtype=merged.dtype)
+    stored = to_working(from_working(extremes, dtype).reshape(-1).view(np.uint8), dtype)
+    if not np.isfinite(extremes).all() or not np.isfinite(stored).all():
+        settings = ", ".join(f"{key}={value:g}" for key, value in params.items())
+        raise TaskArithError(f"merged tensor '{name}' ({method}, {settings}) is NaN or Inf in {dtype} "
+                             f"(extremes {extremes[0]:g}, {extremes[1]:g}); nothing was written: "
+                             "lower the weights or the scaling")
 
 
 def plan_shards(layout: Mapping[str, tuple[str, tuple[int, ...]]], shard_bytes: int) -> list[list[str]]:
@@ -261,9 +331,12 @@ def merge_checkpoints(
     weights = [1.0] * len(finetuned) if weights is None else [float(w) for w in weights]
     if len(weights) != len(finetuned):
         raise TaskArithError(f"{len(weights)} weights for {len(finetuned)} fine-tuned checkpoints")
+    for path, weight in zip(finetuned, weights):
+        if not math.isfinite(weight):
+            raise TaskArithError(f"the weight of {path} is {weight}; weights must be finite numbers")
     if shard_bytes < 1:
         raise TaskArithError(f"shard_bytes={shard_bytes} must be positive")
-    params = check_hyperparameters(method, hyperparameters)
+    params = check_hyperparameters(method, hyperparameters, models=len(finetuned))
     base_index = CheckpointIndex.open(base)
     others = [CheckpointIndex.open(path) for path in finetuned]
     for other in others:
@@ -275,6 +348,7 @@ def merge_checkpoints(
     inputs = [("base model", base), *(("model", path) for path in finetuned), *other_inputs,
               *(("weights file", file) for index in (base_index, *others)
                 for file in sorted({entry.file for entry in index.entries.values()}))]
+    companions = companion_files(base_index.folder)
     target = Path(out_dir)
     destination = check_output(out_dir, inputs, overwrite=overwrite, format=MERGED_MODEL_FORMAT, folder=True)
 
@@ -299,30 +373,39 @@ def merge_checkpoints(
     def produce(name: str) -> np.ndarray:
         if on_tensor is not None:
             on_tensor(name)
+        # Overflow is checked explicitly (below), with a message naming the tensor, not by NumPy's warnings.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return merged_bytes(name)
+
+    def merged_bytes(name: str) -> np.ndarray:
         entry = base_index.entries[name]
         stored = read_bytes(entry, buffers[0])
         if entry.dtype not in _WORK_DTYPE:
             return hand_over(stored)
         base_values = to_working(stored, entry.dtype).reshape(entry.shape)
-        _ensure_finite(base_values, entry, name)
+        base_bound = _ensure_finite(base_values, entry, name)
         deltas = []
         for other, weight, buffer in zip(others, weights, buffers[1:]):
             delta = to_working(read_bytes(other.entries[name], buffer), entry.dtype).reshape(entry.shape)
-            _ensure_finite(delta, other.entries[name], name)
+            bound = _ensure_finite(delta, other.entries[name], name) + base_bound
             delta -= base_values  # in place: the array is this loop's own
             if weight != 1.0:  # the same product as scaling a TaskVector, so both merges agree bit for bit
                 delta *= weight
+            _check_weighted(delta, bound, weight, other.entries[name], name)
             deltas.append(delta)
         merged = merged_array(name, deltas, method, params, seed)
         merged += base_values  # merged is a fresh result or one of the deltas; addition commutes exactly
+        _check_merged(merged, entry.dtype, name, method, params)
         return hand_over(from_working(merged, entry.dtype).reshape(-1).view(np.uint8))
 
     file_names = ([SAFETENSORS_SINGLE] if len(shards) == 1 else
                   [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     total = sum(layout_bytes(dtype, shape) for dtype, shape in base_index.layout.values())
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
-    building.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the merged model private
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        building = temporary_beside(destination, suffix=".partial", folder=True)
+    except OSError as exc:
+        raise TaskArithError(f"could not write the merged model to {target}: {exc.strerror or exc}") from None
     try:
         for file_name, shard in zip(file_names, shards):
             with open(building / file_name, "wb") as fh:
@@ -332,12 +415,17 @@ def merge_checkpoints(
         if len(shards) > 1:
             weight_map = {name: file_name for file_name, shard in zip(file_names, shards) for name in shard}
             write_json(building / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        _copy_companion_files(base_index.folder, building)
+        for companion in companions:
+            shutil.copy2(companion, building / companion.name)
+        # A file renamed over an input after its last tensor was read, or rewritten in place during that
+        # read, is caught only here.
+        for index in (base_index, *others):
+            index.check_unchanged()
         write_marker(building, MERGED_MODEL_FORMAT, method=method, hyperparameters=params, seed=seed,
                      weights=weights)
-        # Again, now: the merge may have taken hours, and something else may have appeared at the output.
-        check_output(out_dir, inputs, overwrite=overwrite, format=MERGED_MODEL_FORMAT, folder=True)
-        previous = _replace_folder(building, destination)
+        sync_folder(building)
+        # Decided again at the rename: the merge may have taken hours, and something may have appeared at the output.
+        commit(building, out_dir, inputs, overwrite=overwrite, format=MERGED_MODEL_FORMAT, folder=True)
     except OSError as exc:
         shutil.rmtree(building, ignore_errors=True)
         raise TaskArithError(f"could not write the merged model to {target} (nothing was replaced): "
@@ -345,38 +433,32 @@ def merge_checkpoints(
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    if previous is not None:
-        try:
-            shutil.rmtree(previous)
-        except OSError as exc:
-            raise TaskArithError(f"wrote the merged model to {target}, but the output it replaced, moved aside to "
-                                 f"{previous}, could not be removed ({exc.strerror or exc}); delete it") from exc
     return {"method": method, "hyperparameters": params, "seed": seed, "tensors": len(base_index.entries),
             "bytes": total, "shards": len(shards), "out": str(target), "models": len(others)}
 
 
-def _copy_companion_files(folder: Path | None, destination: Path) -> None:
-    """Config, tokenizer and generation files travel with the merged weights; the base's weights do not."""
+def companion_files(folder: Path | None) -> list[Path]:
+    """Config, tokenizer and generation files of a model folder, which travel with the merged weights.
+
+    Each is copied by content into the merged model, which users then publish; a link to a file outside
+    the folder (``tokenizer_config.json -> ~/.netrc``) is refused, naming it, before anything is merged.
+    Links into the Hugging Face cache's ``blobs`` folder of the same model are how every file of a
+    downloaded snapshot is stored, and are followed.
+    """
     if folder is None:
-        return
+        return []
+    real = Path(os.path.realpath(folder))
+    allowed = [real]
+    if real.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<revision>/config.json -> ../../blobs/<hash>
+        allowed.append(real.parent.parent / "blobs")
+    found = []
     for path in sorted(folder.iterdir()):
-        if (path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in _WEIGHT_INDEXES
-                and path.name != MARKER):  # a base that is itself a merge: the new marker is the merge's own
-            shutil.copy2(path, destination / path.name)
-
-
-def _replace_folder(built: Path, target: Path) -> Path | None:
-    """Put ``built`` at ``target``; an existing ``target`` (a folder, checked by the caller) is moved aside
-    first and put back if the rename fails. Returns where the previous folder now lies, for the caller to
-    remove once the new one is in place."""
-    if not os.path.lexists(target):
-        os.replace(built, target)
-        return None
-    aside = target.parent / f".{target.name}.{built.name.rsplit('.', 2)[-2]}.old"
-    os.replace(target, aside)
-    try:
-        os.replace(built, target)
-    except OSError:
-        os.replace(aside, target)
-        raise
-    return aside
+        if (not path.is_file() or path.name.endswith(_WEIGHT_SUFFIXES) or path.name in _WEIGHT_INDEXES
+                or path.name == MARKER):  # a base that is itself a merge: the new marker is the merge's own
+            continue
+        target = Path(os.path.realpath(path))
+        if not any(target.is_relative_to(place) for place in allowed):
+            raise TaskArithError(f"{shown(path)} is a link to {shown(target)}, outside the model folder; it would be "
+                                 "copied into the merged model: copy the file into the folder, or remove the link")
+        found.append(path)
+    return found

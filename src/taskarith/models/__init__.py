@@ -17,6 +17,8 @@ from taskarith.errors import TaskArithError
 from taskarith.io import state_hash
 from taskarith.models.hf import (
     DEFAULT_MODEL,
+    check_local_model,
+    check_max_length,
     hub_model_type,
     JVP_SAFE_ATTENTION,
     embedded_model_dir,
@@ -36,6 +38,7 @@ __all__ = [
     "EMBEDDED_VISION_MODEL",
     "Pretrained",
     "ZeroShotClassifier",
+    "check_max_length",
     "embed",
     "embedded_model_dir",
     "load_pretrained",
@@ -182,6 +185,7 @@ def _family(spec: str) -> tuple[str, str, str | None]:
         return "efficientnet-lite0", spec, None
     if Path(spec).expanduser().is_dir():
         return ("clip" if is_clip_folder(Path(spec).expanduser()) else "hf"), spec, None
+    check_local_model(spec)
     if not is_default_model(spec) and hub_model_type(spec) == "clip":
         return "clip", spec, None
     return "hf", spec, None
@@ -223,7 +227,9 @@ def load_pretrained(
         source = Path(name).expanduser()
         pretrained = load_hf_clip(source if source.is_dir() else name, attn_implementation=attn_implementation)
     else:
+        check_max_length(spec, max_length)  # from the config, before the weights load
         encoder, tokenizer = load_hf_encoder(spec, attn_implementation=attn_implementation)
+        check_max_length(spec, max_length, encoder.config.to_dict())  # a hub model not in the cache before
         label = DEFAULT_MODEL if is_default_model(spec) else str(spec)
         pretrained = Pretrained(name=label, encoder=encoder, tokenizer=tokenizer, max_length=max_length,
                                 logit_scale=logit_scale)

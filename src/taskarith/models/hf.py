@@ -8,6 +8,7 @@ through the ordinary ``from_pretrained`` path (and fails with a clear message wh
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from taskarith.display import shown
 from taskarith.errors import TaskArithError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -45,6 +47,19 @@ def embedded_model_dir() -> Path:
     return folder
 
 
+def looks_like_path(spec: str) -> bool:
+    """Whether a model spec can only be a local path: a hub id is ``name`` or ``org/name``, so anything
+    starting with '/', '.' or '~', holding a second '/' or a backslash, or ending in '/' is not one."""
+    return (spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or spec.endswith("/")
+            or "\\" in spec or (os.sep != "/" and os.sep in spec))
+
+
+def check_local_model(spec: str) -> None:
+    """Refuse a mistyped local model path before it is sent to the hub (30 s of retries, then a hub error)."""
+    if looks_like_path(spec) and not Path(spec).expanduser().exists():
+        raise TaskArithError(f"model {shown(spec)}: the path does not exist (it is not a hub id either)")
+
+
 def resolve_model(spec: str | Path) -> str:
     """Map a user's model spec to what ``from_pretrained`` takes: the embedded folder, a local folder, or a hub id."""
     text = str(spec)
@@ -55,7 +70,57 @@ def resolve_model(spec: str | Path) -> str:
         if not (path / "config.json").is_file():
             raise TaskArithError(f"{path}: not a Hugging Face model folder (no config.json)")
         return str(path)
+    check_local_model(text)
     return text
+
+
+# Models that number positions from pad_token_id + 1 (fairseq's convention): two of their position
+# embeddings never hold a token.
+_POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2, "mpnet": 2, "data2vec-text": 2,
+                    "xmod": 2, "roberta-prelayernorm": 2}
+
+
+def token_positions(config: dict) -> int | None:
+    """How many tokens a text encoder's position embeddings hold, from its config; None if it has no
+    absolute positions (relative or rotary ones take any length)."""
+    if config.get("position_biased_input") is False or config.get("position_embedding_type") not in (None, "absolute"):
+        return None
+    for key in ("max_position_embeddings", "n_positions"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value - _POSITION_OFFSET.get(str(config.get("model_type")), 0)
+    return None
+
+
+def check_max_length(spec: str | Path, max_length: int, config: dict | None = None) -> None:
+    """Refuse a ``max_length`` above the model's token positions, which would fail at the first batch with
+    a shape error. ``config`` is the loaded model's; without it the config is read from the folder (or the
+    hub cache) only, so this costs no download and can run before data or weights load."""
+    if config is None:
+        config = _config_without_loading(spec)
+        if config is None:
+            return
+    positions = token_positions(config)
+    if positions is not None and max_length > positions:
+        raise TaskArithError(f"max_length={max_length} is more than the {positions} token positions of model "
+                             f"{shown(spec)}; use at most {positions}")
+
+
+def _config_without_loading(spec: str | Path) -> dict | None:
+    text = str(spec)
+    folder = embedded_model_dir() if is_default_model(text) else Path(text).expanduser()
+    if folder.is_dir():
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return None  # the loader reports an unreadable config, naming it
+        return config if isinstance(config, dict) else None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(text, local_files_only=True).to_dict()
+    except (OSError, ValueError):
+        return None
 
 
 def hub_model_type(spec: str) -> str | None:
