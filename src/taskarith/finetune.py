@@ -484,7 +484,7 @@ def _finetune(
     history: list[dict[str, float]] = []
     step_seconds: list[float] = []
     started = time.perf_counter()
-    bar = tqdm(range(start_step, config.steps), desc=f"fine-tune {task.name} ({config.mode})",
+    bar = tqdm(range(start_step, config.steps), desc=f"fine-tune {shown(task.name, 60)} ({config.mode})",
                disable=not progress or not cluster.is_main,
                initial=start_step, total=config.steps, leave=False)
     for step in bar:
