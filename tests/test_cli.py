@@ -51,6 +51,19 @@ def test_eval_and_compose(cli, tmp_path, finetuned_dir, tiny_model_dir, tiny_csv
     edited = TaskVector.from_checkpoints(tiny_model_dir, tmp_path / "edited")
     assert edited.allclose(tau, atol=1e-6)
 
+    # The edited model folder follows the rule of every output: a folder taskarith did not write is kept,
+    # and the refusal comes before the vector is written; its own previous output is replaced on --overwrite.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code, _, err = cli("compose", "--add", vector, "--out", tmp_path / "d.safetensors", "--model-out", mine,
+                       "--model", tiny_model_dir, "--overwrite")
+    assert code == 2 and err.count("error:") == 1 and (mine / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "d.safetensors").exists()
+    code, _, _ = cli("compose", "--add", vector, "--out", tmp_path / "c.safetensors", "--model-out", tmp_path / "edited",
+                     "--model", tiny_model_dir, "--overwrite")
+    assert code == 0 and TaskVector.from_checkpoints(tiny_model_dir, tmp_path / "edited").allclose(tau, atol=1e-6)
+
 
 @pytest.mark.parametrize("args,expected", [
     (("finetune", "no_such_task"), "no_such_task"),

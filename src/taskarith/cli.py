@@ -275,6 +275,11 @@ def compose(
         raise TaskArithError("nothing to compose: give at least one --add or --negate")
     inputs = [("task vector", str(path)) for path, _ in terms]
     check_output(out_file, inputs, overwrite=overwrite, format=FORMAT, folder=False)
+    if model_out is not None:  # refused before anything is written, not after the vector
+        from taskarith.models.hf import EDITED_MODEL_FORMAT
+
+        check_output(model_out, [*inputs, ("task vector output", str(out_file))], overwrite=overwrite,
+                     format=EDITED_MODEL_FORMAT, folder=True)
     composed = combine([TaskVector.load(path) for path, _ in terms], [a for _, a in terms])
     composed.check_finite(out_file)
     with output_file(out_file, inputs, overwrite=overwrite, format=FORMAT) as tmp:
@@ -287,7 +292,8 @@ def compose(
         if pretrained.tokenizer is None:
             raise TaskArithError(f"--model-out writes Hugging Face text encoders; '{model}' is not one. Apply the "
                                  "vector with TaskVector.apply_to, or to a model folder with 'taskarith merge'")
-        save_hf_encoder(composed.apply_to(pretrained.encoder), pretrained.tokenizer, model_out)
+        save_hf_encoder(composed.apply_to(pretrained.encoder), pretrained.tokenizer, model_out,
+                        inputs=[*inputs, ("task vector output", str(out_file))], overwrite=overwrite)
         out.print(f"wrote edited model to {shown(model_out)}")
 
 

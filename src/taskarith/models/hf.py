@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -153,18 +154,26 @@ def load_hf_encoder(spec: str | Path, attn_implementation: str = JVP_SAFE_ATTENT
     return encoder.eval(), tokenizer
 
 
-def save_hf_encoder(encoder: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> None:
-    """Write a loadable Hugging Face folder; built beside the target and renamed, so a crash leaves no half folder."""
-    target = Path(folder)
-    if target.exists() and any(target.iterdir()):
-        raise TaskArithError(f"{target}: folder exists and is not empty; choose a new folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+EDITED_MODEL_FORMAT = "taskarith.edited_model/1"
+
+
+def save_hf_encoder(encoder: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: str | Path, *,
+                    inputs: Sequence[tuple[str, str]] = (), overwrite: bool = False) -> None:
+    """Write a loadable Hugging Face folder, under the output rules of every writer (taskarith.outputs):
+    an existing ``folder`` is replaced only with ``overwrite`` and only if taskarith wrote it, never one of
+    ``inputs``; it is built beside the target and renamed, so a crash leaves no half folder."""
+    from taskarith.outputs import check_output, commit, write_marker
+
+    target = check_output(folder, inputs, overwrite=overwrite, format=EDITED_MODEL_FORMAT, folder=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:100]}.", dir=target.parent))
+    except OSError as exc:
+        raise TaskArithError(f"could not write {target}: {exc.strerror or exc}") from None
     try:
         encoder.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            target.rmdir()
-        os.replace(staging, target)
+        write_marker(staging, EDITED_MODEL_FORMAT)
+        commit(staging, folder, inputs, overwrite=overwrite, format=EDITED_MODEL_FORMAT, folder=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
