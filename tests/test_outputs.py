@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
+from taskarith.errors import TaskArithError
 from taskarith.outputs import MARKER, MERGED_MODEL_FORMAT
 from taskarith.vectors import TaskVector
 
@@ -485,3 +486,44 @@ def test_every_rename_is_followed_by_a_sync_of_its_folder(cli, work, vectors, ev
     write_json(work / "record.json", {"a": 1})  # the writer of checkpoints and records
     assert sum(kind == "rename" for kind, _ in events) >= 10
     assert_each_rename_synced(events)
+
+
+def test_report_commands_never_write_over_files_they_did_not_write(cli, tmp_path, tiny_model_dir, tiny_csv):
+    # A folder holding the user's own results.json: bench, demo and interference refuse it before any work.
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "results.json").write_text('{"mine": true}')
+    other, control = tmp_path / "other.csv", tmp_path / "control.csv"
+    shutil.copy(tiny_csv, other)
+    shutil.copy(tiny_csv, control)
+    for args in (("bench", "--out", folder, "--model", tiny_model_dir, "--task", tiny_csv, "--task", other,
+                  "--control", control, "--method", "linear"),
+                 ("demo", "--out", folder, "--model", tiny_model_dir)):
+        code, _, err = cli(*args)
+        assert code == 2 and err.count("error:") == 1 and "results.json" in err
+    (folder / "taujp.png").write_text("a picture of mine")
+    code, _, err = cli("interference", "v.safetensors", "--task", tiny_csv, "--out", folder)
+    assert code == 2 and "taujp.png" in err
+    assert (folder / "results.json").read_text() == '{"mine": true}'
+    assert (folder / "taujp.png").read_text() == "a picture of mine"
+
+
+def test_a_results_folder_is_claimed_once_and_written_again_by_its_own_command(tmp_path):
+    from taskarith.outputs import MARKER, claim_results_folder
+
+    folder = claim_results_folder(tmp_path / "bench", "taskarith.bench/1", ("results.json", "*.png"))
+    (folder / "results.json").write_text("{}")
+    (folder / "xi.png").write_text("")
+    assert claim_results_folder(tmp_path / "bench", "taskarith.bench/1", ("results.json", "*.png")) == folder
+    # Another report kind does not take it over, nor does a bench take a demo's folder.
+    with pytest.raises(TaskArithError, match="not written by this command"):
+        claim_results_folder(folder, "taskarith.demo/1", ("results.json",))
+    # A folder of the user's with none of the names is used, and marked.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    claim_results_folder(other, "taskarith.demo/1", ("results.json",))
+    assert (other / MARKER).is_file() and (other / "notes.txt").read_text() == "keep"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TaskArithError):
+        claim_results_folder(tmp_path / "file", "taskarith.demo/1", ("results.json",))

@@ -380,6 +380,9 @@ def interference(
     from taskarith.vectors import TaskVector
 
     _at_least("--max-examples", max_examples)
+    from taskarith.outputs import claim_results_folder
+
+    claim_results_folder(out_dir, "taskarith.interference/1", ("taujp.json", "taujp.md", "*.png"))
     loaded_vectors = [TaskVector.load(path) for path in vectors]
     loaded_tasks = [load_task(name) for name in task]
     pretrained = _load_model(model, device)
@@ -387,7 +390,7 @@ def interference(
         result = taujp_matrix(pretrained, loaded_vectors, loaded_tasks, split=split, max_examples=max_examples)
     write_json(out_dir / "taujp.json", result)
     write_text(out_dir / "taujp.md", taujp_markdown(result))
-    for key, title in (("taujp", "tau-Jp: mean ||J f(x) tau||^2"), ("normalized", "tau-Jp, normalized")):
+    for key, title in (("taujp", "tau-Jp: mean ||J f(x) tau||"), ("normalized", "tau-Jp, normalized")):
         heatmap(result[key], result["vectors"], result["tasks"], out_dir / f"{key}.png", title=title,
                 xlabel="inputs of task", ylabel="task vector")
     out.print(taujp_markdown(result))
@@ -559,6 +562,9 @@ def bench(
     if method:
         overrides["incremental_methods"] = tuple(m for m in profile.incremental_methods if m in method)
     profile = replace(profile, **overrides)
+    from taskarith.outputs import claim_results_folder
+
+    claim_results_folder(out_dir, "taskarith.bench/1", ("results.json", "report.md", "*.png", "cache"))
     pretrained = _load_model(model or profile.model, device)
     tasks_ = [load_task(name) for name in profile.tasks]
     control_task = load_task(profile.control)
@@ -602,6 +608,9 @@ def demo(
     _at_least("--steps", steps)
     _check_seed("--seed", seed)
     config = DemoConfig(steps=steps, seed=seed)
+    from taskarith.outputs import claim_results_folder
+
+    claim_results_folder(out_dir, "taskarith.demo/1", ("results.json", "results.md", "vectors"))
     pretrained = _load_model(model, device)
     tasks_ = [load_task(name) for name in DEMO_TASKS]
     control = load_task(DEMO_CONTROL)

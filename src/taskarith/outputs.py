@@ -38,8 +38,8 @@ from safetensors import SafetensorError, safe_open
 from taskarith.errors import TaskArithError
 from taskarith.io import rename_no_replace, sync_folder, temporary_beside, write_json
 
-__all__ = ["LOCK", "MARKER", "MERGED_MODEL_FORMAT", "RunLock", "check_output", "commit", "output_file",
-           "write_marker"]
+__all__ = ["LOCK", "MARKER", "MERGED_MODEL_FORMAT", "RunLock", "check_output", "claim_results_folder", "commit",
+           "output_file", "write_marker"]
 
 # The file a taskarith output folder carries, and the format of a merged model folder.
 MARKER = "taskarith-output.json"
@@ -56,6 +56,39 @@ def write_marker(folder: str | os.PathLike, format: str, **record: Any) -> None:
     folder = Path(folder)
     files = sorted({path.name for path in folder.iterdir()} | {MARKER})
     write_json(folder / MARKER, {"format": format, "written_by": "taskarith", **record, "files": files})
+
+
+def claim_results_folder(folder: str | os.PathLike, format: str, names: Sequence[str]) -> Path:
+    """Make ``folder`` a results folder of ``format`` (a report, its numbers, its figures and caches), or refuse.
+
+    A report command reruns into its own folder on purpose (the bench reuses its cache there), so a folder
+    whose :data:`MARKER` names ``format`` is written into again. Any other existing folder is used only if
+    none of ``names`` (file or folder names; ``*.png`` matches by suffix) is in it, and is then marked, so
+    a user's ``report.md`` or ``results.json`` is never written over. Called before the expensive work."""
+    if os.path.islink(folder) or not os.path.isdir(folder):  # a link or a file is refused there, with its reason
+        target = check_output(folder, (), overwrite=True, format=format, folder=True)
+    else:
+        target = _entry(folder)
+    marker = target / MARKER
+    if marker.is_file():
+        try:
+            if json.loads(marker.read_text()).get("format") == format:
+                return target
+        except (OSError, ValueError, AttributeError):
+            pass
+    if target.is_dir():
+        present = sorted(entry.name for entry in target.iterdir() if any(
+            entry.name == name or (name.startswith("*") and entry.name.endswith(name[1:])) for name in names))
+        if present or marker.exists():
+            what = ", ".join(present) if present else f"{MARKER} of another kind"
+            raise TaskArithError(f"{target} holds {what}, not written by this command; taskarith does not write "
+                                 "over them: choose another --out or remove them")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        write_json(marker, {"format": format, "written_by": "taskarith", "files": list(names)})
+    except OSError as exc:
+        raise TaskArithError(f"could not write {target}: {exc.strerror or exc}") from None
+    return target
 
 
 def check_output(out: str | os.PathLike, inputs: Inputs, *, overwrite: bool, format: str,
