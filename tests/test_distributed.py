@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from taskarith.distributed import Cluster
 from taskarith.finetune import RECORD_FILE, TASK_VECTOR_FILE
 from taskarith.io import read_json
+from taskarith.outputs import LOCK
 from taskarith.vectors import TaskVector
 
 
@@ -63,4 +64,5 @@ def test_two_gloo_processes_under_torchrun_match_one_process(tmp_path, tiny_mode
     assert two.norm() > 0 and one.allclose(two, atol=1e-5, rtol=1e-4)
     record = read_json(tmp_path / "two" / RECORD_FILE)
     assert record["processes"] == 2
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted([TASK_VECTOR_FILE, RECORD_FILE])
+    # Only rank 0 wrote: the vector, the record and the run folder's lock (kept by design, see outputs.RunLock).
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted([TASK_VECTOR_FILE, RECORD_FILE, LOCK])

@@ -83,14 +83,17 @@ def test_a_batch_larger_than_the_training_split_is_refused_before_the_model_load
     assert not (tmp_path / "run" / "task_vector.safetensors").exists()
 
 
-def test_the_library_refuses_a_batch_larger_than_the_split_before_training(tiny_csv):
+def test_the_check_names_the_batch_and_the_split_and_the_library_still_walks_epochs(tiny_csv):
     from taskarith.data import load_task
-    from taskarith.finetune import FinetuneConfig, finetune
+    from taskarith.finetune import FinetuneConfig, batch_indices, check_against_task
 
     task = load_task(tiny_csv)
-    config = FinetuneConfig(task=task.name, batch_size=len(task.train) + 1)
-    with pytest.raises(TaskArithError, match=rf"batch_size={len(task.train) + 1} is more than the {len(task.train)}"):
-        finetune(config, None, task)  # no model at all: the check comes before anything uses it
+    n = len(task.train)
+    with pytest.raises(TaskArithError, match=rf"batch_size={n + 1} is more than the {n}"):
+        check_against_task(FinetuneConfig(task=task.name, batch_size=n + 1), task)
+    # What the library does with such a batch (a probe on a tiny task): whole seeded epochs end to end.
+    indices = batch_indices(n, n + 1, seed=0, step=0)
+    assert len(indices) == n + 1 and set(indices[:n]) == set(range(n))
 
 
 @pytest.mark.parametrize("seed", ["99999999999999999999", "-1", str(2**63)])

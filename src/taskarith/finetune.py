@@ -178,10 +178,11 @@ MAX_SEED = 2**63 - 1
 
 
 def check_against_task(config: FinetuneConfig, task: Task) -> None:
-    """Refuse options that the task's data cannot serve, before the model loads or training starts.
+    """Refuse, for options typed by a user, a batch the task's data cannot fill, before the model loads.
 
     A batch larger than the training split repeats its examples within the step (65,536 copies of 46
-    examples took 7.3 GB before failing in the allocator).
+    examples took 7.3 GB before failing in the allocator). The library itself keeps walking seeded epochs
+    end to end, which a small task (a probe, a test) may want; the command line calls this check.
     """
     examples = len(task.train)
     if config.batch_size > examples:
@@ -450,7 +451,6 @@ def _finetune(
     protect: Sequence[tuple[str, str]],
     cluster: Cluster,
 ) -> FinetuneResult:
-    check_against_task(config, task)
     samples_inputs = config.regularizer is not None and REGULARIZERS[config.regularizer].needs_inputs
     if config.batch_size < cluster.world or (samples_inputs and config.reg_batch_size < cluster.world):
         raise TaskArithError(f"batch_size={config.batch_size} and reg_batch_size={config.reg_batch_size} must be at "
