@@ -40,9 +40,16 @@ _PICKLE_INDEX = "pytorch_model.bin.index.json"
 _PICKLE_SINGLE = "pytorch_model.bin"
 
 
+def _replace(tmp: Path, target: Path) -> None:
+    os.replace(tmp, target)
+    sync_folder(target.parent)
+
+
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+def atomic_path(path: str | os.PathLike, place: Callable[[Path, Path], None] = _replace,
+                kept: str = "the previous file, if any, is untouched") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; once the block succeeds, sync it and ``place(tmp, target)``
+    (by default a plain rename over ``path``). ``kept`` says in an error what was left as it was."""
     target = Path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -53,12 +60,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
-        sync_folder(target.parent)
+        place(tmp, target)
     except OSError as exc:
-        raise TaskArithError(
-            f"could not write {target} (the previous file, if any, is untouched): {exc.strerror or exc}"
-        ) from exc
+        raise TaskArithError(f"could not write {target} ({kept}): {exc.strerror or exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -36,7 +36,7 @@ from typing import IO, Any
 from safetensors import SafetensorError, safe_open
 
 from taskarith.errors import TaskArithError
-from taskarith.io import rename_no_replace, sync_folder, temporary_beside, write_json
+from taskarith.io import atomic_path, rename_no_replace, sync_folder, write_json
 
 __all__ = ["LOCK", "MARKER", "MERGED_MODEL_FORMAT", "RunLock", "check_output", "claim_results_folder", "commit",
            "output_file", "write_marker"]
@@ -178,20 +178,12 @@ def output_file(out: str | os.PathLike, inputs: Inputs, *, overwrite: bool, form
     :func:`commit` it. The one way a command writes a file the user named."""
     inputs = list(inputs)
     target = check_output(out, inputs, overwrite=overwrite, format=format, folder=False)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_beside(target)
-    except OSError as exc:
-        raise TaskArithError(f"could not write {target}: {exc.strerror or exc}") from None
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+
+    def place(tmp: Path, _: Path) -> None:
         commit(tmp, out, inputs, overwrite=overwrite, format=format, folder=False)
-    except OSError as exc:
-        raise TaskArithError(f"could not write {target} (nothing was replaced): {exc.strerror or exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    with atomic_path(target, place, kept="nothing was replaced") as tmp:
+        yield tmp
 
 
 class RunLock:
