@@ -307,3 +307,24 @@ def test_negation_never_violates_the_control_floor_and_always_answers(curve, pre
     assert alpha == 0.0 or control[alpha] >= floor
     feasible = [0.0] + [a for a in grid if control[a] >= floor]
     assert target[alpha] == min(target[a] for a in feasible)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from((0.1, 0.2, 0.3, 0.5)), st.floats(0, 1)), min_size=1, max_size=10),
+       st.floats(0.05, 1))
+def test_negation_asks_the_control_only_until_an_alpha_qualifies(curve, floor):
+    # Tied targets are common (accuracies on a few hundred examples): the tie rule must survive the lazy search.
+    grid = [round(0.05 * (i + 1), 2) for i in range(len(curve))]
+    target = {0.0: 0.9, **dict(zip(grid, (t for t, _ in curve)))}
+    control = dict(zip(grid, (c for _, c in curve)))
+    asked = []
+
+    def control_of(alpha: float) -> float:
+        asked.append(alpha)
+        return control[alpha]
+
+    alpha = control_constrained_alpha(grid, target.__getitem__, control_of, floor)
+    feasible = [0.0] + [a for a in grid if control[a] >= floor]
+    assert alpha == min(feasible, key=lambda a: (target[a], a))
+    # Every alpha asked ranks before the answer, and none twice.
+    assert len(asked) == len(set(asked)) and all((target[a], a) <= (target[alpha], alpha) for a in asked)

@@ -141,8 +141,14 @@ def control_constrained_alpha(
     if negative:
         raise TaskArithError(f"negation alpha grid: {negative} are negative; the grid holds the magnitudes "
                              "subtracted (pre - alpha * tau), from 0 up")
-    allowed = [0.0] + [alpha for alpha in sorted(set(grid) - {0.0}) if control(alpha) >= floor]
-    return min(allowed, key=lambda alpha: (target(alpha), alpha))
+    # The answer is the first alpha, in order of (target, alpha), that keeps the control: so the control is
+    # evaluated only down that order until one passes, not on the whole grid (on standard vectors each
+    # evaluation is a forward pass; the chosen alpha is the same as scoring every candidate).
+    candidates = sorted({0.0, *grid})
+    for alpha in sorted(candidates, key=lambda alpha: (target(alpha), alpha)):
+        if alpha == 0.0 or control(alpha) >= floor:
+            return alpha
+    raise AssertionError("unreachable: alpha = 0 always qualifies")
 
 
 # -------------------------------------------------------------------------------------------------
