@@ -264,7 +264,7 @@ def test_alpha_is_chosen_by_normalized_not_absolute_validation_accuracy():
     table.update({(t, "test", a): v for (t, a), v in val.items()})
     outputs = FakeOutputs(table)
     finetuned_val = {"hard": 0.5, "easy": 1.0}
-    result = _addition_with_search(outputs, tasks, finetuned_val, finetuned_val, ["hard", "easy"], (0.5, 1.0), None)
+    result = _addition_with_search(outputs, tasks, finetuned_val, finetuned_val, ["hard", "easy"], (0.5, 1.0), None, None)
     assert result["alpha_searched"]["alpha"] == 0.5
     assert max(result["val_curve"], key=result["val_curve"].get) == "1.0"  # what the absolute rule would pick
 
@@ -279,7 +279,7 @@ def test_an_undefined_score_is_never_chosen_and_a_zero_normalizer_is_named():
     outputs = FakeOutputs({(t.name, "val", a): 0.5 for t in tasks for a in (0.0, 1.0)})
     with pytest.raises(TaskArithError, match="dead"):
         _addition_with_search(outputs, tasks, {"dead": 0.0, "fine": 1.0}, {"dead": 0.0, "fine": 1.0},
-                              ["dead", "fine"], (0.0, 1.0), None)
+                              ["dead", "fine"], (0.0, 1.0), None, None)
 
 
 def test_a_negative_negation_alpha_is_refused():

@@ -504,7 +504,7 @@ def bench(
     steps: Annotated[Optional[int], typer.Option(help="Fine-tuning steps per task (default: the profile's).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Fine-tuning batch size (default: the profile's).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Fine-tuning learning rate (default: the profile's).")] = None,
-    eval_limit: Annotated[Optional[int], typer.Option(help="Examples per validation and test split, 0 for all of them, as the papers (default: the profile's).")] = None,
+    eval_limit: Annotated[Optional[int], typer.Option(help="Examples per validation and test split, 0 for all of them, as the papers (default: the profile's, whose validation limit may be smaller).")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="Warm-up steps (default: 10% of the steps; the papers: 500).")] = None,
     alpha_grid: Annotated[Optional[str], typer.Option(help="Coefficients searched for addition and negation, comma-separated, or 'published' ({0, 0.05, ..., 1}; default: the profile's).")] = None,
     xi_grid: Annotated[Optional[str], typer.Option(help="Coefficients of the xi(alpha_1, alpha_2) grid, comma-separated (default: the profile's).")] = None,
@@ -515,6 +515,7 @@ def bench(
     cache: Annotated[Optional[Path], typer.Option(help="Folder of cached task vectors (default: OUT/cache).")] = None,
     checkpoint: Annotated[Optional[list[str]], typer.Option(help="TASK=FOLDER: a model fine-tuned on TASK elsewhere (repeatable).")] = None,
     new_task: Annotated[Optional[str], typer.Option(help="Task fine-tuned on top of the --checkpoint vectors (default: the first suite task without one).")] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="Also run standard and linear fine-tuning from a randomly initialized model of the same architecture (the tangent paper's control).")] = False,
     model: Annotated[Optional[str], typer.Option("--model", help="Model (default: the suite's; see 'taskarith finetune --help').")] = None,
     device: DeviceOption = "auto",
 ) -> None:
@@ -549,8 +550,9 @@ def bench(
         raise TaskArithError(f"--lr {lr}: must be in (0, 1)")
     if eval_limit is not None and eval_limit < 0:
         raise TaskArithError(f"--eval-limit {eval_limit}: must be at least 0 (0: every example)")
-    if eval_limit == 0:
-        overrides["eval_limit"] = None
+    if eval_limit is not None:  # one limit for both splits, as asked (the profile's smaller val_limit is dropped)
+        overrides["eval_limit"] = eval_limit or None
+        overrides["val_limit"] = None
     if alpha_grid is not None:
         overrides["alpha_grid"] = overrides["negation_grid"] = _parse_grid(alpha_grid, "--alpha-grid")
     if xi_grid is not None:
@@ -576,9 +578,12 @@ def bench(
         if not Path(folder).is_dir():
             raise TaskArithError(f"--checkpoint {spec!r}: {folder} is not a folder")
         checkpoints.append((load_task(name), Path(folder)))
+    from taskarith.models import reinitialized
+
     result = run_bench(pretrained, tasks_, control_task, profile, cache or out_dir / "cache",
                        on_stage=lambda stage: err.print(Text(">", style="bold"), stage), checkpoints=checkpoints,
-                       new_task=load_task(new_task) if new_task else None)
+                       new_task=load_task(new_task) if new_task else None,
+                       random_model=reinitialized(pretrained, profile.seeds[0]) if random_init else None)
     write_json(out_dir / "results.json", result)
     figures = bench_figures(result, out_dir)
     write_text(out_dir / "report.md", bench_markdown(result, figures))
@@ -589,6 +594,51 @@ def bench(
     if profile.merge_methods:
         out.print(rich_table(*bench_merge_rows(result), title="task addition by merging method: normalized accuracy (%)"))
     out.print(f"report: {shown(out_dir / 'report.md')}, numbers: {shown(out_dir / 'results.json')}")
+
+
+@app.command()
+def claims(
+    results: Annotated[list[Path], typer.Argument(help="results.json of one or more `taskarith bench` runs.")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write claims.json and claims.md to this folder.")] = None,
+) -> None:
+    """The claims ledger of bench runs: every claim of the papers, its numbers and the verdict of the fixed rule."""
+    from taskarith.experiments.claims import ledger, ledger_counts, ledger_rows
+    from taskarith.io import read_json, write_json, write_text
+    from taskarith.outputs import claim_results_folder
+    from taskarith.report import markdown_table, rich_table
+
+    if out_dir is not None:
+        claim_results_folder(out_dir, "taskarith.claims/1", ("claims.json", "claims.md"))
+    ledgers, sections = {}, []
+    for path in results:
+        result = _bench_result(read_json(path), path)
+        rows = ledger(result)
+        counts = ledger_counts(rows)
+        title = f"{shown(path)}: {shown(result['model']['name'])}, {len(result['per_seed'])} seed(s)"
+        out.print(rich_table(*ledger_rows(rows), title=f"claims ledger of {title}"))
+        out.print(", ".join(f"{n} {verdict}" for verdict, n in counts.items()))
+        ledgers[str(path)] = rows
+        sections.append(f"## {title}\n\n{markdown_table(*ledger_rows(rows))}\n")
+    if out_dir is not None:
+        write_json(out_dir / "claims.json", ledgers)
+        write_text(out_dir / "claims.md", "\n".join(sections))
+        out.print(f"ledger: {shown(out_dir / 'claims.md')}, numbers: {shown(out_dir / 'claims.json')}")
+
+
+def _bench_result(result: Any, path: Path) -> dict[str, Any]:
+    """A bench results.json, checked for the keys the ledger reads; class counts of built-in tasks filled in
+    for runs made before results.json recorded them (never a task loaded from a path named in the file)."""
+    from taskarith.data.registry import BUILTIN_TASKS
+
+    if not isinstance(result, dict) or not isinstance(result.get("per_seed"), dict) or not result["per_seed"] \
+            or not isinstance(result.get("model"), dict) or "name" not in result["model"]:
+        raise TaskArithError(f"{shown(path)}: not the results.json of `taskarith bench` (no per_seed or model)")
+    names = result.get("tasks")
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise TaskArithError(f"{shown(path)}: key 'tasks' must be a list of task names")
+    if "num_classes" not in result:
+        result["num_classes"] = {name: len(BUILTIN_TASKS[name]().classes) for name in names if name in BUILTIN_TASKS}
+    return result
 
 
 @app.command()

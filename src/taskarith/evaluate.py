@@ -16,6 +16,7 @@ from torch import nn
 
 from taskarith.data import Examples, Task
 from taskarith.errors import TaskArithError
+from taskarith.io import state_hash
 from taskarith.models import Pretrained
 from taskarith.models.zero_shot import mean_pool
 from taskarith.vectors import TaskVector, combine
@@ -158,17 +159,32 @@ def control_constrained_alpha(
 Edit = tuple[tuple[str, float], ...]  # (vector name, alpha) pairs: the model pre + sum alpha * tau
 
 
+class TangentStore:
+    """JVPs J(x) tau at theta0 and base outputs f(x; theta0), kept across :class:`EditedOutputs` objects.
+
+    A protocol scores the same vector in several studies (the lambda search and the evaluation of the chosen
+    lambda; the last vector of an incremental run and the full method's): given one store, each (vector,
+    input set) JVP runs once. Keyed by content (the base's hash and the vector's deltas' hash), not by name,
+    and independent of the vector's mode, since J(x) tau at theta0 is the same for both.
+    """
+
+    def __init__(self) -> None:
+        self.base: dict[tuple, torch.Tensor] = {}
+        self.tangents: dict[tuple, torch.Tensor] = {}
+
+
 class EditedOutputs:
     """Pooled embeddings of fixed evaluation inputs under many edits ``pre + sum_t alpha_t * tau_t``.
 
     Linear-mode vectors edit f_lin, whose pooled output is f(x; theta0) + sum_t alpha_t J(x) tau_t: affine
     in the alphas. So one JVP per (vector, input set) gives every alpha on every grid at the cost of a
     weighted sum, where the direct way runs one JVP per grid point per input set. Standard-mode edits
-    have no such shortcut and run one forward per distinct edit (memoised).
+    have no such shortcut and run one forward per distinct edit (memoised). ``store`` shares the JVPs and
+    base outputs with other EditedOutputs of the same model.
     """
 
     def __init__(self, model: Pretrained, vectors: Mapping[str, TaskVector], *, shortcut: bool = True,
-                 batch_size: int = 128) -> None:
+                 batch_size: int = 128, store: TangentStore | None = None) -> None:
         modes = {vector.mode for vector in vectors.values()}
         if len(modes) > 1:
             raise TaskArithError(f"vectors of one EditedOutputs must share a mode, got {sorted(modes)}")
@@ -179,14 +195,20 @@ class EditedOutputs:
         self.linear = modes == {"linear"}
         self.shortcut = shortcut and self.linear
         self.batch_size = batch_size
-        self._base: dict[tuple, torch.Tensor] = {}
-        self._tangents: dict[tuple, torch.Tensor] = {}
+        shared = store or TangentStore()
+        self._base, self._tangents = shared.base, shared.tangents
         self._edited: dict[tuple, torch.Tensor] = {}
+        self._content: dict[str, str] = {}
         self.passes = 0  # encoder passes (forwards or JVPs) run so far, for the benchmarks
 
-    @staticmethod
-    def _key(task: Task, split: str, limit: int | None) -> tuple:
-        return (task.name, split, limit)
+    def _key(self, task: Task, split: str, limit: int | None) -> tuple:
+        # Task names are not unique across models (a random-init control reuses them): key on the base too.
+        return (self.model.base_hash, task.name, task.fingerprint, split, limit)
+
+    def _vector_key(self, name: str) -> str:
+        if name not in self._content:
+            self._content[name] = state_hash(self.vectors[name].deltas)
+        return self._content[name]
 
     @staticmethod
     def _examples(task: Task, split: str, limit: int | None) -> Examples:
@@ -208,7 +230,7 @@ class EditedOutputs:
 
     @torch.no_grad()
     def _tangent(self, name: str, task: Task, split: str, limit: int | None) -> torch.Tensor:
-        key = (name, *self._key(task, split, limit))
+        key = (self._vector_key(name), *self._key(task, split, limit))
         if key not in self._tangents:
             from taskarith.linearize import hidden_and_tangent
 

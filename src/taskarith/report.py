@@ -113,36 +113,18 @@ def bench_merge_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]
 
 
 def _claims(result: dict[str, Any]) -> list[str]:
-    """The papers' orderings, each checked against this run's numbers and stated as held or not."""
-    summary, methods = result["summary"], result["profile"]["methods"]
-    lines = []
+    """The claims ledger: every claim of the papers with its numbers and the verdict of the fixed rule."""
+    from taskarith.experiments.claims import ledger, ledger_counts, ledger_rows
 
-    def compare(better: str, worse: str, key: str, what: str, higher: bool = True) -> None:
-        if better not in methods or worse not in methods:
-            return
-        a, b = summary[better][key]["mean"], summary[worse][key]["mean"]
-        holds = a > b if higher else a < b
-        scale = 1.0 if key == "xi_mean" else 100.0
-        lines.append(f"- {what}: {better} {scale * a:.4g} vs {worse} {scale * b:.4g} — "
-                     f"**{'holds' if holds else 'does not hold'}** here.")
-
-    compare("linear", "standard", "addition_alpha_searched_normalized",
-            "Tangent-space fine-tuning improves task addition (normalized accuracy, alpha searched)")
-    compare("linear", "standard", "xi_mean", "Tangent-space vectors are more weight-disentangled (lower mean xi)",
-            higher=False)
-    compare("posthoc", "standard", "addition_alpha_searched_normalized",
-            "Post-hoc linearization improves task addition (normalized accuracy, alpha searched)")
-    for regularized, plain in (("standard_taujp", "standard"), ("linear_taujp", "linear"), ("linear_kfac", "linear"),
-                               ("linear_taujp_sq", "linear")):
-        compare(regularized, plain, "addition_alpha_1_normalized",
-                "Regularization makes alpha = 1 work (normalized accuracy at alpha = 1)")
-    pooled = summary["taujp_vs_drop_all_methods"]
-    if pooled["points"] >= 3:
-        holds = pooled["spearman"] > 0
-        lines.append(f"- tau-Jp predicts interference: Spearman {pooled['spearman']:.2f}, Pearson {pooled['pearson']:.2f} "
-                     f"over {pooled['points']} (vector, other task) pairs — **{'holds' if holds else 'does not hold'}** "
-                     f"(positive correlation) here.")
-    return lines
+    rows = result.get("claims") or ledger(result)
+    counts = ledger_counts(rows)
+    return [f"{counts['holds']} hold, {counts['does not hold']} do not hold, {counts['within noise']} are within "
+            f"noise, {counts['not applicable']} are not applicable and {counts['not measured']} were not measured by "
+            "this run. The rule, fixed before any run: a claim "
+            "holds when the difference has the claimed sign on the mean and on every seed and exceeds twice the "
+            "larger seed standard deviation; does not hold when the same is true with the opposite sign; is within "
+            "noise otherwise (one seed: indicative). Differences per seed in points (accuracies) or units.", "",
+            markdown_table(*ledger_rows(rows))]
 
 
 def _grid(values: list[float]) -> str:
@@ -178,7 +160,8 @@ def bench_markdown(result: dict[str, Any], figures: dict[str, str]) -> str:
         f"(tau-Jp: {p['reg_batch_size']} inputs per protected task and step, {p.get('reg_sampling', 'strict')} "
         f"sampling; K-FAC: {p['kfac_examples']} examples per task); lambda: "
         f"{_strengths(result)}. Test accuracy in percent on up to "
-        f"{p['eval_limit']} examples per task, mean ± standard deviation over {seeds} seed(s). "
+        f"{p['eval_limit'] or 'all'} examples per task, mean ± standard deviation over {seeds} seed(s); choices on up to "
+        f"{p.get('val_limit') or p['eval_limit'] or 'all'} validation examples per task. "
         f"a* is the addition coefficient with the best mean normalized validation accuracy on {_grid(p['alpha_grid'])}; "
         f"negation's a* is the largest drop on the target keeping control >= 95% of its pre-trained validation "
         f"accuracy, from {_grid(p['negation_grid'])} (a = 0 always qualifies). "
@@ -188,7 +171,7 @@ def bench_markdown(result: dict[str, Any], figures: dict[str, str]) -> str:
         "",
         "Zero-shot test accuracy: " + ", ".join(f"{k} {_pct(v)}" for k, v in result["zero_shot"].items()) + ".",
         "",
-        "## The papers' claims on this run",
+        "## Claims ledger",
         "",
         *_claims(result),
         "",

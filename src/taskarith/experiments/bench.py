@@ -21,6 +21,7 @@ from taskarith.evaluate import (
     CONTROL_KEEP,
     PUBLISHED_ALPHA_GRID,
     EditedOutputs,
+    TangentStore,
     best_normalized_alpha,
     check_reference,
     control_constrained_alpha,
@@ -28,6 +29,7 @@ from taskarith.evaluate import (
     mean,
     normalized_accuracy,
 )
+from taskarith.experiments.claims import ledger
 from taskarith.finetune import FinetuneConfig, finetune_cached, run_key
 from taskarith.regularizers import PUBLISHED_STRENGTH
 from taskarith.merging.hyperparameters import check_method
@@ -82,7 +84,8 @@ class BenchProfile:
     alpha_grid: tuple[float, ...] = PUBLISHED_ALPHA_GRID
     negation_grid: tuple[float, ...] = PUBLISHED_ALPHA_GRID
     xi_grid: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)
-    eval_limit: int | None = 500  # examples per val and test split
+    eval_limit: int | None = 500  # examples per test split (and val split, unless val_limit says otherwise)
+    val_limit: int | None = None  # examples per val split, where alpha, lambda and negation are chosen (None: eval_limit)
     xi_limit: int = 200
     xi_pairs: int | None = None  # how many task pairs get a xi grid (None: all pairs)
     xi_seeds: int | None = None  # how many seeds (the first ones) get xi grids (None: all); xi is a diagnostic
@@ -91,6 +94,11 @@ class BenchProfile:
     # Merging methods compared with the plain sum in task addition (each with its default hyper-parameters,
     # its scaling searched on validation like the sum's alpha); any of taskarith.merging's registry.
     merge_methods: tuple[str, ...] = ()
+
+    @property
+    def choice_limit(self) -> int | None:
+        """Examples per validation split: the inputs every choice (alpha, lambda, negation) is made on."""
+        return self.eval_limit if self.val_limit is None else self.val_limit
 
     def __post_init__(self) -> None:
         unknown = [m for m in (*self.methods, *self.incremental_methods, self.checkpoint_method) if m not in METHODS]
@@ -104,6 +112,9 @@ class BenchProfile:
             raise TaskArithError(f"control task {self.control!r} must not be one of the fine-tuned tasks")
         if not self.seeds:
             raise TaskArithError("at least one seed is needed")
+        for name, limit in (("eval_limit", self.eval_limit), ("val_limit", self.val_limit)):
+            if limit is not None and limit < 1:
+                raise TaskArithError(f"bench option {name}={limit}: must be at least 1 (None: every example)")
         for name, grid in (("alpha_grid", self.alpha_grid), ("negation_grid", self.negation_grid),
                            ("xi_grid", self.xi_grid)):
             if not grid or not all(isinstance(a, (int, float)) and math.isfinite(a) for a in grid):
@@ -131,9 +142,10 @@ _TEXT_QUICK = BenchProfile(
     reg_strengths={"taujp": (1.0,), "taujp_sq": (1.0,), "kfac": (500.0,)}, reg_batch_size=8)
 _TEXT_FULL = BenchProfile(
     # Meant to fit an hour on 2 CPU cores: three tasks, two of them from one domain (movie reviews), three seeds,
-    # 16 steps (20 before the published strict tau-Jp, whose 3 x 16 protected inputs per step made it 70 min).
+    # 16 steps (20 before the published strict tau-Jp, whose 3 x 16 protected inputs per step made it 70 min),
+    # choices made on 100 validation examples per task (150 made it 65 min with the published grids).
     tasks=("rt_sentiment", "rt_subjectivity", "wordnet_topic"), control="fortune_topic", steps=16, batch_size=16,
-    lr=2e-4, seeds=(0, 1, 2), eval_limit=150, xi_limit=100, xi_grid=(-1.0, -0.5, 0.0, 0.5, 1.0), xi_seeds=1,
+    lr=2e-4, seeds=(0, 1, 2), eval_limit=150, val_limit=100, xi_limit=100, xi_grid=(-1.0, -0.5, 0.0, 0.5, 1.0), xi_seeds=1,
     xi_pairs=1, reg_strengths={"taujp": (0.1, 1.0, 10.0), "taujp_sq": (0.1, 1.0, 10.0), "kfac": (50.0, 500.0, 5000.0)})
 # The embedded vision suite: EfficientNet-Lite0 (ImageNet) at 32 px under frozen linear-probe heads, on
 # real image tasks from packages; sklearn's 8x8 digits is the control. Above lr 1e-4 fine-tuning collapses.
@@ -179,6 +191,12 @@ class Suite:
     on_stage: Callable[[str], None] = lambda stage: None
     finetune_seconds: dict[str, float] = field(default_factory=dict)
     strengths: dict[str, float] = field(default_factory=dict)  # lambda per regularized method, once chosen
+    # JVPs of every vector the studies score, so a vector met again (lambda search, then evaluation;
+    # incremental runs, then the full method) is not differentiated again. Exact: the same numbers.
+    store: TangentStore = field(default_factory=TangentStore)
+
+    def outputs(self, vectors: Mapping[str, TaskVector]) -> EditedOutputs:
+        return EditedOutputs(self.pretrained, vectors, store=self.store)
 
     def kfac_file(self, task: Task) -> Path:
         """The task's K-FAC factors, computed once per base model, sample size and factor format (by the data owner)."""
@@ -261,13 +279,13 @@ class Suite:
         if len(grid) == 1:
             self.strengths[method] = grid[0]
             return {"grid": list(grid), "chosen": grid[0], "criterion": "fixed"}
-        limit, names = self.profile.eval_limit, [t.name for t in self.tasks]
-        plain = EditedOutputs(self.pretrained, {t.name: self.vector(method, t, (), seed) for t in self.tasks})
+        limit, names = self.profile.choice_limit, [t.name for t in self.tasks]
+        plain = self.outputs({t.name: self.vector(method, t, (), seed) for t in self.tasks})
         reference = {t.name: plain.accuracy(t, "val", ((t.name, 1.0),), limit) for t in self.tasks}
         check_reference(reference, f"the accuracy of its unregularized {METHODS[method]['mode']} vector")
         scores = {}
         for strength in grid:
-            outputs = EditedOutputs(self.pretrained, self.vectors(method, seed, strength))
+            outputs = self.outputs(self.vectors(method, seed, strength))
             merged = {t.name: outputs.accuracy(t, "val", _edit(names, 1.0), limit) for t in self.tasks}
             scores[strength] = mean(normalized_accuracy(merged, reference).values())
         chosen = best_normalized_alpha(grid, lambda v: scores[v])
@@ -295,11 +313,12 @@ def _addition(outputs: EditedOutputs, tasks: Sequence[Task], finetuned: Mapping[
 
 def _addition_with_search(outputs: EditedOutputs, tasks: Sequence[Task], finetuned: Mapping[str, float],
                           finetuned_val: Mapping[str, float], names: Sequence[str], grid: Sequence[float],
-                          limit: int | None) -> dict[str, Any]:
+                          limit: int | None, val_limit: int | None) -> dict[str, Any]:
     """Addition at alpha = 1 (untuned) and at the alpha of ``grid`` chosen as published: the best mean
     normalized validation accuracy (each task over its own vector's validation accuracy), ties to the smallest."""
     check_reference(finetuned_val, "the accuracy of its own vector")
-    val_curve = {alpha: {t.name: outputs.accuracy(t, "val", _edit(names, alpha), limit) for t in tasks} for alpha in grid}
+    val_curve = {alpha: {t.name: outputs.accuracy(t, "val", _edit(names, alpha), val_limit) for t in tasks}
+                 for alpha in grid}
     normalized_curve = {alpha: mean(normalized_accuracy(acc, finetuned_val).values()) for alpha, acc in val_curve.items()}
     chosen = best_normalized_alpha(grid, lambda a: normalized_curve[a])
     return {"alpha_1": _addition(outputs, tasks, finetuned, names, 1.0, limit),
@@ -314,25 +333,25 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
     names = [t.name for t in tasks]
     # Each merging method's merge of the vectors, under a name no task can have, beside the vectors themselves.
     merged = {f"{method}()": merge_task_vectors([vectors[n] for n in names], method) for method in p.merge_methods}
-    outputs = EditedOutputs(suite.pretrained, {**vectors, **merged})
-    limit = p.eval_limit
+    outputs = suite.outputs({**vectors, **merged})
+    limit, val_limit = p.eval_limit, p.choice_limit
 
     finetuned = {t.name: outputs.accuracy(t, "test", ((t.name, 1.0),), limit) for t in tasks}
-    finetuned_val = {t.name: outputs.accuracy(t, "val", ((t.name, 1.0),), limit) for t in tasks}
+    finetuned_val = {t.name: outputs.accuracy(t, "val", ((t.name, 1.0),), val_limit) for t in tasks}
     # Task addition: one alpha for the sum, chosen on validation, and alpha = 1 untuned.
-    addition = _addition_with_search(outputs, tasks, finetuned, finetuned_val, names, p.alpha_grid, limit)
+    addition = _addition_with_search(outputs, tasks, finetuned, finetuned_val, names, p.alpha_grid, limit, val_limit)
     merging = {method: _addition_with_search(outputs, tasks, finetuned, finetuned_val, [f"{method}()"],
-                                             p.alpha_grid, limit)
+                                             p.alpha_grid, limit, val_limit)
                for method in p.merge_methods}
 
     # Task negation: the largest drop on the target that keeps control >= 95% of its pre-trained accuracy
     # (validation); alpha = 0 always qualifies, so every seed has an answer.
-    control_floor = CONTROL_KEEP * outputs.accuracy(control, "val", (), limit)
+    control_floor = CONTROL_KEEP * outputs.accuracy(control, "val", (), val_limit)
     negation = {}
     for t in tasks:
         best = control_constrained_alpha(
-            p.negation_grid, lambda a, t=t: outputs.accuracy(t, "val", ((t.name, -a),), limit),
-            lambda a, t=t: outputs.accuracy(control, "val", ((t.name, -a),), limit), control_floor)
+            p.negation_grid, lambda a, t=t: outputs.accuracy(t, "val", ((t.name, -a),), val_limit),
+            lambda a, t=t: outputs.accuracy(control, "val", ((t.name, -a),), val_limit), control_floor)
         negation[t.name] = {label: {"alpha": alpha,
                                     "target": outputs.accuracy(t, "test", ((t.name, -alpha),), limit),
                                     "control": outputs.accuracy(control, "test", ((t.name, -alpha),), limit)}
@@ -351,8 +370,8 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
 
     # The same quantities as `taskarith interference` (validation inputs), from the cached JVPs: tau-Jp as
     # published (mean unsquared norm) and its square.
-    taujp = [[outputs.taujp(ti.name, tj, "val", limit) for tj in tasks] for ti in tasks]
-    taujp_sq = [[outputs.taujp_sq(ti.name, tj, "val", limit) for tj in tasks] for ti in tasks]
+    taujp = [[outputs.taujp(ti.name, tj, "val", val_limit) for tj in tasks] for ti in tasks]
+    taujp_sq = [[outputs.taujp_sq(ti.name, tj, "val", val_limit) for tj in tasks] for ti in tasks]
     return {
         "finetuned": finetuned,
         "addition": addition,
@@ -379,13 +398,40 @@ def incremental(suite: Suite, method: str, seed: int) -> dict[str, Any]:
     # EditedOutputs scores every prefix: each (vector, task) JVP is computed once, not once per arrival.
     vectors = {task.name: suite.vector(method, task, suite.protected(method, task, tasks[:k]), seed)
                for k, task in enumerate(tasks)}
-    outputs = EditedOutputs(suite.pretrained, vectors)
+    outputs = suite.outputs(vectors)
     after = []
     for k, task in enumerate(tasks):
         seen = tasks[: k + 1]
         accuracy = {t.name: outputs.accuracy(t, "test", _edit([s.name for s in seen], 1.0), limit) for t in seen}
         after.append({"arrived": task.name, "accuracy": accuracy, "mean_accuracy": mean(accuracy.values())})
     return {"method": method, "after_each_arrival": after}
+
+
+# -------------------------------------------------------------------------------------------------
+# Random-initialization control
+
+RANDOM_INIT_METHODS = ("standard", "linear")
+LEARNT_ABOVE_CHANCE = 0.10  # fine-tuning must reach chance + 10 points on every task for a verdict
+
+
+def random_init_study(suite: Suite, seed: int) -> dict[str, Any]:
+    """The protocol's unregularized methods from a randomly initialized model of the same architecture.
+
+    The tangent paper's claim is that weight disentanglement comes from pre-training, so task arithmetic
+    should fail from a random start. The heads are random too (built by the random encoder), so the study
+    first asks whether fine-tuning learnt the tasks at all: below chance + 10 points on any task, addition
+    and negation numbers measure nothing, and the study says it is not applicable.
+    """
+    methods = {method: evaluate_vectors(suite, suite.vectors(method, seed), with_xi=False)
+               for method in RANDOM_INIT_METHODS}
+    chance = {t.name: 1 / len(t.classes) for t in suite.tasks}
+    unlearnt = sorted(f"{name} {100 * accuracy:.1f}% (chance {100 * chance[name]:.1f}%)"
+                      for name, accuracy in methods["linear"]["finetuned"].items()
+                      if accuracy < chance[name] + LEARNT_ABOVE_CHANCE)
+    why = (f"linear fine-tuning from random init stays within {100 * LEARNT_ABOVE_CHANCE:.0f} points of chance on "
+           + ", ".join(unlearnt)) if unlearnt else ""
+    return {"model": suite.pretrained.name, "methods": methods, "chance": chance, "applicable": not unlearnt,
+            "why": why}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -416,19 +462,20 @@ def existing_checkpoints(suite: Suite, checkpoints: Sequence[tuple[Task, str | P
     result: dict[str, Any] = {"checkpoints": {task.name: str(path) for task, path in checkpoints},
                               "new_task": new_task.name, "method": method,
                               "checkpoints_read_as": "post-hoc linearized" if mode == "linear" else "weights"}
-    existing = EditedOutputs(suite.pretrained, vectors)
-    result["taujp"] = [[existing.taujp(ti.name, tj, "val", limit) for tj in tasks] for ti in tasks]
+    existing = suite.outputs(vectors)
+    val_limit = suite.profile.choice_limit
+    result["taujp"] = [[existing.taujp(ti.name, tj, "val", val_limit) for tj in tasks] for ti in tasks]
     result["finetuned"] = {t.name: existing.accuracy(t, "test", ((t.name, 1.0),), limit) for t in tasks}
     result["merged_existing"] = {t.name: existing.accuracy(t, "test", _edit(list(vectors), 1.0), limit) for t in tasks}
     for label, tau in new.items():
-        outputs = EditedOutputs(suite.pretrained, {**vectors, new_task.name: tau})
+        outputs = suite.outputs({**vectors, new_task.name: tau})
         merged = _edit([*vectors, new_task.name], 1.0)
         accuracy = {t.name: outputs.accuracy(t, "test", merged, limit) for t in everyone}
         result[f"with_new_{label}"] = {
             "accuracy": accuracy,
             "mean_accuracy": mean(accuracy.values()),
             "new_task_alone": outputs.accuracy(new_task, "test", ((new_task.name, 1.0),), limit),
-            "taujp_on_checkpoint_tasks": {t.name: outputs.taujp(new_task.name, t, "val", limit) for t in tasks},
+            "taujp_on_checkpoint_tasks": {t.name: outputs.taujp(new_task.name, t, "val", val_limit) for t in tasks},
         }
     return result
 
@@ -516,15 +563,17 @@ def run_bench(
     on_stage: Callable[[str], None] = lambda stage: None,
     checkpoints: Sequence[tuple[Task, str | Path]] = (),
     new_task: Task | None = None,
+    random_model: Pretrained | None = None,
 ) -> dict[str, Any]:
     """Every method, seed and measurement of the protocol; plain data for results.json and the report.
 
     ``checkpoints`` ((task, fine-tuned model folder made elsewhere) pairs) adds the public-checkpoint study,
     with ``new_task`` (default: the first suite task without a checkpoint) fine-tuned on top of them.
+    ``random_model`` (the architecture with random weights) adds the random-initialization control.
     """
     suite = Suite(pretrained, list(tasks), control, profile, Path(cache_dir), on_stage)
     started = time.perf_counter()
-    zero_shot_outputs = EditedOutputs(pretrained, {})
+    zero_shot_outputs = suite.outputs({})
     zero_shot = {t.name: zero_shot_outputs.accuracy(t, "test", (), profile.eval_limit) for t in [*tasks, control]}
     per_seed: dict[int, dict[str, Any]] = {}
     # Where the time goes (fine-tuning includes the cache's loads), so a profile can be sized to a budget.
@@ -560,6 +609,10 @@ def run_bench(
             if plain not in runs:
                 runs[plain] = timed("incremental", lambda: incremental(suite, plain, seed))
         per_seed[seed] = {"methods": methods, "incremental": runs}
+        if random_model is not None:
+            on_stage(f"random-initialization control (seed {seed})")
+            random_suite = Suite(random_model, list(tasks), control, profile, Path(cache_dir), on_stage)
+            per_seed[seed]["random_init"] = timed("random init", lambda: random_init_study(random_suite, seed))
     studies = {}
     if checkpoints:
         covered = {task.name for task, _ in checkpoints}
@@ -569,12 +622,13 @@ def run_bench(
             raise TaskArithError("every suite task has a checkpoint; name a new task to add to them")
         on_stage(f"existing checkpoints of {', '.join(sorted(covered))}, adding {new_task.name}")
         studies["existing_checkpoints"] = existing_checkpoints(suite, checkpoints, new_task, profile.seeds[0])
-    return {
+    result = {
         **studies,
         "model": {"name": pretrained.name, "hash": pretrained.base_hash},
         "profile": asdict(profile),
         "tasks": [t.name for t in tasks],
         "control_task": control.name,
+        "num_classes": {t.name: len(t.classes) for t in [*tasks, control]},
         "reg_strength_selection": strength_selection,
         "zero_shot": zero_shot,
         "per_seed": {str(seed): value for seed, value in per_seed.items()},
@@ -583,3 +637,5 @@ def run_bench(
         "stage_seconds": stage_seconds,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
+    result["claims"] = ledger(result)
+    return result

@@ -27,7 +27,7 @@ from taskarith.models.hf import (
     resolve_model,
 )
 from taskarith.models.clip import is_clip_folder
-from taskarith.models.vision import EMBEDDED_VISION_MODEL, load_efficientnet_lite0
+from taskarith.models.vision import EMBEDDED_VISION_MODEL, linear_probe_head, load_efficientnet_lite0
 from taskarith.models.zero_shot import DEFAULT_LOGIT_SCALE, ZeroShotClassifier, embed, tokenize, zero_shot_head
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ __all__ = [
     "embed",
     "embedded_model_dir",
     "load_pretrained",
+    "reinitialized",
     "resolve_model",
     "tokenize",
 ]
@@ -171,6 +172,37 @@ class Pretrained:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             yield torch.tensor(chunk), self.tokenize([inputs[i] for i in chunk])
+
+
+def reinitialized(pretrained: Pretrained, seed: int = 0) -> Pretrained:
+    """The same architecture, tokenizer, preprocessing and kind of head with freshly initialized weights: the
+    random-initialization control of the tangent paper (task arithmetic should fail without pre-training).
+
+    Hugging Face models are rebuilt from their config with their own init scheme; other modules re-run each
+    layer's ``reset_parameters``. Heads are then built by the random encoder (zero-shot text heads, linear
+    probes on its features). CLIP's zero-shot heads come from its text tower, which would stay pre-trained,
+    so CLIP models are refused. Seeded without touching torch's global generator.
+    """
+    from transformers import PreTrainedModel
+
+    if pretrained.modality == "image" and pretrained.build_head is not linear_probe_head:
+        raise TaskArithError(f"model '{pretrained.name}': its zero-shot heads come from a pre-trained text tower, "
+                             "so a random-initialization control of it would not be random; use a text encoder or "
+                             "an image backbone with linear-probe heads")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if isinstance(pretrained.encoder, PreTrainedModel):
+            encoder = type(pretrained.encoder)(pretrained.encoder.config)
+        else:
+            encoder = copy.deepcopy(pretrained.encoder)
+            for module in encoder.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+    return Pretrained(name=f"{pretrained.name}@random-init-{seed}", encoder=encoder.to(pretrained.device),
+                      tokenizer=pretrained.tokenizer, max_length=pretrained.max_length,
+                      logit_scale=pretrained.logit_scale, preprocess=pretrained.preprocess,
+                      build_head=pretrained.build_head, modality=pretrained.modality,
+                      train_preprocess=pretrained.train_preprocess)
 
 
 def _family(spec: str) -> tuple[str, str, str | None]:
