@@ -375,10 +375,19 @@ def test_random_init_control_and_its_ledger_row(tmp_path, pretrained, suite):
     profile = BenchProfile(tasks=(colours.name, sizes.name), control=moods.name, methods=("standard", "linear"),
                            incremental_methods=(), steps=3, batch_size=8, lr=3e-3, eval_limit=None, xi_limit=10,
                            xi_seeds=0, xi_grid=(0.0, 1.0), alpha_grid=(0.5, 1.0), negation_grid=(0.5, 1.0))
-    result = run_bench(pretrained, [colours, sizes], moods, profile, tmp_path / "cache", random_model=random_model)
+    result = run_bench(pretrained, [colours, sizes], moods, profile, tmp_path / "cache", random_model=random_model,
+                       ntk_examples=2)
     study = result["per_seed"]["0"]["random_init"]
     assert set(study["methods"]) == {"standard", "linear"} and study["model"].endswith("@random-init-5")
     learnt = all(study["methods"]["linear"]["finetuned"][t] >= study["chance"][t] + 0.10 for t in study["chance"])
     assert study["applicable"] == learnt and (study["why"] == "") == learnt
     row = next(r for r in result["claims"] if r["key"] == "tangent.pretraining")
     assert row["verdict"] in ((HOLDS, FAILS, NOISE) if learnt else (NOT_APPLICABLE,))
+    # The NTK study ran on the same random model, and its row of the ledger is measured (one run: indicative).
+    assert result["ntk"]["random_init"]["model"] == random_model.name and result["ntk"]["examples_per_task"] == 2
+    ntk_row = next(r for r in result["claims"] if r["key"] == "tangent.ntk_localization")
+    assert ntk_row["indicative"] and ntk_row["left"]["mean"] == result["ntk"]["pretrained"]["mean_top_share"]
+    from taskarith.report import bench_figures, bench_markdown
+
+    report = bench_markdown(result, bench_figures(result, tmp_path))
+    assert "## NTK localization" in report and (tmp_path / "ntk.png").stat().st_size > 0

@@ -516,6 +516,7 @@ def bench(
     checkpoint: Annotated[Optional[list[str]], typer.Option(help="TASK=FOLDER: a model fine-tuned on TASK elsewhere (repeatable).")] = None,
     new_task: Annotated[Optional[str], typer.Option(help="Task fine-tuned on top of the --checkpoint vectors (default: the first suite task without one).")] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="Also run standard and linear fine-tuning from a randomly initialized model of the same architecture (the tangent paper's control).")] = False,
+    ntk_examples: Annotated[int, typer.Option(help="Add the NTK localization study (as `taskarith ntk`) on this many test inputs of each of the first two tasks (0: none).")] = 0,
     model: Annotated[Optional[str], typer.Option("--model", help="Model (default: the suite's; see 'taskarith finetune --help').")] = None,
     device: DeviceOption = "auto",
 ) -> None:
@@ -564,6 +565,7 @@ def bench(
     if method:
         overrides["incremental_methods"] = tuple(m for m in profile.incremental_methods if m in method)
     profile = replace(profile, **overrides)
+    _at_least("--ntk-examples", ntk_examples, 0)
     from taskarith.outputs import claim_results_folder
 
     claim_results_folder(out_dir, "taskarith.bench/1", ("results.json", "report.md", "*.png", "cache"))
@@ -583,7 +585,8 @@ def bench(
     result = run_bench(pretrained, tasks_, control_task, profile, cache or out_dir / "cache",
                        on_stage=lambda stage: err.print(Text(">", style="bold"), stage), checkpoints=checkpoints,
                        new_task=load_task(new_task) if new_task else None,
-                       random_model=reinitialized(pretrained, profile.seeds[0]) if random_init else None)
+                       random_model=reinitialized(pretrained, profile.seeds[0]) if random_init else None,
+                       ntk_examples=ntk_examples)
     write_json(out_dir / "results.json", result)
     figures = bench_figures(result, out_dir)
     write_text(out_dir / "report.md", bench_markdown(result, figures))
@@ -600,9 +603,10 @@ def bench(
 def claims(
     results: Annotated[list[Path], typer.Argument(help="results.json of one or more `taskarith bench` runs.")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write claims.json and claims.md to this folder.")] = None,
+    ntk_file: Annotated[Optional[Path], typer.Option("--ntk", help="ntk.json of `taskarith ntk`, for the NTK-localization row of the runs of the same model.")] = None,
 ) -> None:
     """The claims ledger of bench runs: every claim of the papers, its numbers and the verdict of the fixed rule."""
-    from taskarith.experiments.claims import ledger, ledger_counts, ledger_rows
+    from taskarith.experiments.claims import ledger, ledger_brief, ledger_counts, ledger_rows
     from taskarith.io import read_json, write_json, write_text
     from taskarith.outputs import claim_results_folder
     from taskarith.report import markdown_table, rich_table
@@ -612,10 +616,11 @@ def claims(
     ledgers, sections = {}, []
     for path in results:
         result = _bench_result(read_json(path), path)
+        _attach_ntk(result, ntk_file, path)
         rows = ledger(result)
         counts = ledger_counts(rows)
         title = f"{shown(path)}: {shown(result['model']['name'])}, {len(result['per_seed'])} seed(s)"
-        out.print(rich_table(*ledger_rows(rows), title=f"claims ledger of {title}"))
+        out.print(rich_table(*ledger_brief(rows), title=f"claims ledger of {title} (every column: --out)"))
         out.print(", ".join(f"{n} {verdict}" for verdict, n in counts.items()))
         ledgers[str(path)] = rows
         sections.append(f"## {title}\n\n{markdown_table(*ledger_rows(rows))}\n")
@@ -623,6 +628,83 @@ def claims(
         write_json(out_dir / "claims.json", ledgers)
         write_text(out_dir / "claims.md", "\n".join(sections))
         out.print(f"ledger: {shown(out_dir / 'claims.md')}, numbers: {shown(out_dir / 'claims.json')}")
+
+
+@app.command()
+def ntk(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for ntk.json and ntk.png.")] = Path("results/ntk"),
+    suite: Annotated[str, typer.Option(help="Model and tasks of a bench suite: 'text' or 'vision'.")] = "vision",
+    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="Task whose inputs enter the kernel (repeatable, at least two; default: the suite's first two).")] = None,
+    examples: Annotated[int, typer.Option(help="Inputs per task (the kernel is exact: N^2 x outputs x parameters multiply-adds).")] = 32,
+    top: Annotated[int, typer.Option(help="Eigenvectors whose task shares are reported and drawn.")] = 20,
+    split: Annotated[str, typer.Option(help="Split the inputs come from.")] = "test",
+    random_init: Annotated[bool, typer.Option("--random-init/--no-random-init", help="Also the kernel of the same architecture with random weights (the paper's comparison).")] = True,
+    memory_gb: Annotated[float, typer.Option(help="Largest per-example Jacobian block held at once, in GiB.")] = 4.0,
+    model: Annotated[Optional[str], typer.Option("--model", help="Model (default: the suite's; see 'taskarith finetune --help').")] = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """The empirical NTK on two tasks' inputs: how much of each top eigenvector's energy lies on one task."""
+    from taskarith.data import SPLITS, load_task
+    from taskarith.experiments.bench import PROFILES, SUITES
+    from taskarith.io import write_json
+    from taskarith.models import reinitialized
+    from taskarith.ntk import NTK_FORMAT, ntk_study
+    from taskarith.outputs import claim_results_folder
+    from taskarith.report import ntk_figure
+
+    if suite not in SUITES:
+        raise TaskArithError(f"--suite {suite!r}: unknown suite (known: {', '.join(SUITES)})")
+    if split not in SPLITS:
+        raise TaskArithError(f"--split {shown(split)}: must be one of {', '.join(SPLITS)}")
+    _at_least("--examples", examples)
+    _at_least("--top", top)
+    if not (math.isfinite(memory_gb) and memory_gb > 0):
+        raise TaskArithError(f"--memory-gb {memory_gb}: must be a positive number")
+    profile = PROFILES[(suite, "quick")]
+    names = list(task or profile.tasks[:2])
+    if len(names) < 2:
+        raise TaskArithError(f"--task: the kernel needs at least two tasks, got {len(names)}")
+    claim_results_folder(out_dir, NTK_FORMAT, ("ntk.json", "ntk.png"))
+    pretrained = _load_model(model or profile.model, device)
+    models = {"pretrained": pretrained}
+    if random_init:
+        models["random_init"] = reinitialized(pretrained, 0)
+    result = ntk_study(models, [load_task(name) for name in names], examples=examples, split=split, top=top,
+                       memory_gb=memory_gb, on_stage=lambda stage: err.print(Text(">", style="bold"), stage))
+    write_json(out_dir / "ntk.json", result)
+    ntk_figure(result, out_dir / "ntk.png")
+    for label in models:
+        entry = result[label]
+        out.print(f"{label}: mean largest task share of the top {len(entry['largest_share'])} eigenvectors "
+                  f"{entry['mean_top_share']:.3f} (spread evenly: {entry['uniform_share']:.3f}); "
+                  f"{entry['seconds']:.0f} s")
+    out.print(f"numbers: {shown(out_dir / 'ntk.json')}, figure: {shown(out_dir / 'ntk.png')}")
+
+
+def _attach_ntk(result: dict[str, Any], ntk_file: Path | None, path: Path) -> None:
+    """Give a bench result the NTK study of the same model (``taskarith ntk``), for the ledger's NTK row."""
+    from taskarith.io import read_json
+    from taskarith.ntk import NTK_FORMAT
+
+    if ntk_file is None:
+        return
+    study = read_json(ntk_file)
+    if not isinstance(study, dict) or study.get("format") != NTK_FORMAT:
+        raise TaskArithError(f"{shown(ntk_file)}: not the ntk.json of `taskarith ntk` (format {NTK_FORMAT})")
+    for label in ("pretrained", "random_init"):  # the random-init kernel may be absent (--no-random-init)
+        entry = study.get(label)
+        if (label == "pretrained" or entry is not None) and (
+                not isinstance(entry, dict) or not isinstance(entry.get("mean_top_share"), (int, float))):
+            raise TaskArithError(f"{shown(ntk_file)}: key '{label}' with a number 'mean_top_share' is missing")
+    pretrained = study["pretrained"]
+    # The same weights, not only the same name: the hash when both files record it.
+    same = (pretrained.get("hash") == result["model"].get("hash") if pretrained.get("hash") and result["model"].get("hash")
+            else pretrained.get("model") == result["model"]["name"])
+    if same:
+        result["ntk"] = study
+    else:
+        out.print(f"{shown(ntk_file)} is the NTK of another model ({shown(pretrained.get('model'))}) than "
+                  f"{shown(path)}'s {shown(result['model']['name'])}: not used for it")
 
 
 def _bench_result(result: Any, path: Path) -> dict[str, Any]:

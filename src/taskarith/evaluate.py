@@ -259,7 +259,12 @@ class EditedOutputs:
         key = self._key(task, split, limit)
         if not edit:
             if key not in self._base:
-                self._base[key] = self._run(self.model.encoder, self._examples(task, split, limit).inputs)
+                # The JVPs' kernels (their primal fills the same slot), so a base output is the same numbers
+                # whichever computed it first: for the shortcut, f(x; theta0) + sum alpha J tau stays exact.
+                from taskarith.linearize import jvp_safe_kernels
+
+                with jvp_safe_kernels():
+                    self._base[key] = self._run(self.model.encoder, self._examples(task, split, limit).inputs)
             return self._base[key]
         if self.shortcut:
             parts = [alpha * self._tangent(name, task, split, limit) for name, alpha in edit]

@@ -166,3 +166,34 @@ def lines(
     axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
     axes.legend(fontsize=8)
     return _save(figure, path, dpi)
+
+
+def stacked_shares(
+    panels: dict[str, dict[str, Sequence[float]]],
+    path: str | os.PathLike,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    dpi: int = 150,
+) -> Path:
+    """Side-by-side panels (name -> {part -> one share per bar}) of bars stacked from their parts' shares."""
+    if not panels or any(not parts for parts in panels.values()):
+        raise TaskArithError(f"stacked bars {title!r}: every panel needs at least one part")
+    for name, parts in panels.items():
+        if len({len(values) for values in parts.values()}) != 1:
+            raise TaskArithError(f"stacked bars {title!r}: the parts of panel {name!r} differ in length")
+    figure, _ = _figure(4.0 * len(panels), 3.6)
+    figure.clear()
+    axes_row = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for axes, (name, parts) in zip(axes_row, panels.items()):
+        bottom = np.zeros(len(next(iter(parts.values()))))
+        for part, values in parts.items():
+            heights = np.asarray(values, dtype=float)
+            axes.bar(np.arange(1, len(heights) + 1), heights, bottom=bottom, label=part, width=0.8)
+            bottom += heights
+        axes.set(title=name, xlabel=xlabel)
+    axes_row[0].set_ylabel(ylabel)
+    axes_row[-1].legend(fontsize=8, loc="lower right")
+    figure.suptitle(title)
+    return _save(figure, path, dpi)

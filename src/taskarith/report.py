@@ -216,8 +216,38 @@ def bench_markdown(result: dict[str, Any], figures: dict[str, str]) -> str:
             parts += [f"![incremental]({figures['incremental']})", ""]
     if "existing_checkpoints" in result:
         parts += _existing_section(result["existing_checkpoints"])
+    if "ntk" in result:
+        parts += ntk_section(result["ntk"], figures.get("ntk"))
     parts += ["All numbers are in results.json; this report was generated from it by `taskarith bench`.", ""]
     return "\n".join(parts)
+
+
+def ntk_section(study: dict[str, Any], figure: str | None) -> list[str]:
+    """The NTK localization study (`taskarith ntk`, `bench --ntk-examples`) as report lines."""
+    labels = [label for label in ("pretrained", "random_init") if label in study]
+    rows = [[label.replace("_", " "), study[label]["model"], f"{study[label]['mean_top_share']:.3f}",
+             f"{study[label]['uniform_share']:.3f}", f"{sum(study[label]['eigenvalue_fraction']):.3f}",
+             f"{study[label]['seconds']:.0f}"] for label in labels]
+    lines = ["## NTK localization", "",
+             f"Empirical NTK (trace over the pooled output's dimensions, exact) on {study['examples_per_task']} "
+             f"{study['split']} inputs of each of {', '.join(study['tasks'])}; for each of the top {study['top']} "
+             "eigenvectors u (unit norm), the share of its energy on each task, sum over the task's inputs of "
+             "u(x)^2, and its largest share:", "",
+             markdown_table(["model", "name", "mean largest share", "spread evenly", "trace fraction of the top",
+                             "seconds"], rows), ""]
+    return lines + ([f"![ntk]({figure})", ""] if figure else [])
+
+
+def ntk_figure(study: dict[str, Any], path: Any) -> None:
+    """Each model's top eigenvectors as bars stacked from their tasks' shares of energy, side by side."""
+    from taskarith.display import shown
+    from taskarith.plots import stacked_shares
+
+    panels = {f"{label.replace('_', ' ')} ({shown(study[label]['model'], 40)})":
+              {shown(name, 40): study[label]["shares"][name] for name in study["tasks"]}
+              for label in ("pretrained", "random_init") if label in study}
+    stacked_shares(panels, path, title="share of each NTK eigenvector's energy on each task",
+                   xlabel="eigenvector (largest eigenvalue first)", ylabel="share of energy")
 
 
 def _existing_section(study: dict[str, Any]) -> list[str]:
@@ -252,6 +282,8 @@ def bench_figures(result: dict[str, Any], out_dir: Any) -> dict[str, str]:
     first_seed = next(iter(result["per_seed"].values()))
     grid = result["profile"]["xi_grid"]
     for method, run in first_seed["methods"].items():
+        if not run["xi"]:  # xi_seeds = 0 or xi_pairs = 0: no grid to draw
+            continue
         pair, values = next(iter(run["xi"].items()))
         name = f"xi_{method}.png"
         first, second = pair.split("+", 1)
@@ -273,4 +305,7 @@ def bench_figures(result: dict[str, Any], out_dir: Any) -> dict[str, str]:
               arrivals, out / "incremental.png", title="incremental learning", xlabel="task arrived",
               ylabel="mean accuracy of seen tasks (%)")
         figures["incremental"] = "incremental.png"
+    if "ntk" in result:
+        ntk_figure(result["ntk"], out / "ntk.png")
+        figures["ntk"] = "ntk.png"
     return figures

@@ -193,6 +193,7 @@ class Suite:
     strengths: dict[str, float] = field(default_factory=dict)  # lambda per regularized method, once chosen
     # JVPs of every vector the studies score, so a vector met again (lambda search, then evaluation;
     # incremental runs, then the full method) is not differentiated again. Exact: the same numbers.
+    # run_bench empties it between seeds, which share no vector.
     store: TangentStore = field(default_factory=TangentStore)
 
     def outputs(self, vectors: Mapping[str, TaskVector]) -> EditedOutputs:
@@ -564,14 +565,25 @@ def run_bench(
     checkpoints: Sequence[tuple[Task, str | Path]] = (),
     new_task: Task | None = None,
     random_model: Pretrained | None = None,
+    ntk_examples: int = 0,
 ) -> dict[str, Any]:
     """Every method, seed and measurement of the protocol; plain data for results.json and the report.
 
     ``checkpoints`` ((task, fine-tuned model folder made elsewhere) pairs) adds the public-checkpoint study,
     with ``new_task`` (default: the first suite task without a checkpoint) fine-tuned on top of them.
     ``random_model`` (the architecture with random weights) adds the random-initialization control.
+    ``ntk_examples`` > 0 adds the NTK localization study on that many test inputs of the first two tasks,
+    for the pre-trained model and a random one (``random_model`` or a fresh one).
     """
     suite = Suite(pretrained, list(tasks), control, profile, Path(cache_dir), on_stage)
+    ntk_models: dict[str, Pretrained] = {}
+    if ntk_examples:  # built and checked now, so a study that cannot run fails before the fine-tuning, not after
+        from taskarith.models import reinitialized
+        from taskarith.ntk import check_ntk_study
+
+        ntk_models = {"pretrained": pretrained,
+                      "random_init": random_model or reinitialized(pretrained, profile.seeds[0])}
+        check_ntk_study(ntk_models, list(tasks[:2]), examples=ntk_examples)
     started = time.perf_counter()
     zero_shot_outputs = suite.outputs({})
     zero_shot = {t.name: zero_shot_outputs.accuracy(t, "test", (), profile.eval_limit) for t in [*tasks, control]}
@@ -595,6 +607,8 @@ def run_bench(
         strength_selection[method] = timed(f"choosing lambda {method}",
                                            lambda: suite.choose_strength(method, profile.seeds[0]))
     for position, seed in enumerate(profile.seeds):
+        if position:  # no vector is shared across seeds: let the previous seed's JVPs go
+            suite.store = TangentStore()
         with_xi = profile.xi_seeds is None or position < profile.xi_seeds
         methods = {}
         for method in profile.methods:
@@ -622,6 +636,11 @@ def run_bench(
             raise TaskArithError("every suite task has a checkpoint; name a new task to add to them")
         on_stage(f"existing checkpoints of {', '.join(sorted(covered))}, adding {new_task.name}")
         studies["existing_checkpoints"] = existing_checkpoints(suite, checkpoints, new_task, profile.seeds[0])
+    if ntk_models:
+        from taskarith.ntk import ntk_study
+
+        studies["ntk"] = timed("ntk", lambda: ntk_study(ntk_models, list(tasks[:2]), examples=ntk_examples,
+                                                        progress=False, on_stage=on_stage))
     result = {
         **studies,
         "model": {"name": pretrained.name, "hash": pretrained.base_hash},

@@ -158,7 +158,7 @@ def claims_of(result: Mapping[str, Any]) -> list[Claim]:
               "The NTK eigenfunctions of the pre-trained model are localized on one task's inputs",
               "top eigenvectors' mean largest task share of energy: pre-trained > random init",
               _ntk_localization("pretrained"), _ntk_localization("random_init"), "higher", "pre-trained",
-              "random init", needs="the NTK analysis (taskarith ntk)"),
+              "random init", needs="the NTK study: bench --ntk-examples N, or taskarith ntk then claims --ntk"),
         _versus("taujp.one_shot", TAUJP, "tau-Jp regularization makes alpha = 1 work (one-shot addition)",
                 "add_norm_1", "linear_taujp", "linear", "higher"),
         Claim("taujp.no_tuning", TAUJP, "With tau-Jp, alpha needs no tuning: one-shot matches tuned linear FT",
@@ -233,14 +233,15 @@ def _checkpoint_side(label: str) -> Measure:
 
 
 def _finite(value: float | None) -> bool:
-    return value is not None and not math.isnan(value)
+    return value is not None and math.isfinite(value)
 
 
 def verdict(left: Sequence[float], right: Sequence[float], direction: str) -> dict[str, Any]:
     """The fixed rule (module docstring) on per-seed values, paired by seed."""
     pairs = [(a, b) for a, b in zip(left, right) if _finite(a) and _finite(b)]
-    if not pairs:
-        return {"verdict": UNMEASURED, "seeds": 0}
+    if not pairs:  # the same keys as a measured row, so every row of results.json has one shape
+        return {"verdict": UNMEASURED, "indicative": False, "seeds": 0, "left": None, "right": None,
+                "difference": None, "twice_larger_std": None}
     lefts, rights = [a for a, _ in pairs], [b for _, b in pairs]
     differences = [a - b for a, b in pairs]
     sign = -1.0 if direction == "lower" else 1.0
@@ -318,6 +319,17 @@ def ledger_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list
         outcome = row["verdict"] + (" (indicative: one seed)" if row["indicative"] else "")
         table.append([row["claim"], row["comparison"], side("left"), side("right"), per_seed, f"**{outcome}**"])
     return header, table
+
+
+def ledger_brief(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The ledger narrow enough for a terminal: each claim by its key, the two sides' means and the verdict
+    (``*``: one seed, indicative); the comparisons, spreads and reasons are in :func:`ledger_rows`."""
+    table = []
+    for row in rows:
+        measured = row["verdict"] not in (UNMEASURED, NOT_APPLICABLE)
+        sides = [_number(row[name]["mean"], row["percent"]) if measured else "-" for name in ("left", "right")]
+        table.append([row["key"], *sides, row["verdict"] + ("*" if row.get("indicative") else "")])
+    return ["claim", "left", "right", "verdict"], table
 
 
 def ledger_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:

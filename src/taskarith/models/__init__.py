@@ -189,15 +189,24 @@ def reinitialized(pretrained: Pretrained, seed: int = 0) -> Pretrained:
         raise TaskArithError(f"model '{pretrained.name}': its zero-shot heads come from a pre-trained text tower, "
                              "so a random-initialization control of it would not be random; use a text encoder or "
                              "an image backbone with linear-probe heads")
-    with torch.random.fork_rng(devices=[]):
+    # torch.manual_seed also seeds CUDA: fork those generators too, so the caller's streams are untouched.
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         if isinstance(pretrained.encoder, PreTrainedModel):
             encoder = type(pretrained.encoder)(pretrained.encoder.config)
         else:
-            encoder = copy.deepcopy(pretrained.encoder)
+            # Reset on the CPU, so a seed gives the same random model whatever the device.
+            encoder = copy.deepcopy(pretrained.encoder).cpu()
             for module in encoder.modules():
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
+            before = dict(pretrained.encoder.named_parameters())
+            kept = [name for name, p in encoder.named_parameters() if torch.equal(p, before[name].cpu())]
+            if kept:  # parameters held outside any layer with reset_parameters (e.g. a bare positional table)
+                raise TaskArithError(f"model '{pretrained.name}': no layer re-initializes {', '.join(kept[:5])}"
+                                     f"{' and more' if len(kept) > 5 else ''}, so a random-initialization "
+                                     "control would keep them pre-trained")
     return Pretrained(name=f"{pretrained.name}@random-init-{seed}", encoder=encoder.to(pretrained.device),
                       tokenizer=pretrained.tokenizer, max_length=pretrained.max_length,
                       logit_scale=pretrained.logit_scale, preprocess=pretrained.preprocess,
