@@ -61,6 +61,27 @@ def test_the_kernel_is_the_gram_of_per_example_gradients(pretrained):
     assert torch.linalg.eigvalsh(kernel).min() > -1e-6 * float(kernel.diagonal().max())  # a Gram matrix
 
 
+def test_image_models_map_over_inputs_to_the_same_kernel():
+    from taskarith.models import Pretrained
+    from taskarith.models.vision import PooledImageEncoder, image_preprocess, linear_probe_head
+
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 5))
+    with torch.no_grad():  # running statistics that are not the identity, so eval-mode BatchNorm matters
+        backbone[1].running_mean.uniform_(-0.5, 0.5)
+        backbone[1].running_var.uniform_(0.5, 2.0)
+    model = Pretrained(name="conv", encoder=PooledImageEncoder(backbone, lambda module, pixels: module(pixels)),
+                       preprocess=image_preprocess(8), build_head=linear_probe_head, modality="image")
+    import numpy as np
+
+    images = [np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8) for i in range(5)]
+    mapped = empirical_ntk(model, images, progress=False)
+    looped = empirical_ntk(model, images, progress=False, vectorize=False)
+    torch.testing.assert_close(mapped, looped, rtol=1e-5, atol=1e-7 * float(looped.abs().max()))
+    torch.testing.assert_close(looped, brute_force_ntk(model, images), rtol=1e-4, atol=1e-6 * float(looped.abs().max()))
+
+
 def test_the_cost_and_a_budget_too_small_are_stated(pretrained):
     cost = ntk_cost(pretrained, TEXTS)
     assert cost["backward_passes"] == len(TEXTS) * cost["outputs"]

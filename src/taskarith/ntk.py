@@ -8,7 +8,7 @@ on one task's inputs, while those of a randomly initialized model spread over bo
   K(x, x') = sum_k grad_theta f_k(x) . grad_theta f_k(x'), the trace over the D output dimensions,
   with theta every encoder parameter;
 * K is exact: per-example Jacobians of a few outputs at a time (``torch.func.jacrev``, vectorized over those
-  outputs), each block contracted into K at once, so memory stays at about N x (outputs per chunk) x P floats;
+  outputs, and over the inputs for image models), each block contracted into K at once, so memory stays at about N x (outputs per chunk) x P floats;
 * each unit-norm eigenvector u_i gets the share of its energy on each task, sum_{x in task} u_i(x)^2
   (the paper's exact "local energy" formula was not available; docs/claims.md gives this definition).
 
@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.func import functional_call, jacrev
+from torch.func import functional_call, jacrev, vmap
 from tqdm.auto import tqdm
 
 from taskarith.data import Task
@@ -53,10 +53,12 @@ def _output_dim(model: Pretrained, inputs: Sequence[Any]) -> int:
 
 
 def empirical_ntk(model: Pretrained, inputs: Sequence[Any], *, memory_gb: float = DEFAULT_MEMORY_GB,
-                  progress: bool = True) -> torch.Tensor:
+                  progress: bool = True, vectorize: bool | None = None) -> torch.Tensor:
     """The (N, N) trace NTK of the pooled encoder output on ``inputs``, in float64, rows in input order.
 
     ``memory_gb`` bounds the per-example Jacobian block held at once (N x outputs per chunk x P floats).
+    ``vectorize`` maps the per-example Jacobians over the inputs with ``vmap`` (default: for image models,
+    whose inputs share one shape and whose forward never branches on values); otherwise one input at a time.
     """
     if len(inputs) < 2:
         raise TaskArithError(f"the NTK needs at least two inputs, got {len(inputs)}")
@@ -69,9 +71,12 @@ def empirical_ntk(model: Pretrained, inputs: Sequence[Any], *, memory_gb: float 
     per_output = _check_budget(model, count, memory_gb)
     # The block, and about as much again for jacrev's result and its concatenation into the block.
     chunk = max(1, min(outputs, int(memory_gb * 2**30 // (2 * per_output))))
-    # One input at a time, unpadded: each Jacobian is of exactly f(x), and the model's own code runs outside
-    # vmap (Hugging Face's mask helpers branch on the mask's values, which vmap cannot trace).
+    # Text goes one input at a time, unpadded: each Jacobian is of exactly f(x), and the model's own code runs
+    # outside vmap (Hugging Face's mask helpers branch on the mask's values, which vmap cannot trace).
     batches = [model.tokenize([item]) for item in inputs]
+    if vectorize is None:
+        vectorize = model.modality == "image"
+    stacked = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]} if vectorize else {}
 
     def pooled(theta: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor], lo: int, hi: int) -> torch.Tensor:
         hidden = functional_call(encoder, (dict(theta), buffers), args=(), kwargs=dict(batch)).last_hidden_state
@@ -83,11 +88,19 @@ def empirical_ntk(model: Pretrained, inputs: Sequence[Any], *, memory_gb: float 
     with jvp_safe_kernels(), bar:
         for lo in range(0, outputs, chunk):
             hi = min(outputs, lo + chunk)
-            rows = torch.empty(count, hi - lo, total, device=model.device)
-            for i, batch in enumerate(batches):
-                jac = jacrev(lambda theta: pooled(theta, batch, lo, hi))(params)
-                rows[i] = torch.cat([block.reshape(hi - lo, -1) for block in jac.values()], dim=1)
+            if vectorize:
+                def one(theta: Mapping[str, torch.Tensor], example: Mapping[str, torch.Tensor]) -> torch.Tensor:
+                    return pooled(theta, {key: value.unsqueeze(0) for key, value in example.items()}, lo, hi)
+
+                jac = vmap(jacrev(one), in_dims=(None, 0))(params, stacked)
+                rows = torch.cat([block.reshape(count, hi - lo, -1) for block in jac.values()], dim=2)
                 del jac
+            else:
+                rows = torch.empty(count, hi - lo, total, device=model.device)
+                for i, batch in enumerate(batches):
+                    jac = jacrev(lambda theta: pooled(theta, batch, lo, hi))(params)
+                    rows[i] = torch.cat([block.reshape(hi - lo, -1) for block in jac.values()], dim=1)
+                    del jac
             flat = rows.reshape(count, -1)  # sum over the chunk's outputs and every parameter at once
             kernel += (flat @ flat.T).double()  # float32 products, float64 accumulation across chunks
             del rows, flat
