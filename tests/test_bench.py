@@ -18,7 +18,8 @@ from taskarith.evaluate import (
     disentanglement_error,
     normalized_accuracy,
 )
-from taskarith.experiments.bench import BenchProfile, Suite, correlation, evaluate_vectors, run_bench
+from taskarith.experiments.bench import BenchProfile, Suite, evaluate_vectors, run_bench
+from taskarith.experiments.stats import correlation
 from taskarith.finetune import FinetuneConfig, finetune
 from taskarith.models import load_pretrained
 

@@ -30,6 +30,7 @@ from taskarith.evaluate import (
     normalized_accuracy,
 )
 from taskarith.experiments.claims import ledger
+from taskarith.experiments.stats import correlation, off_diagonal
 from taskarith.finetune import FinetuneConfig, finetune_cached, run_key
 from taskarith.regularizers import PUBLISHED_STRENGTH
 from taskarith.merging.hyperparameters import check_method
@@ -492,35 +493,6 @@ def _spread(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(finite), "std": statistics.stdev(finite) if len(finite) > 1 else 0.0, "n": len(finite)}
 
 
-def _pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
-    if len(xs) < 3 or statistics.pstdev(xs) == 0 or statistics.pstdev(ys) == 0:
-        return math.nan
-    return statistics.correlation(xs, ys)
-
-
-def _ranks(values: Sequence[float]) -> list[float]:
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
-
-
-def correlation(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
-    """Pearson and Spearman (Pearson of ranks, ties averaged) correlation of paired values."""
-    return {"pearson": _pearson(xs, ys), "spearman": _pearson(_ranks(xs), _ranks(ys)), "points": len(xs)}
-
-
-def _off_diagonal(matrix: Sequence[Sequence[float]]) -> list[float]:
-    return [v for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j]
-
-
 def summarize(per_seed: Mapping[int, Mapping[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
     """Mean and standard deviation over seeds of the headline numbers, per method."""
     seeds = list(per_seed)
@@ -544,13 +516,13 @@ def summarize(per_seed: Mapping[int, Mapping[str, Any]], methods: Sequence[str])
                for label in ("alpha_1", "alpha_searched")},
             "alpha_chosen": [r["merging"][merge]["alpha_searched"]["alpha"] for r in runs],
         } for merge in runs[0].get("merging", {})}
-        xs = [x for r in runs for x in _off_diagonal(r["taujp"])]
-        ys = [y for r in runs for y in _off_diagonal(r["interference_drop"])]
+        xs = [x for r in runs for x in off_diagonal(r["taujp"])]
+        ys = [y for r in runs for y in off_diagonal(r["interference_drop"])]
         entry["taujp_vs_drop"] = correlation(xs, ys)
-        entry["taujp_sq_vs_drop"] = correlation([x for r in runs for x in _off_diagonal(r["taujp_sq"])], ys)
+        entry["taujp_sq_vs_drop"] = correlation([x for r in runs for x in off_diagonal(r["taujp_sq"])], ys)
         summary[method] = entry
-    xs = [x for s in seeds for m in methods for x in _off_diagonal(per_seed[s]["methods"][m]["taujp"])]
-    ys = [y for s in seeds for m in methods for y in _off_diagonal(per_seed[s]["methods"][m]["interference_drop"])]
+    xs = [x for s in seeds for m in methods for x in off_diagonal(per_seed[s]["methods"][m]["taujp"])]
+    ys = [y for s in seeds for m in methods for y in off_diagonal(per_seed[s]["methods"][m]["interference_drop"])]
     summary["taujp_vs_drop_all_methods"] = correlation(xs, ys)
     return summary
 

@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from taskarith.experiments.stats import correlation, off_diagonal
+
 HOLDS, FAILS, NOISE, UNMEASURED, NOT_APPLICABLE = ("holds", "does not hold", "within noise", "not measured",
                                                    "not applicable")
 
@@ -66,12 +68,10 @@ def _incremental_final(method: str) -> Measure:
 
 
 def _spearman_taujp_drop(methods: Sequence[str]) -> Measure:
-    from taskarith.experiments.bench import _off_diagonal, correlation
-
     def measure(seed_entry: Mapping[str, Any]) -> float | None:
         runs = [seed_entry["methods"][m] for m in methods if m in seed_entry.get("methods", {})]
-        xs = [x for r in runs for x in _off_diagonal(r["taujp"])]
-        ys = [y for r in runs for y in _off_diagonal(r["interference_drop"])]
+        xs = [x for r in runs for x in off_diagonal(r["taujp"])]
+        ys = [y for r in runs for y in off_diagonal(r["interference_drop"])]
         return correlation(xs, ys)["spearman"] if len(xs) >= 3 else None
     return measure
 
