@@ -121,6 +121,12 @@ def _versus(key: str, paper: str, statement: str, metric: str, left: str, right:
                  needs=f"the methods {left} and {right} in --method")
 
 
+def _positive(key: str, paper: str, statement: str, comparison: str, measure: Measure, label: str,
+              **options: Any) -> Claim:
+    """A claim that one measured quantity is above zero."""
+    return Claim(key, paper, statement, comparison, measure, _constant(0.0), "higher", label, "0", **options)
+
+
 def claims_of(result: Mapping[str, Any]) -> list[Claim]:
     """Every claim the ledger checks, in the papers' order; the per-task rows follow the run's tasks."""
     classes = result.get("num_classes", {})
@@ -143,17 +149,21 @@ def claims_of(result: Mapping[str, Any]) -> list[Claim]:
     ]
     for task in result.get("tasks", ()):
         if task in classes:
-            rows.append(Claim(f"tangent.nonlinear_advantage.{task}", TANGENT,
-                              f"Non-linear fine-tuning is more accurate than linearized fine-tuning on {task}",
-                              f"non-linear advantage on {task}: (acc standard - acc linear) / (1 - 1/{classes[task]}) > 0",
-                              _nonlinear_advantage(task, classes[task]), _constant(0.0), "higher",
-                              "non-linear advantage", "0", needs="the methods standard and linear"))
+            rows.append(_positive(f"tangent.nonlinear_advantage.{task}", TANGENT,
+                                  f"Non-linear fine-tuning is more accurate than linearized fine-tuning on {task}",
+                                  f"non-linear advantage on {task}: "
+                                  f"(acc standard - acc linear) / (1 - 1/{classes[task]}) > 0",
+                                  _nonlinear_advantage(task, classes[task]), "non-linear advantage",
+                                  needs="the methods standard and linear"))
     rows += [
-        Claim("tangent.pretraining", TANGENT,
-              "Weight disentanglement emerges from pre-training: a randomly initialized model fails at task arithmetic",
-              "addition, mean normalized test accuracy at the searched alpha: pre-trained linear > random-init linear",
-              _random_init_gap, _constant(0.0), "higher", "pre-trained - random init", "0",
-              needs="the random-initialization control (bench --random-init)", not_applicable=_random_init_unlearnt),
+        _positive("tangent.pretraining", TANGENT,
+                  "Weight disentanglement emerges from pre-training: "
+                  "a randomly initialized model fails at task arithmetic",
+                  "addition, mean normalized test accuracy at the searched alpha: "
+                  "pre-trained linear > random-init linear",
+                  _random_init_gap, "pre-trained - random init",
+                  needs="the random-initialization control (bench --random-init)",
+                  not_applicable=_random_init_unlearnt),
         Claim("tangent.ntk_localization", TANGENT,
               "The NTK eigenfunctions of the pre-trained model are localized on one task's inputs",
               "top eigenvectors' mean largest task share of energy: pre-trained > random init",
@@ -176,11 +186,10 @@ def claims_of(result: Mapping[str, Any]) -> list[Claim]:
                 "neg_target_searched", "linear_taujp", "standard", "lower"),
         _versus("taujp.disentanglement", TAUJP, "tau-Jp reduces interference between task vectors (lower xi)",
                 "xi", "linear_taujp", "linear", "lower"),
-        Claim("taujp.predicts_interference", TAUJP,
-              "tau-Jp is related to interference: the larger tau-Jp, the larger the accuracy drop",
-              "Spearman correlation over (vector, other task) pairs of all methods, tau-Jp vs accuracy drop > 0",
-              _spearman_taujp_drop(result.get("profile", {}).get("methods", ())), _constant(0.0), "higher",
-              "Spearman", "0", percent=False),
+        _positive("taujp.predicts_interference", TAUJP,
+                  "tau-Jp is related to interference: the larger tau-Jp, the larger the accuracy drop",
+                  "Spearman correlation over (vector, other task) pairs of all methods, tau-Jp vs accuracy drop > 0",
+                  _spearman_taujp_drop(result.get("profile", {}).get("methods", ())), "Spearman", percent=False),
         Claim("taujp.incremental", TAUJP, "tau-Jp makes incremental learning more robust (future tasks unseen)",
               "mean test accuracy of the running sum at alpha = 1 after the last arrival: linear_taujp > linear",
               _incremental_final("linear_taujp"), _incremental_final("linear"), "higher", "linear_taujp", "linear",
