@@ -153,3 +153,10 @@ def test_a_mistyped_local_model_path_is_named_not_sent_to_the_hub(cli, tmp_path,
     for spec in ("./modles/tiny", "~/no-such-model", str(tmp_path / "nope"), "runs/a/model"):
         message = one_error(cli, "eval", "--task", tiny_csv, "--model", spec)
         assert "the path does not exist" in message and spec in message, message
+
+
+@pytest.mark.parametrize("command", ["bench", "ntk"])
+def test_an_unknown_suite_is_named_escaped_before_anything_loads(cli, tmp_path, nothing_loads, command):
+    line = one_error(cli, command, "--suite", "vision\x1b[2J", "--out", tmp_path / "out")
+    assert "--suite" in line and "unknown suite" in line and "\x1b" not in line and "text, vision" in line
+    assert not (tmp_path / "out").exists()

@@ -90,6 +90,15 @@ def _at_least(option: str, value: int | None, low: int = 1, meaning: str = "") -
         raise TaskArithError(f"{option} {value}: must be at least {low}{meaning}")
 
 
+def _bench_profile(suite: str, size: str) -> Any:
+    """The built-in profile of ``suite`` at ``size`` ("quick" or "full"), or one error line naming --suite."""
+    from taskarith.experiments.bench import PROFILES, SUITES
+
+    if suite not in SUITES:
+        raise TaskArithError(f"--suite {shown(suite)}: unknown suite (known: {', '.join(SUITES)})")
+    return PROFILES[(suite, size)]
+
+
 def _check_seed(option: str, value: int | None) -> None:
     """Refuse a seed torch cannot take, before the model loads (torch says so only when seeded)."""
     from taskarith.finetune import MAX_SEED
@@ -524,15 +533,11 @@ def bench(
     from dataclasses import replace
 
     from taskarith.data import load_task
-    from taskarith.experiments.bench import PROFILES, run_bench
+    from taskarith.experiments.bench import run_bench
     from taskarith.io import write_json, write_text
     from taskarith.report import bench_figures, bench_main_rows, bench_markdown, bench_merge_rows, rich_table
 
-    from taskarith.experiments.bench import SUITES
-
-    if suite not in SUITES:
-        raise TaskArithError(f"--suite {suite!r}: unknown suite (known: {', '.join(SUITES)})")
-    profile = PROFILES[(suite, "quick" if quick else "full")]
+    profile = _bench_profile(suite, "quick" if quick else "full")
     overrides: dict[str, Any] = {key: value for key, value in (
         ("tasks", tuple(task or ())), ("methods", tuple(method or ())), ("merge_methods", tuple(merge_method or ())),
         ("control", control)) if value}
@@ -645,22 +650,19 @@ def ntk(
 ) -> None:
     """The empirical NTK on two tasks' inputs: how much of each top eigenvector's energy lies on one task."""
     from taskarith.data import SPLITS, load_task
-    from taskarith.experiments.bench import PROFILES, SUITES
     from taskarith.io import write_json
     from taskarith.models import reinitialized
     from taskarith.ntk import NTK_FORMAT, ntk_study
     from taskarith.outputs import claim_results_folder
     from taskarith.report import ntk_figure
 
-    if suite not in SUITES:
-        raise TaskArithError(f"--suite {suite!r}: unknown suite (known: {', '.join(SUITES)})")
+    profile = _bench_profile(suite, "quick")
     if split not in SPLITS:
         raise TaskArithError(f"--split {shown(split)}: must be one of {', '.join(SPLITS)}")
     _at_least("--examples", examples)
     _at_least("--top", top)
     if not (math.isfinite(memory_gb) and memory_gb > 0):
         raise TaskArithError(f"--memory-gb {memory_gb}: must be a positive number")
-    profile = PROFILES[(suite, "quick")]
     names = list(task or profile.tasks[:2])
     if len(names) < 2:
         raise TaskArithError(f"--task: the kernel needs at least two tasks, got {len(names)}")
