@@ -50,15 +50,14 @@ def brute_force_ntk(model, inputs):
 def test_the_kernel_is_the_gram_of_per_example_gradients(pretrained):
     expected = brute_force_ntk(pretrained, TEXTS)
     kernel = empirical_ntk(pretrained, TEXTS, progress=False)
-    # float32 Jacobians summed over every parameter: the BLAS's summation order alone moves entries by ~1e-4.
-    torch.testing.assert_close(kernel, expected, rtol=1e-3, atol=1e-5 * float(expected.abs().max()))
+    torch.testing.assert_close(kernel, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
     # A budget of one output dimension at a time: more chunks, the same kernel.
     parameters = ntk_cost(pretrained, TEXTS)["parameters"]
     tight = empirical_ntk(pretrained, TEXTS, memory_gb=1.5 * len(TEXTS) * parameters * 4 / 2**30, progress=False)
-    torch.testing.assert_close(tight, kernel, rtol=1e-3, atol=1e-5 * float(kernel.abs().max()))
+    torch.testing.assert_close(tight, kernel, rtol=1e-4, atol=1e-6 * float(kernel.abs().max()))
     # Chunks of three outputs, which do not divide the 32 dimensions: the last chunk is shorter, same kernel.
     threes = empirical_ntk(pretrained, TEXTS, memory_gb=6.5 * len(TEXTS) * parameters * 4 / 2**30, progress=False)
-    torch.testing.assert_close(threes, kernel, rtol=1e-3, atol=1e-5 * float(kernel.abs().max()))
+    torch.testing.assert_close(threes, kernel, rtol=1e-4, atol=1e-6 * float(kernel.abs().max()))
     assert torch.linalg.eigvalsh(kernel).min() > -1e-6 * float(kernel.diagonal().max())  # a Gram matrix
 
 
