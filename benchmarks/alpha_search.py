@@ -39,8 +39,16 @@ def main() -> None:
     pretrained = load_pretrained(args.model, device="auto")
     tasks = [load_task(name) for name in TASKS]
     with tempfile.TemporaryDirectory() as scratch:
-        vectors = {t.name: finetune_cached(FinetuneConfig(task=t.name, mode="linear", steps=args.steps, checkpoint_every=0),
-                                           pretrained, t, scratch, progress=False).task_vector for t in tasks}
+        vectors = {
+            t.name: finetune_cached(
+                FinetuneConfig(task=t.name, mode="linear", steps=args.steps, checkpoint_every=0),
+                pretrained,
+                t,
+                scratch,
+                progress=False,
+            ).task_vector
+            for t in tasks
+        }
     grid = [round(0.2 * (i + 1), 2) for i in range(args.grid_points)]
     result: dict = {}
     curves = {}
@@ -48,21 +56,28 @@ def main() -> None:
         outputs = EditedOutputs(pretrained, vectors, shortcut=shortcut)
         outputs.pooled(tasks[0], "val", (), args.examples)  # both start from f(x; theta0) of one task, warm caches
         started = time.perf_counter()
-        curves[label] = {a: mean(outputs.accuracy(t, "val", tuple((n, a) for n in vectors), args.examples) for t in tasks)
-                         for a in grid}
+        curves[label] = {
+            a: mean(outputs.accuracy(t, "val", tuple((n, a) for n in vectors), args.examples) for t in tasks)
+            for a in grid
+        }
         seconds = time.perf_counter() - started
-        result[label] = {"seconds": round(seconds, 2), "encoder_passes": outputs.passes,
-                         "chosen_alpha": max(grid, key=lambda a: curves[label][a])}
+        result[label] = {
+            "seconds": round(seconds, 2),
+            "encoder_passes": outputs.passes,
+            "chosen_alpha": max(grid, key=lambda a: curves[label][a]),
+        }
         print(label, result[label], flush=True)
-    result.update({
-        "speedup": round(result["direct"]["seconds"] / result["shortcut"]["seconds"], 2),
-        "max_abs_accuracy_difference": max(abs(curves["direct"][a] - curves["shortcut"][a]) for a in grid),
-        "grid": grid,
-        "tasks": list(TASKS),
-        "examples_per_task": args.examples,
-        "model": pretrained.name,
-        **environment(pretrained.device),
-    })
+    result.update(
+        {
+            "speedup": round(result["direct"]["seconds"] / result["shortcut"]["seconds"], 2),
+            "max_abs_accuracy_difference": max(abs(curves["direct"][a] - curves["shortcut"][a]) for a in grid),
+            "grid": grid,
+            "tasks": list(TASKS),
+            "examples_per_task": args.examples,
+            "model": pretrained.name,
+            **environment(pretrained.device),
+        }
+    )
     write_json(args.out, result)
     print(result)
 

@@ -25,7 +25,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-
 from environment import environment
 
 from taskarith.data import load_task
@@ -94,8 +93,9 @@ def main() -> None:
         started = time.perf_counter()
         factors = compute_kfac_factors(pretrained, tasks[name], num_examples=args.num_examples, progress=False)
         seconds[name] = round(time.perf_counter() - started, 3)
-        legacy.append(compute_kfac_factors(pretrained, tasks[name], num_examples=args.num_examples, progress=False,
-                                           **LEGACY))
+        legacy.append(
+            compute_kfac_factors(pretrained, tasks[name], num_examples=args.num_examples, progress=False, **LEGACY)
+        )
         for variant, compression in COMPRESSIONS.items():
             shipped = factors if compression is None else compress_factors(factors, compression[0], **compression[1])
             path = scratch / f"{name}-{variant}.safetensors"
@@ -112,12 +112,25 @@ def main() -> None:
 
     # -- plain linear vectors: the sum's other members, the normalizers and a typical delta ---------------
     def tune(task: str, **settings) -> object:
-        config = FinetuneConfig(task=task, model=pretrained.name, mode="linear", steps=args.steps,
-                                batch_size=args.batch_size, lr=args.lr, **settings)
+        config = FinetuneConfig(
+            task=task,
+            model=pretrained.name,
+            mode="linear",
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            **settings,
+        )
         started = time.perf_counter()
         result = finetune(config, pretrained, tasks[task], progress=False)
-        print("fine-tuned", task, settings.get("reg_factors", ["plain"])[0], round(time.perf_counter() - started, 1),
-              "s", flush=True)
+        print(
+            "fine-tuned",
+            task,
+            settings.get("reg_factors", ["plain"])[0],
+            round(time.perf_counter() - started, 1),
+            "s",
+            flush=True,
+        )
         return result.task_vector
 
     plain = {name: tune(name) for name in tasks}
@@ -127,7 +140,8 @@ def main() -> None:
         "published": kfac_penalty(delta, full).item(),
         "published_without_scalers": kfac_penalty(delta, full, **PLAIN).item(),
         "published_factors_average_merge": kfac_penalty(
-            delta, merge_factors([KFACFactors.load(p) for p in files["full"]], rule="average"), **PLAIN).item(),
+            delta, merge_factors([KFACFactors.load(p) for p in files["full"]], rule="average"), **PLAIN
+        ).item(),
         "before_tak": kfac_penalty(delta, old, **PLAIN).item(),
     }
     penalty = {key: float(f"{value:.4g}") for key, value in penalty.items()}
@@ -137,11 +151,13 @@ def main() -> None:
     # -- accuracy: the regularized vector, full vs compressed factors --------------------------------
     vectors = {"none": plain[TASK]}
     for variant, paths in files.items():
-        vectors[variant] = tune(TASK, regularizer="kfac", reg_strength=args.reg_strength,
-                                reg_factors=tuple(str(p) for p in paths))
+        vectors[variant] = tune(
+            TASK, regularizer="kfac", reg_strength=args.reg_strength, reg_factors=tuple(str(p) for p in paths)
+        )
     zero_shot = {name: accuracy(pretrained, task) for name, task in tasks.items()}
-    single = {name: accuracy(pretrained, tasks[name], encoder=edited_encoder(pretrained, [plain[name]]))
-              for name in tasks}
+    single = {
+        name: accuracy(pretrained, tasks[name], encoder=edited_encoder(pretrained, [plain[name]])) for name in tasks
+    }
     accuracy_rows = {}
     for variant, vector in vectors.items():
         alone = edited_encoder(pretrained, [vector])
@@ -151,7 +167,9 @@ def main() -> None:
         accuracy_rows[variant] = {
             "normalized_accuracy_of_sum_alpha1": round(mean(normalized_accuracy(sum_acc, single).values()), 4),
             "sum_accuracy": {k: round(v, 4) for k, v in sum_acc.items()},
-            "protected_accuracy_change_alone": {name: round(alone_acc[name] - zero_shot[name], 4) for name in PROTECTED},
+            "protected_accuracy_change_alone": {
+                name: round(alone_acc[name] - zero_shot[name], 4) for name in PROTECTED
+            },
             # The published penalty (full factors) of the vector trained: what the regularizer held down.
             "penalty_full_factors": float(f"{kfac_penalty(_on(vector, pretrained), full).item():.4g}"),
         }
@@ -160,8 +178,13 @@ def main() -> None:
     result = {
         "model": pretrained.name,
         "examples_per_task": args.num_examples,
-        "recipe": {"function": full.function, "tokens": full.tokens, "norm_blocks": full.norm_blocks,
-                   "merge": full.merge, "directions": full.directions},
+        "recipe": {
+            "function": full.function,
+            "tokens": full.tokens,
+            "norm_blocks": full.norm_blocks,
+            "merge": full.merge,
+            "directions": full.directions,
+        },
         "factor_seconds": seconds,
         "mib_per_layer_full": {kind: round(max(sizes) / 2**20, 3) for kind, sizes in sorted(per_kind.items())},
         "file_mib": sizes_mib,
@@ -169,8 +192,15 @@ def main() -> None:
         "merged_tasks": list(full.tasks),
         "penalty_with_gradient_s": {variant: _penalty_seconds(delta, factors) for variant, factors in merged.items()},
         "penalty_of_plain_vector": penalty,
-        "finetune": {"task": TASK, "mode": "linear", "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                     "reg_strength": args.reg_strength, "protected": list(PROTECTED)},
+        "finetune": {
+            "task": TASK,
+            "mode": "linear",
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "reg_strength": args.reg_strength,
+            "protected": list(PROTECTED),
+        },
         "zero_shot_accuracy": {k: round(v, 4) for k, v in zero_shot.items()},
         "single_task_accuracy": {k: round(v, 4) for k, v in single.items()},
         "by_factors": accuracy_rows,

@@ -126,14 +126,27 @@ class CheckpointSet:
 
 
 def _llama(hidden: int, intermediate: int, layers: int, heads: int, vocab: int) -> dict[str, Any]:
-    return {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": vocab,
-            "max_position_embeddings": 2048, "tie_word_embeddings": False}
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+    }
 
 
 def _bert(hidden: int, layers: int, heads: int, intermediate: int, vocab: int) -> dict[str, Any]:
-    return {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "intermediate_size": intermediate, "vocab_size": vocab, "max_position_embeddings": 512}
+    return {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": intermediate,
+        "vocab_size": vocab,
+        "max_position_embeddings": 512,
+    }
 
 
 FULL_SETS = {
@@ -154,18 +167,25 @@ QUICK_SETS = {
 def child_env() -> dict[str, str]:
     """Offline and quiet: no tool may wait on a hub that this machine cannot reach."""
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
     env.pop("PYTHONPATH", None)  # the peers must not see this project's packages
     return env
 
 
 def installed_versions(python: Path, packages: Sequence[str]) -> dict[str, str | None]:
-    code = ("import importlib.metadata as m, json, sys\n"
-            "def v(p):\n"
-            "    try: return m.version(p)\n"
-            "    except m.PackageNotFoundError: return None\n"
-            "print(json.dumps({p: v(p) for p in sys.argv[1:]}))")
+    code = (
+        "import importlib.metadata as m, json, sys\n"
+        "def v(p):\n"
+        "    try: return m.version(p)\n"
+        "    except m.PackageNotFoundError: return None\n"
+        "print(json.dumps({p: v(p) for p in sys.argv[1:]}))"
+    )
     done = subprocess.run([str(python), "-c", code, *packages], capture_output=True, text=True, env=child_env())
     if done.returncode != 0:
         return {p: None for p in packages}
@@ -184,9 +204,11 @@ def ensure_venv(peer: Peer) -> dict[str, str | None]:
     log = PEERS / f"{peer.name}-install.log"
     print(f"[venv] creating {peer.venv} ({peer.package}=={peer.version}); log in {log} (a few minutes)")
     with open(log, "w") as fh:
-        for cmd in ([sys_python3(), "-m", "venv", str(peer.venv)],
-                    [str(peer.python), "-m", "pip", "install", TORCH_PIN],
-                    [str(peer.python), "-m", "pip", "install", f"{peer.package}=={peer.version}"]):
+        for cmd in (
+            [sys_python3(), "-m", "venv", str(peer.venv)],
+            [str(peer.python), "-m", "pip", "install", TORCH_PIN],
+            [str(peer.python), "-m", "pip", "install", f"{peer.package}=={peer.version}"],
+        ):
             fh.write(f"$ {' '.join(cmd)}\n")
             fh.flush()
             if subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode != 0:
@@ -206,12 +228,16 @@ def taskarith_cli_error() -> str | None:
     if not TASKARITH.exists():
         return f"{TASKARITH} not found"
     done = subprocess.run([str(TASKARITH), "merge", "--list"], capture_output=True, text=True, env=child_env())
-    return None if done.returncode == 0 else "taskarith merge --list failed: " + last_error_line(done.stdout + done.stderr)
+    return (
+        None if done.returncode == 0 else "taskarith merge --list failed: " + last_error_line(done.stdout + done.stderr)
+    )
 
 
 def import_floor(python: Path) -> dict[str, float]:
     """Wall and peak RSS of ``python -c 'import torch'``: the floor under every tool's figures in that venv."""
-    run = run_measured([str(python), "-c", "import torch"], PEERS / "logs" / f"floor-{python.parent.parent.name}.log", 120)
+    run = run_measured(
+        [str(python), "-c", "import torch"], PEERS / "logs" / f"floor-{python.parent.parent.name}.log", 120
+    )
     return {"wall_s": round(run.wall_s, 3), "peak_rss_mb": round(run.peak_rss_mb, 1)}
 
 
@@ -220,8 +246,14 @@ def machine_info(peer_versions: dict[str, dict[str, str | None]]) -> dict[str, A
 
     import transformers
 
-    mem_kb = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal:")), 0)
+    mem_kb = next(
+        (
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal:")
+        ),
+        0,
+    )
     return {
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -232,9 +264,10 @@ def machine_info(peer_versions: dict[str, dict[str, str | None]]) -> dict[str, A
         "transformers": transformers.__version__,
         "taskarith": version("taskarith"),
         "peers": peer_versions,
-        "import_torch_floor": {"taskarith": import_floor(Path(sys.executable)),
-                               **{name: import_floor(peer.python) for name, peer in PEER_TOOLS.items()
-                                  if name in peer_versions}},
+        "import_torch_floor": {
+            "taskarith": import_floor(Path(sys.executable)),
+            **{name: import_floor(peer.python) for name, peer in PEER_TOOLS.items() if name in peer_versions},
+        },
         "utc": now(),
     }
 
@@ -248,8 +281,11 @@ def cpu_seconds() -> tuple[float, float]:
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
     machine = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    mine = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-               for f in ("ru_utime", "ru_stime"))
+    mine = sum(
+        getattr(resource.getrusage(who), f)
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for f in ("ru_utime", "ru_stime")
+    )
     return machine, mine
 
 
@@ -348,9 +384,16 @@ def describe_checkpoints(cset: CheckpointSet, quick: bool) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as fh:
             params += sum(torch.Size(fh.get_slice(n).get_shape()).numel() for n in fh.keys())
     size = sum(p.stat().st_size for p in files)
-    return {"architecture": "LlamaForCausalLM" if cset.arch == "llama" else "BertModel", "params": params,
-            "bytes": size, "shards": len(files), "copies": len(fts), "dtype": "float32",
-            "total_bytes": size * (1 + len(fts)), "config": cset.config}
+    return {
+        "architecture": "LlamaForCausalLM" if cset.arch == "llama" else "BertModel",
+        "params": params,
+        "bytes": size,
+        "shards": len(files),
+        "copies": len(fts),
+        "dtype": "float32",
+        "total_bytes": size * (1 + len(fts)),
+        "config": cset.config,
+    }
 
 
 # running the tools -------------------------------------------------------------------------------------
@@ -451,9 +494,15 @@ def run_measured(cmd: Sequence[str], log: Path, timeout_s: float, memory_cap: in
         fh.flush()
         start = time.perf_counter()
         # A session of its own, so that a timeout kills the tool and not only /usr/bin/time.
-        proc = subprocess.Popen([GNU_TIME, "-v", "-o", str(timefile), *cmd], stdout=fh, stderr=subprocess.STDOUT,
-                                env=child_env(), cwd=ROOT, start_new_session=True,
-                                preexec_fn=(lambda: _limit_data(memory_cap)) if memory_cap else None)
+        proc = subprocess.Popen(
+            [GNU_TIME, "-v", "-o", str(timefile), *cmd],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+            cwd=ROOT,
+            start_new_session=True,
+            preexec_fn=(lambda: _limit_data(memory_cap)) if memory_cap else None,
+        )
         sampler = AnonSampler(proc.pid)
         sampler.start()
         try:
@@ -467,17 +516,24 @@ def run_measured(cmd: Sequence[str], log: Path, timeout_s: float, memory_cap: in
     text = log.read_text(errors="replace")
     timing = timefile.read_text(errors="replace") if timefile.is_file() else ""
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", timing)
-    run = Run(wall_s=wall, peak_rss_mb=int(peak.group(1)) / 1024 if peak else float("nan"),
-              returncode=returncode, log=log, peak_anon_mb=sampler.peak_kb / 1024)
+    run = Run(
+        wall_s=wall,
+        peak_rss_mb=int(peak.group(1)) / 1024 if peak else float("nan"),
+        returncode=returncode,
+        log=log,
+        peak_anon_mb=sampler.peak_kb / 1024,
+    )
     if returncode != 0:
         killed = re.search(r"Command terminated by signal (\d+)", timing)
         if wall >= timeout_s:
-            run.error = "timed out after %.0f s" % timeout_s
+            run.error = f"timed out after {timeout_s:.0f} s"
         elif killed:  # e.g. SIGKILL from the kernel's out-of-memory killer: the log has no traceback
-            run.error = f"killed by signal {killed.group(1)} (9: likely out of memory); last output: {last_error_line(text)}"
+            run.error = (
+                f"killed by signal {killed.group(1)} (9: likely out of memory); last output: {last_error_line(text)}"
+            )
         else:
             run.error = last_error_line(text)
-    phases = re.findall(r"^PHASES (\{.*\})$", text, flags=re.M)
+    phases = re.findall(r"^PHASES (\{.*\})$", text, flags=re.MULTILINE)
     if phases:
         run.phases = json.loads(phases[-1])
     return run
@@ -500,7 +556,7 @@ def last_error_line(text: str) -> str:
                 short = path.split("site-packages/")[-1]
                 where = f" (at {short}:{line_no} in {func})"
             # Some messages (torch's allocator) continue on the next lines; keep a few of them.
-            message = " ".join([match.group(1), *(line.strip() for line in lines[i + 1:i + 3])])
+            message = " ".join([match.group(1), *(line.strip() for line in lines[i + 1 : i + 3])])
             return (message + where)[:500]
     return (lines[-1] if lines else "(no output)")[:500]
 
@@ -522,8 +578,13 @@ def mergekit_config(method: str, base: Path, fts: Sequence[Path]) -> dict[str, A
         model_params["density"] = DENSITY
         # normalize=True divides by the summed weights of the agreeing models: the disjoint mean.
         shared = {"lambda": SCALING, "normalize": True, "int8_mask": False}
-    return {"merge_method": method, "base_model": str(base), "dtype": "float32", "parameters": shared,
-            "models": [{"model": str(ft), "parameters": model_params} for ft in fts]}
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "dtype": "float32",
+        "parameters": shared,
+        "models": [{"model": str(ft), "parameters": model_params} for ft in fts],
+    }
 
 
 def mergekit_command(method: str, base: Path, fts: Sequence[Path], out: Path, cset: CheckpointSet) -> list[str]:
@@ -537,9 +598,22 @@ def mergekit_command(method: str, base: Path, fts: Sequence[Path], out: Path, cs
 
 
 def fusionbench_command(method: str, base: Path, fts: Sequence[Path], out: Path, cset: CheckpointSet) -> list[str]:
-    cmd = [str(PEER_TOOLS["fusionbench"].python), str(HELPERS / "fusionbench_merge.py"), "--method", method,
-           "--base", str(base), "--out", str(out), "--kind", cset.kind,
-           "--scaling", str(SCALING), "--density", str(DENSITY)]
+    cmd = [
+        str(PEER_TOOLS["fusionbench"].python),
+        str(HELPERS / "fusionbench_merge.py"),
+        "--method",
+        method,
+        "--base",
+        str(base),
+        "--out",
+        str(out),
+        "--kind",
+        cset.kind,
+        "--scaling",
+        str(SCALING),
+        "--density",
+        str(DENSITY),
+    ]
     for ft in fts:
         cmd += ["--model", str(ft)]
     return cmd
@@ -579,9 +653,13 @@ def compare(candidate: Path, reference: Path) -> dict[str, Any]:
         most_in_one = max(most_in_one, count)
         if abs(DENSITY * diff.numel() - round(DENSITY * diff.numel())) < 1e-6:
             in_exact_k += count
-    out: dict[str, Any] = {"max_abs_diff": worst, "frac_entries_differ": differing / total if total else None,
-                           "entries_differ": differing, "max_entries_differ_in_one_tensor": most_in_one,
-                           "entries_differ_in_tensors_with_whole_keep_count": in_exact_k}
+    out: dict[str, Any] = {
+        "max_abs_diff": worst,
+        "frac_entries_differ": differing / total if total else None,
+        "entries_differ": differing,
+        "max_entries_differ_in_one_tensor": most_in_one,
+        "entries_differ_in_tensors_with_whole_keep_count": in_exact_k,
+    }
     missing, extra = sorted(set(ref) - set(cand)), sorted(set(cand) - set(ref))
     if missing:
         out["missing_tensors"] = missing[:10]
@@ -612,15 +690,23 @@ def output_dir(cset: CheckpointSet, quick: bool, tool: str, method: str) -> Path
     return PEERS / "outputs" / ("quick" if quick else "full") / cset.name / f"{tool}-{method}"
 
 
-def bench_set(cset: CheckpointSet, quick: bool, tools: Sequence[str], repeats: int, timeout_s: float,
-              keep_outputs: bool, unavailable: dict[str, str], memory_cap: int | None) -> dict[str, Any]:
+def bench_set(
+    cset: CheckpointSet,
+    quick: bool,
+    tools: Sequence[str],
+    repeats: int,
+    timeout_s: float,
+    keep_outputs: bool,
+    unavailable: dict[str, str],
+    memory_cap: int | None,
+) -> dict[str, Any]:
     base, fts = model_dirs(cset, quick)
     results: dict[str, dict[str, Any]] = {tool: {} for tool in tools}
     for method in METHODS:
         runs: dict[str, list[Run]] = {tool: [] for tool in tools}
         for repeat in range(repeats):
             # Rotate the order each repeat so no tool always runs first (cold page cache) or last.
-            order = list(tools[repeat % len(tools):]) + list(tools[:repeat % len(tools)])
+            order = list(tools[repeat % len(tools) :]) + list(tools[: repeat % len(tools)])
             for tool in order:
                 if tool in unavailable or any(r.error for r in runs[tool]):
                     continue  # a tool that failed once fails the same way again: don't spend time repeating it
@@ -632,9 +718,12 @@ def bench_set(cset: CheckpointSet, quick: bool, tools: Sequence[str], repeats: i
                 run = run_measured(cmd, log, timeout_s, memory_cap)
                 run.sync_s = sync_output(out)
                 runs[tool].append(run)
-                status = (f"FAILED: {run.error}" if run.error else
-                          f"{run.wall_s:7.2f} s (+{run.sync_s:5.2f} s sync)  {run.peak_rss_mb:8.1f} MB  "
-                          f"(anonymous {run.peak_anon_mb:8.1f} MB)")
+                status = (
+                    f"FAILED: {run.error}"
+                    if run.error
+                    else f"{run.wall_s:7.2f} s (+{run.sync_s:5.2f} s sync)  {run.peak_rss_mb:8.1f} MB  "
+                    f"(anonymous {run.peak_anon_mb:8.1f} MB)"
+                )
                 print(f"[{cset.name}] {method:15s} {tool:11s} run {repeat + 1}/{repeats}  {status}", flush=True)
         for tool in tools:
             results[tool][method] = summarize(runs[tool], unavailable.get(tool))
@@ -651,13 +740,15 @@ def summarize(runs: Sequence[Run], unavailable: str | None) -> dict[str, Any]:
     good = [r for r in runs if r.error is None]
     entry: dict[str, Any] = {"runs": len(good)}
     if good:
-        entry.update(wall_s=round(statistics.median(r.wall_s for r in good), 3),
-                     peak_rss_mb=round(max(r.peak_rss_mb for r in good), 1),
-                     peak_anon_mb=round(max(r.peak_anon_mb or 0.0 for r in good), 1),
-                     wall_all_s=[round(r.wall_s, 3) for r in good],
-                     durable_wall_s=round(statistics.median(r.wall_s + r.sync_s for r in good), 3),
-                     sync_after_all_s=[round(r.sync_s, 3) for r in good],
-                     peak_rss_all_mb=[round(r.peak_rss_mb, 1) for r in good])
+        entry.update(
+            wall_s=round(statistics.median(r.wall_s for r in good), 3),
+            peak_rss_mb=round(max(r.peak_rss_mb for r in good), 1),
+            peak_anon_mb=round(max(r.peak_anon_mb or 0.0 for r in good), 1),
+            wall_all_s=[round(r.wall_s, 3) for r in good],
+            durable_wall_s=round(statistics.median(r.wall_s + r.sync_s for r in good), 3),
+            sync_after_all_s=[round(r.sync_s, 3) for r in good],
+            peak_rss_all_mb=[round(r.peak_rss_mb, 1) for r in good],
+        )
         phases = [r.phases for r in good if r.phases]
         if phases:
             entry["phases_median_s"] = {k: round(statistics.median(p[k] for p in phases), 3) for k in phases[0]}
@@ -668,8 +759,15 @@ def summarize(runs: Sequence[Run], unavailable: str | None) -> dict[str, Any]:
     return entry
 
 
-def add_agreement(results: dict[str, dict[str, Any]], cset: CheckpointSet, quick: bool, method: str,
-                  tools: Sequence[str], base: Path, fts: Sequence[Path]) -> None:
+def add_agreement(
+    results: dict[str, dict[str, Any]],
+    cset: CheckpointSet,
+    quick: bool,
+    method: str,
+    tools: Sequence[str],
+    base: Path,
+    fts: Sequence[Path],
+) -> None:
     """Compare each tool's last output with taskarith's (and with the float64 reference for task arithmetic)."""
     reference = output_dir(cset, quick, "taskarith", method)
     have_reference = "taskarith" in tools and results["taskarith"][method].get("runs", 0) > 0
@@ -748,10 +846,15 @@ def dynamic_notes(results: dict[str, Any]) -> list[str]:
         measured = per_set.get("_measured", {})
         if measured.get("busy"):
             others = measured.get("other_processes_cpu_cores")
-            used = f"other processes used {others:.2f} of {os.cpu_count()} cores on average" if others is not None \
+            used = (
+                f"other processes used {others:.2f} of {os.cpu_count()} cores on average"
+                if others is not None
                 else f"1-minute load average {measured.get('loadavg_before', [float('nan')])[0]:.2f}"
-            notes.append(f"{set_name}: the machine was busy while measuring ({used}): timings are disturbed; "
-                         "re-run on an idle machine.")
+            )
+            notes.append(
+                f"{set_name}: the machine was busy while measuring ({used}): timings are disturbed; "
+                "re-run on an idle machine."
+            )
         for tool, per_tool in per_set.items():
             if tool.startswith("_"):
                 continue
@@ -774,15 +877,19 @@ def derived_summary(results: dict[str, Any]) -> dict[str, Any]:
             for method in METHODS:
                 mine, theirs = ta.get(method, {}), per_set.get(peer, {}).get(method, {})
                 key = f"{set_name}/{method}/taskarith_vs_{peer}"
-                summary[key] = {"speedup": ratio(theirs.get("wall_s"), mine.get("wall_s")),
-                                "durable_speedup": ratio(theirs.get("durable_wall_s"), mine.get("durable_wall_s")),
-                                "memory_ratio": ratio(mine.get("peak_rss_mb"), theirs.get("peak_rss_mb")),
-                                "anon_memory_ratio": ratio(mine.get("peak_anon_mb"), theirs.get("peak_anon_mb"))}
-    summary["_meaning"] = ("speedup = peer median wall / taskarith median wall (>1: taskarith faster); "
-                           "durable_speedup = the same for wall + fsync of the output after exit (taskarith "
-                           "syncs before it exits, mergekit and FusionBench do not); "
-                           "memory_ratio = taskarith peak RSS / peer peak RSS (<1: taskarith uses less); "
-                           "anon_memory_ratio = the same for the sampled anonymous (non-file) peak")
+                summary[key] = {
+                    "speedup": ratio(theirs.get("wall_s"), mine.get("wall_s")),
+                    "durable_speedup": ratio(theirs.get("durable_wall_s"), mine.get("durable_wall_s")),
+                    "memory_ratio": ratio(mine.get("peak_rss_mb"), theirs.get("peak_rss_mb")),
+                    "anon_memory_ratio": ratio(mine.get("peak_anon_mb"), theirs.get("peak_anon_mb")),
+                }
+    summary["_meaning"] = (
+        "speedup = peer median wall / taskarith median wall (>1: taskarith faster); "
+        "durable_speedup = the same for wall + fsync of the output after exit (taskarith "
+        "syncs before it exits, mergekit and FusionBench do not); "
+        "memory_ratio = taskarith peak RSS / peer peak RSS (<1: taskarith uses less); "
+        "anon_memory_ratio = the same for the sampled anonymous (non-file) peak"
+    )
     return summary
 
 
@@ -799,10 +906,23 @@ def print_table(doc: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title="merge: taskarith vs mergekit vs FusionBench" + (" (--quick)" if doc.get("quick") else ""))
-    for column in ("set", "tool", "method", "wall s", "peak MB", "anon MB", "max|Δ| vs taskarith", "frac Δ>1e-5",
-                   "max|Δ| vs ref", "error"):
+    for column in (
+        "set",
+        "tool",
+        "method",
+        "wall s",
+        "peak MB",
+        "anon MB",
+        "max|Δ| vs taskarith",
+        "frac Δ>1e-5",
+        "max|Δ| vs ref",
+        "error",
+    ):
         table.add_column(column, overflow="fold")
-    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+
+    def fmt(v: Any, f: str) -> str:
+        return "" if v is None else format(v, f)
+
     ordered = [n for n in FULL_SETS if n in doc["results"]] + [n for n in doc["results"] if n not in FULL_SETS]
     for set_name in ordered:
         per_set = doc["results"][set_name]
@@ -811,17 +931,27 @@ def print_table(doc: dict[str, Any]) -> None:
                 e = per_set.get(tool, {}).get(method)
                 if e is None:
                     continue
-                table.add_row(set_name, tool, method, fmt(e.get("wall_s"), ".2f"), fmt(e.get("peak_rss_mb"), ".0f"),
-                              fmt(e.get("peak_anon_mb"), ".0f"),
-                              fmt(e.get("max_abs_diff"), ".2e"), fmt(e.get("frac_entries_differ"), ".2e"),
-                              fmt(e.get("max_abs_diff_vs_reference"), ".2e"), escape((e.get("error") or "")[:160]))
+                table.add_row(
+                    set_name,
+                    tool,
+                    method,
+                    fmt(e.get("wall_s"), ".2f"),
+                    fmt(e.get("peak_rss_mb"), ".0f"),
+                    fmt(e.get("peak_anon_mb"), ".0f"),
+                    fmt(e.get("max_abs_diff"), ".2e"),
+                    fmt(e.get("frac_entries_differ"), ".2e"),
+                    fmt(e.get("max_abs_diff_vs_reference"), ".2e"),
+                    escape((e.get("error") or "")[:160]),
+                )
     console = Console(width=200)
     console.print(table)
     for key, value in doc["summary"].items():
         if not key.startswith("_") and (value["speedup"] or value["memory_ratio"]):
-            console.print(f"{key}: speed-up x{value['speedup']} (durable x{value.get('durable_speedup')}), "
-                          f"memory ratio {value['memory_ratio']} "
-                          f"(anonymous {value.get('anon_memory_ratio')})")
+            console.print(
+                f"{key}: speed-up x{value['speedup']} (durable x{value.get('durable_speedup')}), "
+                f"memory ratio {value['memory_ratio']} "
+                f"(anonymous {value.get('anon_memory_ratio')})"
+            )
 
 
 def main() -> None:
@@ -830,12 +960,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models (a smoke test; results go to .peers/)")
     parser.add_argument("--sets", default=",".join(FULL_SETS), help=f"comma-separated subset of {','.join(FULL_SETS)}")
-    parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of taskarith,mergekit,fusionbench")
+    parser.add_argument(
+        "--tools", default=",".join(TOOLS), help="comma-separated subset of taskarith,mergekit,fusionbench"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before one merge run is killed")
-    parser.add_argument("--keep-outputs", action="store_true", help="keep merged models under benchmarks/.peers/outputs")
-    parser.add_argument("--memory-cap-gb", type=float, default=None,
-                        help="RLIMIT_DATA per merge run (default: 90%% of available memory at start; 0: none)")
+    parser.add_argument(
+        "--keep-outputs", action="store_true", help="keep merged models under benchmarks/.peers/outputs"
+    )
+    parser.add_argument(
+        "--memory-cap-gb",
+        type=float,
+        default=None,
+        help="RLIMIT_DATA per merge run (default: 90%% of available memory at start; 0: none)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: see the module docstring)")
     args = parser.parse_args()
 
@@ -867,24 +1005,42 @@ def main() -> None:
         checkpoints[name] = describe_checkpoints(cset, args.quick)
         before, started, clock = os.getloadavg(), now(), time.perf_counter()
         cpu_before = cpu_seconds()
-        per_set = bench_set(cset, args.quick, tools, args.repeats, args.timeout, args.keep_outputs, unavailable,
-                            memory_cap)
+        per_set = bench_set(
+            cset, args.quick, tools, args.repeats, args.timeout, args.keep_outputs, unavailable, memory_cap
+        )
         cpu_after, elapsed = cpu_seconds(), time.perf_counter() - clock
         others = max(0.0, (cpu_after[0] - cpu_before[0]) - (cpu_after[1] - cpu_before[1])) / elapsed
-        per_set["_measured"] = {"utc_start": started, "utc_end": now(), "loadavg_before": before,
-                                "other_processes_cpu_cores": round(others, 3), "repeats": args.repeats,
-                                "memory_cap_gb": cap_gb if memory_cap else None,
-                                "busy": others > BUSY_CORES}
+        per_set["_measured"] = {
+            "utc_start": started,
+            "utc_end": now(),
+            "loadavg_before": before,
+            "other_processes_cpu_cores": round(others, 3),
+            "repeats": args.repeats,
+            "memory_cap_gb": cap_gb if memory_cap else None,
+            "busy": others > BUSY_CORES,
+        }
         results[name] = per_set
 
     order = [n for n in FULL_SETS if n in results] + [n for n in results if n not in FULL_SETS]
     results = {n: results[n] for n in order}
-    doc = {"quick": args.quick, "machine": machine_info(peer_versions), "checkpoints": checkpoints,
-           "results": results, "summary": derived_summary(results),
-           "hyperparameters": {"task_arithmetic": {"lambda": SCALING, "weight": WEIGHT},
-                               "ties": {"density": DENSITY, "weight": WEIGHT, "lambda": SCALING,
-                                        "sign": "sum (mass)", "merge": "disjoint mean"}},
-           "notes": DEFINITION_NOTES + dynamic_notes(results)}
+    doc = {
+        "quick": args.quick,
+        "machine": machine_info(peer_versions),
+        "checkpoints": checkpoints,
+        "results": results,
+        "summary": derived_summary(results),
+        "hyperparameters": {
+            "task_arithmetic": {"lambda": SCALING, "weight": WEIGHT},
+            "ties": {
+                "density": DENSITY,
+                "weight": WEIGHT,
+                "lambda": SCALING,
+                "sign": "sum (mass)",
+                "merge": "disjoint mean",
+            },
+        },
+        "notes": DEFINITION_NOTES + dynamic_notes(results),
+    }
     write_json_atomic(out_path, doc)
     print_table(doc)
     print(f"wrote {out_path}")

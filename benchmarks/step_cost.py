@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from environment import machine
 
 from taskarith.data import load_task
@@ -35,8 +34,14 @@ VARIANTS: dict[str, dict] = {
     "linear_taujp": {"mode": "linear", **_TAUJP},
     "linear_taujp_cyclical": {"mode": "linear", **_TAUJP, "reg_sampling": "cyclical"},
     # taskarith before 0.2: the squared norm on 8 inputs drawn from the union.
-    "linear_taujp_sq_pooled8": {"mode": "linear", "regularizer": "taujp_sq", "reg_strength": 1.0, "reg_tasks": OTHERS,
-                                "reg_sampling": "pooled", "reg_batch_size": 8},
+    "linear_taujp_sq_pooled8": {
+        "mode": "linear",
+        "regularizer": "taujp_sq",
+        "reg_strength": 1.0,
+        "reg_tasks": OTHERS,
+        "reg_sampling": "pooled",
+        "reg_batch_size": 8,
+    },
     "standard_taujp": {"mode": "standard", **_TAUJP},
     "linear_kfac": {"mode": "linear", "regularizer": "kfac"},
 }
@@ -69,7 +74,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--model", default="all-MiniLM-L6-v2", help="Encoder; a folder of the same architecture times the same.")
+    parser.add_argument(
+        "--model", default="all-MiniLM-L6-v2", help="Encoder; a folder of the same architecture times the same."
+    )
     parser.add_argument("--note", default="", help="Recorded as is, e.g. how the model differs from the embedded one.")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS / "step_cost.json")
@@ -84,14 +91,20 @@ def main() -> None:
         if "linear_kfac" in args.variants:
             from taskarith.kfac import compute_kfac_factors
 
-            for other, path in zip(OTHERS, factor_files):
+            for other, path in zip(OTHERS, factor_files, strict=True):
                 compute_kfac_factors(pretrained, load_task(other), progress=False).save(path)
         for name in args.variants:
             settings = dict(VARIANTS[name])
             if settings.get("regularizer") == "kfac":
                 settings["reg_factors"] = tuple(str(f) for f in factor_files)
-            config = FinetuneConfig(task=task.name, model=args.model, steps=args.steps, batch_size=args.batch_size,
-                                    checkpoint_every=0, **settings)
+            config = FinetuneConfig(
+                task=task.name,
+                model=args.model,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                checkpoint_every=0,
+                **settings,
+            )
             if on_gpu:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -101,24 +114,36 @@ def main() -> None:
             peak_mb = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else _peak_rss_mb()
             result[name] = {"step_s": record["step_seconds_median"], "peak_mb": round(peak_mb, 1)}
             print(name, result[name], flush=True)
-    for name, reference in (("linear", "standard"), ("linear_taujp", "linear"), ("linear_taujp_cyclical", "linear"),
-                            ("linear_taujp_sq_pooled8", "linear"), ("standard_taujp", "standard"),
-                            ("linear_kfac", "linear")):
+    for name, reference in (
+        ("linear", "standard"),
+        ("linear_taujp", "linear"),
+        ("linear_taujp_cyclical", "linear"),
+        ("linear_taujp_sq_pooled8", "linear"),
+        ("standard_taujp", "standard"),
+        ("linear_kfac", "linear"),
+    ):
         if name in result and reference in result:
-            result.setdefault("ratios", {})[f"{name}/{reference}"] = round(result[name]["step_s"] / result[reference]["step_s"], 3)
-    result.update({
-        "model": pretrained.name,
-        "note": args.note,
-        "task": task.name,
-        "regularization_inputs": {name: _reg_inputs(name) for name in args.variants
-                                  if VARIANTS[name].get("regularizer") in ("taujp", "taujp_sq")},
-        "kfac_factors": f"{', '.join(OTHERS)}: TAK's published recipe (128 examples, MC-1), merged by Eq. 8",
-        "batch_size": args.batch_size,
-        "max_length": pretrained.max_length,
-        "steps_timed": args.steps,
-        "peak_measure": "CUDA allocator peak" if on_gpu else "process peak RSS during the variant (CPU)",
-        "machine": machine(),
-    })
+            result.setdefault("ratios", {})[f"{name}/{reference}"] = round(
+                result[name]["step_s"] / result[reference]["step_s"], 3
+            )
+    result.update(
+        {
+            "model": pretrained.name,
+            "note": args.note,
+            "task": task.name,
+            "regularization_inputs": {
+                name: _reg_inputs(name)
+                for name in args.variants
+                if VARIANTS[name].get("regularizer") in ("taujp", "taujp_sq")
+            },
+            "kfac_factors": f"{', '.join(OTHERS)}: TAK's published recipe (128 examples, MC-1), merged by Eq. 8",
+            "batch_size": args.batch_size,
+            "max_length": pretrained.max_length,
+            "steps_timed": args.steps,
+            "peak_measure": "CUDA allocator peak" if on_gpu else "process peak RSS during the variant (CPU)",
+            "machine": machine(),
+        }
+    )
     write_json(args.out, result)
     print(result)
 

@@ -52,14 +52,27 @@ def main() -> None:
     started = time.perf_counter()
     runs = {}
     for name, (method, overrides) in VARIANTS.items():
-        profile = replace(base, methods=("linear", method), incremental_methods=(), xi_grid=(0.0,),
-                          reg_strengths={"taujp": GRID, "taujp_sq": GRID}, **overrides)
+        profile = replace(
+            base,
+            methods=("linear", method),
+            incremental_methods=(),
+            xi_grid=(0.0,),
+            reg_strengths={"taujp": GRID, "taujp_sq": GRID},
+            **overrides,
+        )
         begun = time.perf_counter()
-        result = run_bench(pretrained, tasks, control, profile, args.cache,
-                           on_stage=lambda stage, name=name: print(f"[{name}] {stage}", flush=True))
+        result = run_bench(
+            pretrained,
+            tasks,
+            control,
+            profile,
+            args.cache,
+            on_stage=lambda stage, name=name: print(f"[{name}] {stage}", flush=True),
+        )
         summary = result["summary"]
         runs[name] = {
-            "method": method, "overrides": overrides,
+            "method": method,
+            "overrides": overrides,
             "lambda": result["reg_strength_selection"][method],
             "summary": {m: summary[m] for m in ("linear", method)},
             "zero_shot": result["zero_shot"],
@@ -68,20 +81,55 @@ def main() -> None:
     rows = []
     for name, run in runs.items():
         s = run["summary"][run["method"]]
-        rows.append([name, f"{run['lambda']['chosen']:g}", _pct(s["finetuned_mean"]),
-                     _pct(s["addition_alpha_1_normalized"]), _pct(s["addition_alpha_searched_normalized"]),
-                     _pct(s["negation_alpha_searched_target"]), _pct(s["negation_alpha_searched_control"]),
-                     _pct(s["negation_alpha_1_target"]), _pct(s["negation_alpha_1_control"])])
+        rows.append(
+            [
+                name,
+                f"{run['lambda']['chosen']:g}",
+                _pct(s["finetuned_mean"]),
+                _pct(s["addition_alpha_1_normalized"]),
+                _pct(s["addition_alpha_searched_normalized"]),
+                _pct(s["negation_alpha_searched_target"]),
+                _pct(s["negation_alpha_searched_control"]),
+                _pct(s["negation_alpha_1_target"]),
+                _pct(s["negation_alpha_1_control"]),
+            ]
+        )
     plain = next(iter(runs.values()))["summary"]["linear"]
-    rows.append(["linear (no penalty)", "-", _pct(plain["finetuned_mean"]), _pct(plain["addition_alpha_1_normalized"]),
-                 _pct(plain["addition_alpha_searched_normalized"]), _pct(plain["negation_alpha_searched_target"]),
-                 _pct(plain["negation_alpha_searched_control"]), _pct(plain["negation_alpha_1_target"]),
-                 _pct(plain["negation_alpha_1_control"])])
-    header = ["variant", "lambda", "fine-tuned", "add norm a=1", "add norm a*", "neg target a*", "neg control a*",
-              "neg target a=1", "neg control a=1"]
+    rows.append(
+        [
+            "linear (no penalty)",
+            "-",
+            _pct(plain["finetuned_mean"]),
+            _pct(plain["addition_alpha_1_normalized"]),
+            _pct(plain["addition_alpha_searched_normalized"]),
+            _pct(plain["negation_alpha_searched_target"]),
+            _pct(plain["negation_alpha_searched_control"]),
+            _pct(plain["negation_alpha_1_target"]),
+            _pct(plain["negation_alpha_1_control"]),
+        ]
+    )
+    header = [
+        "variant",
+        "lambda",
+        "fine-tuned",
+        "add norm a=1",
+        "add norm a*",
+        "neg target a*",
+        "neg control a*",
+        "neg target a=1",
+        "neg control a=1",
+    ]
     table = markdown_table(header, rows)
-    result = {"suite": args.suite, "profile": base.tasks, "control": base.control, "grid": GRID, "runs": runs,
-              "table": table, "wall_seconds": round(time.perf_counter() - started, 1), "machine": machine()}
+    result = {
+        "suite": args.suite,
+        "profile": base.tasks,
+        "control": base.control,
+        "grid": GRID,
+        "runs": runs,
+        "table": table,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "machine": machine(),
+    }
     write_json(args.out, result)
     write_text(args.out.with_suffix(".md"), f"# tau-Jp ablation ({args.suite} suite, quick profile)\n\n{table}\n")
     print(table)

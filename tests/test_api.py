@@ -19,5 +19,8 @@ def test_readme_example_on_a_tiny_model(tmp_path, tiny_model_dir, tiny_csv):
     forget = pre.encoder + (-tau_a)
     assert TaskVector.from_models(pre.encoder, forget).allclose(-tau_a, atol=1e-6)
     assert accuracy(pre, task, "test", encoder=multi) > accuracy(pre, task, "test")
-    assert all(torch.equal(p, q) for p, q in zip(pre.encoder.parameters(), load_pretrained(tiny_model_dir).encoder.parameters()))
+    assert all(
+        torch.equal(p, q)
+        for p, q in zip(pre.encoder.parameters(), load_pretrained(tiny_model_dir).encoder.parameters(), strict=True)
+    )
     assert set(taskarith.__all__) <= set(dir(taskarith))

@@ -48,9 +48,15 @@ def suite(tmp_path_factory, tiny_csv):
 @pytest.fixture(scope="module")
 def linear_vectors(pretrained, suite):
     colours, sizes, _ = suite
-    return {task.name: finetune(FinetuneConfig(task=task.name, mode="linear", steps=4, batch_size=8, lr=3e-3,
-                                               max_length=16), pretrained, task, progress=False).task_vector
-            for task in (colours, sizes)}
+    return {
+        task.name: finetune(
+            FinetuneConfig(task=task.name, mode="linear", steps=4, batch_size=8, lr=3e-3, max_length=16),
+            pretrained,
+            task,
+            progress=False,
+        ).task_vector
+        for task in (colours, sizes)
+    }
 
 
 def test_normalized_accuracy_hand_checked():
@@ -85,9 +91,11 @@ def test_linear_alpha_shortcut_equals_brute_force(pretrained, suite, linear_vect
     slow = EditedOutputs(pretrained, linear_vectors, shortcut=False)
     assert fast.shortcut and not slow.shortcut
     for alphas in ((1.0, 1.0), (0.3, -0.7), (2.0, 0.5)):
-        edit = tuple(zip(("colours", "sizes"), alphas))
+        edit = tuple(zip(("colours", "sizes"), alphas, strict=True))
         for task in (colours, sizes):
-            torch.testing.assert_close(fast.pooled(task, "test", edit), slow.pooled(task, "test", edit), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                fast.pooled(task, "test", edit), slow.pooled(task, "test", edit), atol=1e-5, rtol=1e-4
+            )
             assert fast.accuracy(task, "test", edit) == slow.accuracy(task, "test", edit)
     # Three grid points on two input sets: the shortcut ran one JVP per (vector, input set) and stops there.
     assert fast.passes == 4 and slow.passes == 6
@@ -131,8 +139,13 @@ def test_cached_taujp_equals_the_interference_matrix(pretrained, suite, linear_v
 
     colours, sizes, _ = suite
     outputs = EditedOutputs(pretrained, linear_vectors)
-    matrix = taujp_matrix(pretrained, [linear_vectors["colours"], linear_vectors["sizes"]], [colours, sizes],
-                          split="val", max_examples=1000)["taujp"]
+    matrix = taujp_matrix(
+        pretrained,
+        [linear_vectors["colours"], linear_vectors["sizes"]],
+        [colours, sizes],
+        split="val",
+        max_examples=1000,
+    )["taujp"]
     for i, name in enumerate(("colours", "sizes")):
         for j, task in enumerate((colours, sizes)):
             assert outputs.taujp(name, task, "val") == pytest.approx(matrix[i][j], rel=1e-4)
@@ -160,11 +173,19 @@ def test_mixed_modes_are_refused(pretrained, linear_vectors):
 
 def test_merging_methods_in_task_addition_and_the_sum_as_one_of_them(tmp_path, pretrained, suite, linear_vectors):
     colours, sizes, moods = suite
-    profile = BenchProfile(tasks=(colours.name, sizes.name), control=moods.name, methods=("linear",), eval_limit=None,
-                           alpha_grid=(0.5, 1.0), negation_grid=(1.0,), incremental_methods=(),
-                           merge_methods=("task_arithmetic", "ties"))
-    result = evaluate_vectors(Suite(pretrained, [colours, sizes], moods, profile, tmp_path, lambda stage: None),
-                              linear_vectors, with_xi=False)
+    profile = BenchProfile(
+        tasks=(colours.name, sizes.name),
+        control=moods.name,
+        methods=("linear",),
+        eval_limit=None,
+        alpha_grid=(0.5, 1.0),
+        negation_grid=(1.0,),
+        incremental_methods=(),
+        merge_methods=("task_arithmetic", "ties"),
+    )
+    result = evaluate_vectors(
+        Suite(pretrained, [colours, sizes], moods, profile, tmp_path, lambda stage: None), linear_vectors, with_xi=False
+    )
     # Merging with task arithmetic is the plain sum, so it must reproduce the addition numbers.
     as_method = result["merging"]["task_arithmetic"]
     for label in ("alpha_1", "alpha_searched"):
@@ -180,9 +201,21 @@ def test_merging_methods_in_task_addition_and_the_sum_as_one_of_them(tmp_path, p
 
 def test_bench_end_to_end_and_cached(tmp_path, pretrained, suite):
     colours, sizes, moods = suite
-    profile = BenchProfile(tasks=(colours.name, sizes.name), control=moods.name, steps=3, batch_size=8, lr=3e-3,
-                           seeds=(0, 1), kfac_examples=16, eval_limit=None, xi_limit=10, xi_seeds=1,
-                           xi_grid=(0.0, 1.0), alpha_grid=(0.5, 1.0), negation_grid=(0.5, 1.0))
+    profile = BenchProfile(
+        tasks=(colours.name, sizes.name),
+        control=moods.name,
+        steps=3,
+        batch_size=8,
+        lr=3e-3,
+        seeds=(0, 1),
+        kfac_examples=16,
+        eval_limit=None,
+        xi_limit=10,
+        xi_seeds=1,
+        xi_grid=(0.0, 1.0),
+        alpha_grid=(0.5, 1.0),
+        negation_grid=(0.5, 1.0),
+    )
     stages: list[str] = []
     result = run_bench(pretrained, [colours, sizes], moods, profile, tmp_path / "cache", on_stage=stages.append)
     assert set(result["summary"]) >= set(profile.methods)
@@ -219,10 +252,34 @@ def test_bench_end_to_end_and_cached(tmp_path, pretrained, suite):
 def test_bench_cli_writes_report(tmp_path, monkeypatch, capsys, tiny_model_dir, tiny_csv):
     sizes = write_task(tmp_path / "sizes.csv", "{f} {w} is quite {s}", ("big", "small"))
     moods = write_task(tmp_path / "moods.csv", "{f} {w} is very {s}", ("red", "blue"))
-    monkeypatch.setattr(sys, "argv", ["taskarith", "bench", "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir),
-                                      "--task", str(tiny_csv), "--task", str(sizes), "--control", str(moods),
-                                      "--method", "standard", "--method", "linear", "--steps", "2",
-                                      "--merge-method", "ties", "--merge-method", "tsv"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "taskarith",
+            "bench",
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_model_dir),
+            "--task",
+            str(tiny_csv),
+            "--task",
+            str(sizes),
+            "--control",
+            str(moods),
+            "--method",
+            "standard",
+            "--method",
+            "linear",
+            "--steps",
+            "2",
+            "--merge-method",
+            "ties",
+            "--merge-method",
+            "tsv",
+        ],
+    )
     with pytest.raises(SystemExit) as info:
         main()
     assert info.value.code in (0, None)
@@ -248,7 +305,7 @@ def hf_trained_checkpoint(model_dir: Path, csv: Path, out: Path, steps: int = 4)
     model.train()
     torch.manual_seed(0)
     for step in range(steps):
-        texts, labels = task.train.inputs[step * 8:(step + 1) * 8], task.train.labels[step * 8:(step + 1) * 8]
+        texts, labels = task.train.inputs[step * 8 : (step + 1) * 8], task.train.labels[step * 8 : (step + 1) * 8]
         batch = tokenizer(list(texts), padding=True, return_tensors="pt")
         model(**batch, labels=torch.tensor(labels)).loss.backward()
         optimizer.step()
@@ -284,8 +341,9 @@ def test_checkpoint_of_another_architecture_is_refused(pretrained, tmp_path, tin
     from taskarith.errors import TaskArithError
     from taskarith.vectors import TaskVector
 
-    BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32)).save_pretrained(tmp_path / "other")
+    BertModel(
+        BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(tmp_path / "other")
     with pytest.raises(TaskArithError, match="other"):
         TaskVector.from_finetuned_checkpoint(pretrained.encoder, tmp_path / "other")
 
@@ -294,11 +352,23 @@ def test_existing_checkpoints_study(tmp_path, pretrained, suite, hf_checkpoint):
     from taskarith.report import bench_markdown
 
     colours, sizes, moods = suite
-    profile = BenchProfile(tasks=(colours.name, sizes.name), control=moods.name, methods=("standard",), steps=3,
-                           batch_size=8, lr=3e-3, eval_limit=None, xi_limit=10, xi_grid=(0.0, 1.0),
-                           alpha_grid=(1.0,), negation_grid=(1.0,), incremental_methods=())
-    result = run_bench(pretrained, [colours, sizes], moods, profile, tmp_path / "cache",
-                       checkpoints=[(colours, hf_checkpoint)])
+    profile = BenchProfile(
+        tasks=(colours.name, sizes.name),
+        control=moods.name,
+        methods=("standard",),
+        steps=3,
+        batch_size=8,
+        lr=3e-3,
+        eval_limit=None,
+        xi_limit=10,
+        xi_grid=(0.0, 1.0),
+        alpha_grid=(1.0,),
+        negation_grid=(1.0,),
+        incremental_methods=(),
+    )
+    result = run_bench(
+        pretrained, [colours, sizes], moods, profile, tmp_path / "cache", checkpoints=[(colours, hf_checkpoint)]
+    )
     study = result["existing_checkpoints"]
     assert study["new_task"] == "sizes" and study["checkpoints"] == {"colours": str(hf_checkpoint)}
     assert study["taujp"][0][0] > 0
@@ -307,17 +377,31 @@ def test_existing_checkpoints_study(tmp_path, pretrained, suite, hf_checkpoint):
         assert set(run["accuracy"]) == {"colours", "sizes"} and run["taujp_on_checkpoint_tasks"]["colours"] > 0
     assert study["method"] == "linear_taujp" and study["checkpoints_read_as"] == "post-hoc linearized"
     # Regularizing against the checkpoint task lowers the new vector's tau-Jp on it.
-    assert (study["with_new_taujp"]["taujp_on_checkpoint_tasks"]["colours"]
-            < study["with_new_plain"]["taujp_on_checkpoint_tasks"]["colours"])
+    assert (
+        study["with_new_taujp"]["taujp_on_checkpoint_tasks"]["colours"]
+        < study["with_new_plain"]["taujp_on_checkpoint_tasks"]["colours"]
+    )
     assert "Fine-tuned checkpoints made elsewhere" in bench_markdown(result, {})
 
 
 def test_lambda_is_chosen_on_validation_against_the_unregularized_vectors(tmp_path, pretrained, suite):
     colours, sizes, moods = suite
-    profile = BenchProfile(tasks=(colours.name, sizes.name), control=moods.name, methods=("linear_taujp",),
-                           steps=3, batch_size=8, lr=3e-3, eval_limit=None, xi_limit=5, xi_grid=(0.0,),
-                           alpha_grid=(1.0,), negation_grid=(1.0,), incremental_methods=(), seeds=(0, 1),
-                           reg_strengths={"taujp": (100.0, 0.01)})
+    profile = BenchProfile(
+        tasks=(colours.name, sizes.name),
+        control=moods.name,
+        methods=("linear_taujp",),
+        steps=3,
+        batch_size=8,
+        lr=3e-3,
+        eval_limit=None,
+        xi_limit=5,
+        xi_grid=(0.0,),
+        alpha_grid=(1.0,),
+        negation_grid=(1.0,),
+        incremental_methods=(),
+        seeds=(0, 1),
+        reg_strengths={"taujp": (100.0, 0.01)},
+    )
     result = run_bench(pretrained, [colours, sizes], moods, profile, tmp_path / "cache")
     choice = result["reg_strength_selection"]["linear_taujp"]
     scores = {float(k): v for k, v in choice["val_normalized_alpha_1"].items()}
@@ -326,8 +410,11 @@ def test_lambda_is_chosen_on_validation_against_the_unregularized_vectors(tmp_pa
     records = [json.loads((d / "run.json").read_text()) for d in (tmp_path / "cache" / "vectors").iterdir()]
     configs = [r["config"] for r in records]
     # The denominator is the same for every lambda: the plain linear vectors of the first seed, alone.
-    plain = {r["config"]["task"]: r["val_accuracy"] for r in records
-             if r["config"]["regularizer"] is None and r["config"]["seed"] == 0}
+    plain = {
+        r["config"]["task"]: r["val_accuracy"]
+        for r in records
+        if r["config"]["regularizer"] is None and r["config"]["seed"] == 0
+    }
     assert choice["unregularized_val"] == pytest.approx(plain)
     # Both grid values were fine-tuned on the first seed only; every other seed uses the chosen one.
     assert {c["reg_strength"] for c in configs if c["regularizer"] and c["seed"] == 0} == {0.01, 100.0}
@@ -337,17 +424,52 @@ def test_lambda_is_chosen_on_validation_against_the_unregularized_vectors(tmp_pa
 def test_bench_cli_grids_strengths_and_zero_overrides(tmp_path, monkeypatch, capsys, tiny_model_dir, tiny_csv):
     sizes = write_task(tmp_path / "sizes.csv", "{f} {w} is quite {s}", ("big", "small"))
     moods = write_task(tmp_path / "moods.csv", "{f} {w} is very {s}", ("red", "blue"))
-    common = ["taskarith", "bench", "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir),
-              "--task", str(tiny_csv), "--task", str(sizes), "--control", str(moods)]
-    for bad, message in ((["--steps", "0"], "--steps 0"), (["--alpha-grid", "a,b"], "--alpha-grid"),
-                         (["--reg-strength", "taujp=-1"], "positive"), (["--reg-strength", "magic=1"], "REGULARIZER")):
+    common = [
+        "taskarith",
+        "bench",
+        "--out",
+        str(tmp_path / "out"),
+        "--model",
+        str(tiny_model_dir),
+        "--task",
+        str(tiny_csv),
+        "--task",
+        str(sizes),
+        "--control",
+        str(moods),
+    ]
+    for bad, message in (
+        (["--steps", "0"], "--steps 0"),
+        (["--alpha-grid", "a,b"], "--alpha-grid"),
+        (["--reg-strength", "taujp=-1"], "positive"),
+        (["--reg-strength", "magic=1"], "REGULARIZER"),
+    ):
         monkeypatch.setattr(sys, "argv", [*common, *bad])
         with pytest.raises(SystemExit) as info:
             main()
         assert info.value.code == 2 and message in capsys.readouterr().err
-    monkeypatch.setattr(sys, "argv", [*common, "--method", "linear", "--method", "linear_taujp", "--steps", "2",
-                                      "--alpha-grid", "1,0", "--xi-grid", "-1,0,1", "--reg-strength", "taujp=0.5",
-                                      "--reg-sampling", "cyclical", "--no-reg-control"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            *common,
+            "--method",
+            "linear",
+            "--method",
+            "linear_taujp",
+            "--steps",
+            "2",
+            "--alpha-grid",
+            "1,0",
+            "--xi-grid",
+            "-1,0,1",
+            "--reg-strength",
+            "taujp=0.5",
+            "--reg-sampling",
+            "cyclical",
+            "--no-reg-control",
+        ],
+    )
     with pytest.raises(SystemExit) as info:
         main()
     assert info.value.code in (0, None)
@@ -359,7 +481,7 @@ def test_bench_cli_grids_strengths_and_zero_overrides(tmp_path, monkeypatch, cap
 
 
 def test_random_init_control_and_its_ledger_row(tmp_path, pretrained, suite):
-    from taskarith.experiments.claims import HOLDS, FAILS, NOISE, NOT_APPLICABLE
+    from taskarith.experiments.claims import FAILS, HOLDS, NOISE, NOT_APPLICABLE
     from taskarith.models import reinitialized
 
     colours, sizes, moods = suite
@@ -373,11 +495,24 @@ def test_random_init_control_and_its_ledger_row(tmp_path, pretrained, suite):
     assert first.keys() == dict(pretrained.encoder.named_parameters()).keys()
     assert all(torch.equal(p, first[k]) for k, p in again.encoder.named_parameters())
     assert random_model.base_hash != pretrained.base_hash
-    profile = BenchProfile(tasks=(colours.name, sizes.name), control=moods.name, methods=("standard", "linear"),
-                           incremental_methods=(), steps=3, batch_size=8, lr=3e-3, eval_limit=None, xi_limit=10,
-                           xi_seeds=0, xi_grid=(0.0, 1.0), alpha_grid=(0.5, 1.0), negation_grid=(0.5, 1.0))
-    result = run_bench(pretrained, [colours, sizes], moods, profile, tmp_path / "cache", random_model=random_model,
-                       ntk_examples=2)
+    profile = BenchProfile(
+        tasks=(colours.name, sizes.name),
+        control=moods.name,
+        methods=("standard", "linear"),
+        incremental_methods=(),
+        steps=3,
+        batch_size=8,
+        lr=3e-3,
+        eval_limit=None,
+        xi_limit=10,
+        xi_seeds=0,
+        xi_grid=(0.0, 1.0),
+        alpha_grid=(0.5, 1.0),
+        negation_grid=(0.5, 1.0),
+    )
+    result = run_bench(
+        pretrained, [colours, sizes], moods, profile, tmp_path / "cache", random_model=random_model, ntk_examples=2
+    )
     study = result["per_seed"]["0"]["random_init"]
     assert set(study["methods"]) == {"standard", "linear"} and study["model"].endswith("@random-init-5")
     learnt = all(study["methods"]["linear"]["finetuned"][t] >= study["chance"][t] + 0.10 for t in study["chance"])

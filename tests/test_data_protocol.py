@@ -69,12 +69,16 @@ def test_hash_partition_shares_per_class_and_is_order_free():
     keys = [f"c{c}/img{i}" for c in range(2) for i in range(20)]
     pool = _Pool(keys, [c for c in range(2) for _ in range(20)], list(keys))
     parts = _hash_partition(pool, {"test": 0.2, "val": 3}, rest="train")
-    assert {k: Counter(p.labels) for k, p in parts.items()} == {"test": {0: 4, 1: 4}, "val": {0: 3, 1: 3},
-                                                                 "train": {0: 13, 1: 13}}
+    assert {k: Counter(p.labels) for k, p in parts.items()} == {
+        "test": {0: 4, 1: 4},
+        "val": {0: 3, 1: 3},
+        "train": {0: 13, 1: 13},
+    }
     assert sorted(k for p in parts.values() for k in p.keys) == sorted(keys)
     shuffled = _Pool(keys[::-1], pool.labels[::-1], keys[::-1])
-    assert {k: set(p.keys) for k, p in _hash_partition(shuffled, {"test": 0.2, "val": 3}, "train").items()} == \
-        {k: set(p.keys) for k, p in parts.items()}
+    assert {k: set(p.keys) for k, p in _hash_partition(shuffled, {"test": 0.2, "val": 3}, "train").items()} == {
+        k: set(p.keys) for k, p in parts.items()
+    }
 
 
 def test_image_folder_with_train_and_test_draws_val_as_the_papers(tmp_path):
@@ -84,7 +88,8 @@ def test_image_folder_with_train_and_test_draws_val_as_the_papers(tmp_path):
     task = task_from_image_folder(base)
     assert task.classes == ("a b", "c") and task.source == str(base)
     assert len(task.test) == 7 and sorted(rel(task, "test", base)) == sorted(
-        p.relative_to(base).as_posix() for p in (base / "test").rglob("*.png"))
+        p.relative_to(base).as_posix() for p in (base / "test").rglob("*.png")
+    )
     # ImageFolder order (class folder, then file name), then torch's random_split with seed 0.
     ordered = sorted(p.relative_to(base).as_posix() for p in (base / "train").rglob("*.png"))
     train_idx, val_idx = random_split(range(55), [50, 5], generator=torch.Generator().manual_seed(0))
@@ -106,14 +111,20 @@ def test_image_folder_keeps_a_shipped_val_and_carves_a_missing_test(tmp_path):
     assert Counter(task.test.labels) == {0: 6, 1: 3} and len(task.val) == 5 and len(task.train) == 46
     assert len({p for s in SPLITS for p in task.split(s).inputs}) == 60
     capped = task_from_image_folder(flat, splits="taskarith")
-    assert capped.source == f"{flat.resolve()}?splits=taskarith" and [len(capped.split(s)) for s in SPLITS] == [45, 6, 9]
+    assert capped.source == f"{flat.resolve()}?splits=taskarith" and [len(capped.split(s)) for s in SPLITS] == [
+        45,
+        6,
+        9,
+    ]
 
 
 def test_spec_syntax_selects_the_split_rule(tmp_path):
     flat = make_classes(tmp_path / "flat", {"x": 12, "y": 12})
     assert load_task(str(flat)).fingerprint == task_from_image_folder(flat).fingerprint
-    assert (load_task(f"{flat}?splits=taskarith").fingerprint
-            == task_from_image_folder(flat, splits="taskarith").fingerprint)
+    assert (
+        load_task(f"{flat}?splits=taskarith").fingerprint
+        == task_from_image_folder(flat, splits="taskarith").fingerprint
+    )
     with pytest.raises(TaskArithError, match="Unknown split rule 'tiny'.*paper, taskarith"):
         load_task(f"{flat}?splits=tiny")
     with pytest.raises(TaskArithError, match="Unknown split rule"):
@@ -148,8 +159,8 @@ def test_mnist_paper_split_keeps_the_full_sets_and_the_papers_templates(tmp_path
     task = load_task(f"torchvision:MNIST@{tmp_path}")
     assert [len(task.split(s)) for s in SPLITS] == [90, 10, 30] and task.source == f"torchvision:MNIST@{tmp_path}"
     train_idx, val_idx = paper_split(100)
-    assert all(np.array_equal(a, images[i]) for a, i in zip(task.train.inputs, train_idx))
-    assert all(np.array_equal(a, images[i]) for a, i in zip(task.val.inputs, val_idx))
+    assert all(np.array_equal(a, images[i]) for a, i in zip(task.train.inputs, train_idx, strict=True))
+    assert all(np.array_equal(a, images[i]) for a, i in zip(task.val.inputs, val_idx, strict=True))
     assert task.templates == ('a photo of the number: "{}".',) and task.classes == tuple("0123456789")
     capped = load_task(f"torchvision:MNIST@{tmp_path}?splits=taskarith")
     assert len(capped.test) == 29 and capped.source.endswith("?splits=taskarith")
@@ -201,7 +212,9 @@ def test_dtd_merges_train_and_val_and_eurosat_is_split_like_its_files(monkeypatc
     fake_torchvision(monkeypatch, tmp_path)
     dtd = task_from_torchvision("DTD", tmp_path)
     # task_vectors: train = DTD's train + val (16 images), drawn from in folder order; test = DTD's test.
-    merged = sorted(f"dtd/dtd/images/{n}/{n}_{i:04d}.jpg" for n in ("banded", "zigzagged") for i in range(12) if i % 3 < 2)
+    merged = sorted(
+        f"dtd/dtd/images/{n}/{n}_{i:04d}.jpg" for n in ("banded", "zigzagged") for i in range(12) if i % 3 < 2
+    )
     train_idx, val_idx = paper_split(16)
     assert rel(dtd, "train", tmp_path) == [merged[i] for i in train_idx]
     assert rel(dtd, "val", tmp_path) == [merged[i] for i in val_idx] and len(dtd.test) == 8
@@ -333,14 +346,35 @@ def test_imagenet_class_names_are_clip_names_in_wnid_order():
 
 
 def test_the_papers_datasets_use_openai_clip_templates():
-    expected = {"StanfordCars": "Cars", "DTD": "DTD", "EuroSAT": "EuroSAT", "GTSRB": "GTSRB", "MNIST": "MNIST",
-                "RESISC45": "RESISC45", "SUN397": "SUN397", "SVHN": "SVHN", "ImageNet": "ImageNet"}
+    expected = {
+        "StanfordCars": "Cars",
+        "DTD": "DTD",
+        "EuroSAT": "EuroSAT",
+        "GTSRB": "GTSRB",
+        "MNIST": "MNIST",
+        "RESISC45": "RESISC45",
+        "SUN397": "SUN397",
+        "SVHN": "SVHN",
+        "ImageNet": "ImageNet",
+    }
     for dataset, clip_key in expected.items():
         assert TORCHVISION_DATASETS[dataset].templates == CLIP_TEMPLATES[clip_key], dataset
     sizes = {k: len(v) for k, v in CLIP_TEMPLATES.items() if k in expected.values()}
-    assert sizes == {"Cars": 8, "DTD": 8, "EuroSAT": 3, "GTSRB": 3, "ImageNet": 80, "MNIST": 1, "RESISC45": 18,
-                     "SUN397": 2, "SVHN": 1}
+    assert sizes == {
+        "Cars": 8,
+        "DTD": 8,
+        "EuroSAT": 3,
+        "GTSRB": 3,
+        "ImageNet": 80,
+        "MNIST": 1,
+        "RESISC45": 18,
+        "SUN397": 2,
+        "SVHN": 1,
+    }
     assert CLIP_TEMPLATES["SVHN"] == CLIP_TEMPLATES["MNIST"] == ('a photo of the number: "{}".',)
-    assert CLIP_TEMPLATES["ImageNet"][0] == "a bad photo of a {}." and CLIP_TEMPLATES["ImageNet"][-1] == "a tattoo of the {}."
+    assert (
+        CLIP_TEMPLATES["ImageNet"][0] == "a bad photo of a {}."
+        and CLIP_TEMPLATES["ImageNet"][-1] == "a tattoo of the {}."
+    )
     assert CLIP_TEMPLATES["Cars"][3] == "i love my {}!" and CLIP_TEMPLATES["RESISC45"][-1] == "aerial view of the {}."
     assert all("{}" in t for v in CLIP_TEMPLATES.values() for t in v)

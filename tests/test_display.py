@@ -22,9 +22,19 @@ from taskarith.vectors import TaskVector
 
 # What must never reach a terminal: C0 controls but tab and newline, DEL, C1 controls (ESC among them).
 UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-HOSTILE = ["[/x]", "[bold]y", "[link=file:///etc/passwd]z[/link]", "\x1b]0;pwned\x07", "\x1b[2J\x1b[H",
-           "\x1b]8;;http://evil\x1b\\click\x1b]8;;\x1b\\", "\x9b31m", "a\rb", "\x00\x08\x7f", "\u202eevil",
-           "[/]" * 5000]
+HOSTILE = [
+    "[/x]",
+    "[bold]y",
+    "[link=file:///etc/passwd]z[/link]",
+    "\x1b]0;pwned\x07",
+    "\x1b[2J\x1b[H",
+    "\x1b]8;;http://evil\x1b\\click\x1b]8;;\x1b\\",
+    "\x9b31m",
+    "a\rb",
+    "\x00\x08\x7f",
+    "\u202eevil",
+    "[/]" * 5000,
+]
 
 
 def vector(task: str, path: Path) -> Path:
@@ -35,8 +45,9 @@ def vector(task: str, path: Path) -> Path:
 def factors(task: str, path: Path, seed: int = 0) -> Path:
     generator = torch.Generator().manual_seed(seed)
     m = torch.randn(3, 3, generator=generator)
-    KFACFactors(A={"l": m @ m.T}, S={"l": torch.eye(2)}, examples={task: 2}, sampling={task: "mc:1"},
-                base_hash="h").save(path)
+    KFACFactors(
+        A={"l": m @ m.T}, S={"l": torch.eye(2)}, examples={task: 2}, sampling={task: "mc:1"}, base_hash="h"
+    ).save(path)
     return path
 
 
@@ -121,8 +132,9 @@ def test_output_passes_renderables_and_reads_no_markup(capsys):
 # Metadata contents a hostile file may carry: markup, terminal escapes, control characters, huge length.
 metadata_text = st.one_of(
     st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=60),
-    st.lists(st.sampled_from(HOSTILE[:-1] + ["[", "]", "/", "\\", "\x1b", "\x07", "\n", "x"]),
-             max_size=12).map("".join),
+    st.lists(st.sampled_from(HOSTILE[:-1] + ["[", "]", "/", "\\", "\x1b", "\x07", "\n", "x"]), max_size=12).map(
+        "".join
+    ),
     st.integers(1000, 20_000).map(lambda n: "[/x]\x1b[" * n),
 )
 fuzz = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

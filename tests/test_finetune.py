@@ -34,7 +34,9 @@ def task(tiny_csv):
 
 
 def config(task, **overrides) -> FinetuneConfig:
-    settings = dict(task=task.name, model="tiny", steps=12, batch_size=8, lr=3e-3, seed=0, max_length=16, checkpoint_every=5)
+    settings = dict(
+        task=task.name, model="tiny", steps=12, batch_size=8, lr=3e-3, seed=0, max_length=16, checkpoint_every=5
+    )
     return FinetuneConfig(**{**settings, **overrides})
 
 
@@ -55,8 +57,19 @@ def test_warmup_cosine_hand_checked():
     assert factor(12) == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("field,value", [("steps", 0), ("lr", -1.0), ("lr", float("nan")), ("batch_size", 0), ("mode", "magic"),
-                                         ("warmup_fraction", 1.5), ("regularizer", "magic"), ("max_length", 10**6)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("steps", 0),
+        ("lr", -1.0),
+        ("lr", float("nan")),
+        ("batch_size", 0),
+        ("mode", "magic"),
+        ("warmup_fraction", 1.5),
+        ("regularizer", "magic"),
+        ("max_length", 10**6),
+    ],
+)
 def test_absurd_options_are_refused(task, field, value):
     with pytest.raises(TaskArithError, match=field):
         config(task, **{field: value})
@@ -64,7 +77,10 @@ def test_absurd_options_are_refused(task, field, value):
 
 def test_finetune_learns_and_writes_vector_and_record(tmp_path, pretrained, task):
     result = finetune(config(task, steps=30), pretrained, task, tmp_path, progress=False)
-    before, after = accuracy(pretrained, task, "test"), accuracy(pretrained, task, "test", edited_encoder(pretrained, [result.task_vector]))
+    before, after = (
+        accuracy(pretrained, task, "test"),
+        accuracy(pretrained, task, "test", edited_encoder(pretrained, [result.task_vector])),
+    )
     assert after > before and after >= 0.9
     saved = TaskVector.load(tmp_path / TASK_VECTOR_FILE)
     assert saved.allclose(result.task_vector, atol=0, rtol=0)
@@ -109,7 +125,11 @@ def test_checkpoint_of_another_config_is_refused(tmp_path, pretrained, task, mon
     import taskarith.finetune as ft
 
     original = ft.batch_indices
-    monkeypatch.setattr(ft, "batch_indices", lambda n, b, s, step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 6 else original(n, b, s, step))
+    monkeypatch.setattr(
+        ft,
+        "batch_indices",
+        lambda n, b, s, step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 6 else original(n, b, s, step),
+    )
     with pytest.raises(KeyboardInterrupt):
         finetune(config(task), pretrained, task, tmp_path, progress=False)
     monkeypatch.setattr(ft, "batch_indices", original)
@@ -160,7 +180,6 @@ def test_same_seed_gives_byte_identical_files_and_the_record_can_replay_the_run(
     assert {"taskarith", "torch", "transformers", "python"} <= set(record["environment"])
     replayed = finetune(FinetuneConfig.from_dict(record["config"]), pretrained, task, progress=False)
     assert replayed.task_vector.allclose(first.task_vector, atol=0, rtol=0)
-
 
 
 def test_cache_reuses_a_finished_run(tmp_path, pretrained, task):

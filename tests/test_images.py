@@ -21,6 +21,7 @@ from PIL import Image
 from taskarith.data import (
     BUILTIN_IMAGE_TASKS,
     BUILTIN_TASKS,
+    image_corpora,
     load_image,
     load_task,
     read_idx,
@@ -28,7 +29,6 @@ from taskarith.data import (
     task_from_image_folder,
     task_from_torchvision,
 )
-from taskarith.data import image_corpora
 from taskarith.errors import TaskArithError
 
 SPLITS = ("train", "val", "test")
@@ -246,11 +246,13 @@ def test_image_folder_flat_layout(tmp_path):
     for split in SPLITS:
         ex = task.split(split)
         assert set(ex.labels) == {0, 1, 2} and all(isinstance(p, Path) and p.suffix == ".png" for p in ex.inputs)
-        for path, label in zip(ex.inputs, ex.labels):
+        for path, label in zip(ex.inputs, ex.labels, strict=True):
             assert path.parent.name.replace("_", " ") == task.classes[label]
     assert load_image(task.train.inputs[0]).shape == (4, 4, 3)
-    assert (task_from_image_folder(root, splits="taskarith").fingerprint
-            == task_from_image_folder(root, splits="taskarith").fingerprint)
+    assert (
+        task_from_image_folder(root, splits="taskarith").fingerprint
+        == task_from_image_folder(root, splits="taskarith").fingerprint
+    )
     assert task.source == f"{root}?splits=taskarith"
     assert load_task(task.source).test.inputs == task.test.inputs  # load_task takes folders, and the source is one
     # The split depends on the files, not on where the folder lives.
@@ -306,15 +308,24 @@ def no_torchvision(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
 
 
-def write_mnist_layout(root: Path, folder: str, *, train_per_class=8, test_per_class=3, n_classes=10,
-                       prefixes=("train", "t10k"), offset=0, gz=False) -> tuple[np.ndarray, np.ndarray]:
+def write_mnist_layout(
+    root: Path,
+    folder: str,
+    *,
+    train_per_class=8,
+    test_per_class=3,
+    n_classes=10,
+    prefixes=("train", "t10k"),
+    offset=0,
+    gz=False,
+) -> tuple[np.ndarray, np.ndarray]:
     raw = root / folder / "raw"
     n_train, n_test = train_per_class * n_classes, test_per_class * n_classes
     imgs = distinct_images(n_train + n_test, size=5)
     labels = (np.arange(n_train + n_test) % n_classes + offset).astype(np.uint8)
     imgs[n_train] = imgs[0]  # a test image that is also a training image must not reach test
     labels[n_train] = labels[0]
-    for prefix, sl in zip(prefixes, (slice(0, n_train), slice(n_train, None))):
+    for prefix, sl in zip(prefixes, (slice(0, n_train), slice(n_train, None)), strict=True):
         write_idx(raw / f"{prefix}-images-idx3-ubyte", imgs[sl], gz=gz)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels[sl], gz=gz)
     return imgs, labels
@@ -338,8 +349,15 @@ def test_torchvision_idx_layout_without_torchvision(tmp_path, name, folder):
 
 @pytest.mark.usefixtures("no_torchvision")
 def test_torchvision_emnist_letters(tmp_path):
-    imgs, labels = write_mnist_layout(tmp_path, "EMNIST", train_per_class=3, test_per_class=2, n_classes=26,
-                                      prefixes=("emnist-letters-train", "emnist-letters-test"), offset=1)
+    imgs, labels = write_mnist_layout(
+        tmp_path,
+        "EMNIST",
+        train_per_class=3,
+        test_per_class=2,
+        n_classes=26,
+        prefixes=("emnist-letters-train", "emnist-letters-test"),
+        offset=1,
+    )
     task = task_from_torchvision("EMNIST:letters", tmp_path)
     assert task.classes[0] == "a" and len(task.classes) == 26 and task.name == "tv_emnist_letters"
     # Raw EMNIST images are transposed; labels count from 1.
@@ -484,7 +502,7 @@ def test_builtin_image_task(name):
     assert len(task.classes) == 10 and task.domain and task.source
     assert task.templates and all("{}" in t for t in task.templates)
     seen: set[str] = set()
-    for split, size in zip(SPLITS, sizes):
+    for split, size in zip(SPLITS, sizes, strict=True):
         ex = task.split(split)
         assert len(ex) == size
         counts = Counter(ex.labels)
@@ -506,8 +524,13 @@ def test_builtin_image_task(name):
 def test_builtin_image_split_is_identical_across_processes():
     skip_if_missing("animal_shapes")
     code = "from taskarith.data import load_task; print(load_task('animal_shapes').fingerprint)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONHASHSEED": "123"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "123"},
+    )
     assert out.stdout.strip() == load_task("animal_shapes").fingerprint
 
 

@@ -24,6 +24,7 @@ from taskarith.errors import TaskArithError
 
 def png_bomb(path: Path, side: int = 12000) -> Path:
     """A valid one-bit PNG of ``side`` x ``side`` black pixels: a few KB on disk, 432 MB once in RGB."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -72,35 +73,45 @@ resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
 
 
 def run_limited(body: str, limit: int) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", _UNDER_LIMIT.format(limit=limit, body=body)], capture_output=True,
-                          text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                                       "PYTHONPATH": ":".join(sys.path)})
+    return subprocess.run(
+        [sys.executable, "-c", _UNDER_LIMIT.format(limit=limit, body=body)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)},
+    )
 
 
 def test_reading_the_bomb_stays_within_a_memory_limit(bomb):
     # Decoding it would take 144 MB as bits, then 432 MB in RGB and again as an array: over 1 GiB.
-    done = run_limited(f"""
+    done = run_limited(
+        f"""
 from taskarith.data.pixels import load_image
 from taskarith.errors import TaskArithError
 try:
     load_image({str(bomb)!r})
 except TaskArithError as exc:
     print("refused:", exc)
-""", 1 << 30)
+""",
+        1 << 30,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("refused:") and "bomb.png" in done.stdout and "MemoryError" not in done.stderr
 
 
 def test_a_batch_of_four_bombs_is_refused_within_a_memory_limit(bomb):
     # The issue's crash: four in one batch, each converted full-size to float (1.7 GB apiece) before resizing.
-    done = run_limited(f"""
+    done = run_limited(
+        f"""
 from taskarith.models.vision import image_preprocess
 from taskarith.errors import TaskArithError
 try:
     image_preprocess(32)([{str(bomb)!r}] * 4)
 except TaskArithError as exc:
     print("refused:", exc)
-""", 2 << 30)
+""",
+        2 << 30,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("refused:") and "bomb.png is 12000 x 12000" in done.stdout
 
@@ -121,7 +132,11 @@ def class_folders(root: Path, classes: tuple[str, ...] = ("a", "b"), n: int = 6)
 
 
 def all_inputs(task) -> list[tuple[Path, int]]:
-    return [(Path(x), y) for split in (task.train, task.val, task.test) for x, y in zip(split.inputs, split.labels)]
+    return [
+        (Path(x), y)
+        for split in (task.train, task.val, task.test)
+        for x, y in zip(split.inputs, split.labels, strict=True)
+    ]
 
 
 def test_a_link_back_to_an_ancestor_adds_nothing(tmp_path):
@@ -167,8 +182,11 @@ def test_a_link_out_of_the_folder_is_refused_naming_it(tmp_path, where):
     private = class_folders(tmp_path / "private", classes=("secret",))
     target = private / "secret" / ("0.png" if where.endswith(".png") else "")
     (root / where).symlink_to(target)
-    with pytest.raises(TaskArithError, match=rf"{where}( leads through a link to .*private/secret.*, outside the "
-                                             r"folder)"):
+    with pytest.raises(
+        TaskArithError,
+        match=rf"{where}( leads through a link to .*private/secret.*, outside the "
+        r"folder)",
+    ):
         task_from_image_folder(root)
 
 
@@ -196,6 +214,9 @@ def test_a_class_folder_linked_to_one_of_another_split_is_refused(tmp_path):
         class_folders(root / split, n=4)
     shutil.rmtree(root / "test" / "a")
     (root / "test" / "a").symlink_to("../train/a")
-    with pytest.raises(TaskArithError, match=r"test/a is the folder .*train/a \(through a link\), whose images are "
-                                             r"listed already"):
+    with pytest.raises(
+        TaskArithError,
+        match=r"test/a is the folder .*train/a \(through a link\), whose images are "
+        r"listed already",
+    ):
         task_from_image_folder(root)

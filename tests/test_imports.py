@@ -36,7 +36,8 @@ def package_modules(package_dir: Path = PACKAGE_DIR) -> dict[str, Path]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST):
@@ -75,13 +76,14 @@ def import_graph(package_dir: Path = PACKAGE_DIR) -> dict[str, set[str]]:
             else:
                 if node.level:
                     base = package.split(".")
-                    base = base[:len(base) - (node.level - 1)]
+                    base = base[: len(base) - (node.level - 1)]
                     source = ".".join(base + ([node.module] if node.module else []))
                 else:
                     source = node.module or ""
                 # `from pkg import submodule` imports the submodule; `from mod import name`, the module.
-                targets = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else source
-                           for alias in node.names]
+                targets = [
+                    f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else source for alias in node.names
+                ]
             for target in targets:
                 resolved = known(target) if target.split(".")[0] == "taskarith" else None
                 if resolved is not None and resolved != module:
@@ -100,7 +102,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:
@@ -132,9 +134,13 @@ def test_import_graph_sees_relative_function_level_and_submodule_imports(tmp_pat
     (pkg / "sub" / "__init__.py").write_text("")
     (pkg / "sub" / "b.py").write_text("from .. import c\nthing = 1\n")
     graph = import_graph(pkg)
-    assert graph == {"taskarith": set(), "taskarith.a": {"taskarith.sub.b"},
-                     "taskarith.c": {"taskarith.a", "taskarith.sub.b"}, "taskarith.sub": set(),
-                     "taskarith.sub.b": {"taskarith.c"}}
+    assert graph == {
+        "taskarith": set(),
+        "taskarith.a": {"taskarith.sub.b"},
+        "taskarith.c": {"taskarith.a", "taskarith.sub.b"},
+        "taskarith.sub": set(),
+        "taskarith.sub.b": {"taskarith.c"},
+    }
     assert find_cycle(graph) == ["taskarith.a", "taskarith.sub.b", "taskarith.c", "taskarith.a"]
 
 
@@ -142,11 +148,13 @@ def test_import_graph_sees_relative_function_level_and_submodule_imports(tmp_pat
 # loader imports Pretrained back from models/__init__ inside the function that builds one. It is harmless at
 # run time (the loaders import it only when called), and breaking it means moving Pretrained into a module
 # of its own. These edges are ignored; the test fails once one disappears, so the list stays true.
-KNOWN_BACK_EDGES: frozenset[tuple[str, str]] = frozenset({
-    ("taskarith.models.clip", "taskarith.models"),
-    ("taskarith.models.timm", "taskarith.models"),
-    ("taskarith.models.vision", "taskarith.models"),
-})
+KNOWN_BACK_EDGES: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("taskarith.models.clip", "taskarith.models"),
+        ("taskarith.models.timm", "taskarith.models"),
+        ("taskarith.models.vision", "taskarith.models"),
+    }
+)
 
 
 def test_package_has_no_import_cycle():

@@ -23,8 +23,10 @@ def write_model(folder: Path, seed: int, tensors: int = 6) -> Path:
     """A model folder of several tensors, so that a merge has a first, a middle and a last one."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    save_file({f"layer{i}.weight": rng.standard_normal((8, 4)).astype(np.float32) for i in range(tensors)},
-              str(folder / "model.safetensors"))
+    save_file(
+        {f"layer{i}.weight": rng.standard_normal((8, 4)).astype(np.float32) for i in range(tensors)},
+        str(folder / "model.safetensors"),
+    )
     (folder / "config.json").write_text('{"model_type": "tiny"}\n')
     return folder
 
@@ -45,10 +47,12 @@ def replace_by_rename(path: Path, seed: int) -> None:
 
 def when(names: list[str], at: str, action: Callable[[], None]) -> Callable[[str], None]:
     """A per-tensor callback recording the names it sees and running ``action`` at the tensor ``at``."""
+
     def on_tensor(name: str) -> None:
         names.append(name)
         if name == at:
             action()
+
     return on_tensor
 
 
@@ -58,10 +62,17 @@ def when(names: list[str], at: str, action: Callable[[], None]) -> Callable[[str
 @pytest.mark.parametrize("at", ["layer0.weight", "layer3.weight"])
 def test_an_input_renamed_over_mid_merge_is_refused_naming_it(work, at):
     seen: list[str] = []
-    with pytest.raises(TaskArithError, match=r"ftA/model.safetensors: the file was replaced or changed during "
-                                             r"the merge"):
-        merge_checkpoints("base", ["ftA"], "merged",
-                          on_tensor=when(seen, at, lambda: replace_by_rename(work / "ftA" / "model.safetensors", 7)))
+    with pytest.raises(
+        TaskArithError,
+        match=r"ftA/model.safetensors: the file was replaced or changed during "
+        r"the merge",
+    ):
+        merge_checkpoints(
+            "base",
+            ["ftA"],
+            "merged",
+            on_tensor=when(seen, at, lambda: replace_by_rename(work / "ftA" / "model.safetensors", 7)),
+        )
     # Refused at the first read after the replacement, not after reading every tensor.
     assert seen[-1] == at
     assert sorted(p.name for p in work.iterdir()) == ["base", "ftA"]  # no output, no .partial
@@ -105,7 +116,7 @@ def test_an_input_rewritten_in_place_mid_merge_is_refused(work):
 
 
 def test_the_cli_names_a_replaced_input_in_one_line(cli, work, monkeypatch):
-    import taskarith.merging.recipe as recipe
+    from taskarith.merging import recipe
 
     real = recipe.merge_checkpoints
 
@@ -114,6 +125,7 @@ def test_the_cli_names_a_replaced_input_in_one_line(cli, work, monkeypatch):
             on_tensor(name)
             if name == "layer1.weight":
                 replace_by_rename(work / "ftA" / "model.safetensors", 3)
+
         return real(*args, on_tensor=replacing, **kwargs)
 
     monkeypatch.setattr(recipe, "merge_checkpoints", with_replacement)
@@ -140,15 +152,18 @@ def shard(folder: Path, weight_map: dict) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("name", ["../secret.safetensors", "/etc/passwd", "sub/model.safetensors", "..", ".", "",
-                                  "a\\..\\b.safetensors"])
+@pytest.mark.parametrize(
+    "name", ["../secret.safetensors", "/etc/passwd", "sub/model.safetensors", "..", ".", "", "a\\..\\b.safetensors"]
+)
 def test_a_shard_index_naming_a_path_outside_the_folder_is_refused(work, name):
     from taskarith.io import read_state_dict
 
     save_file({"layer0.weight": np.ones((8, 4), np.float32)}, str(work / "secret.safetensors"))
     tensors = [f"layer{i}.weight" for i in range(6)]
     shard(work / "ftA", {**{t: "model-00001-of-00001.safetensors" for t in tensors}, "layer0.weight": name})
-    pattern = r"ftA/model.safetensors.index.json: weight_map\['layer0.weight'\] is .*; a shard must be a plain file name"
+    pattern = (
+        r"ftA/model.safetensors.index.json: weight_map\['layer0.weight'\] is .*; a shard must be a plain file name"
+    )
     with pytest.raises(TaskArithError, match=pattern):
         merge_checkpoints("base", ["ftA"], "merged")
     with pytest.raises(TaskArithError, match=pattern):
@@ -181,8 +196,11 @@ def test_a_companion_file_linked_outside_the_folder_is_refused_before_merging(wo
     link = work / "base" / "tokenizer_config.json"
     link.symlink_to("../private.txt" if target == "outside" else work / "private.txt")
     seen: list[str] = []
-    with pytest.raises(TaskArithError, match=r"base/tokenizer_config.json is a link to .*private.txt, outside the "
-                                             "model folder"):
+    with pytest.raises(
+        TaskArithError,
+        match=r"base/tokenizer_config.json is a link to .*private.txt, outside the "
+        "model folder",
+    ):
         merge_checkpoints("base", ["ftA"], "merged", on_tensor=seen.append)
     assert seen == [] and not (work / "merged").exists()
 

@@ -30,14 +30,18 @@ def pretrained(tiny_model_dir) -> Pretrained:
 def tasks(tiny_csv):
     task = task_from_file(tiny_csv, templates=("this is about {}.",))
     # A second column with other inputs (the train texts), so the matrix has two different tasks.
-    other = dataclasses.replace(task, name="colours-train", val=Examples(task.train.inputs[:10], task.train.labels[:10]))
+    other = dataclasses.replace(
+        task, name="colours-train", val=Examples(task.train.inputs[:10], task.train.labels[:10])
+    )
     return [task, other]
 
 
 def random_vector(state: dict[str, torch.Tensor], seed: int, task: str, scale: float = 0.02) -> TaskVector:
     generator = torch.Generator().manual_seed(seed)
-    finetuned = {k: v + scale * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
-                 for k, v in state.items()}
+    finetuned = {
+        k: v + scale * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+        for k, v in state.items()
+    }
     return TaskVector.from_state_dicts(state, finetuned, task=task)
 
 
@@ -132,8 +136,14 @@ def test_markdown_has_both_tables(pretrained, tasks):
 
 def test_heatmap_writes_png_atomically(tmp_path):
     target = tmp_path / "figures" / "taujp.png"
-    written = heatmap([[0.1, 2.0], [float("nan"), 3e-5]], ["tau_a", "tau_b"], ["task a", "task b"], target,
-                      title="tau-Jp", colorbar_label="mean ||J f(x) . tau||^2")
+    written = heatmap(
+        [[0.1, 2.0], [float("nan"), 3e-5]],
+        ["tau_a", "tau_b"],
+        ["task a", "task b"],
+        target,
+        title="tau-Jp",
+        colorbar_label="mean ||J f(x) . tau||^2",
+    )
     assert written == target
     data = target.read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
@@ -142,8 +152,17 @@ def test_heatmap_writes_png_atomically(tmp_path):
     # Numeric ticks, as a xi(alpha1, alpha2) disentanglement grid would have.
     alphas = [-1.0, 0.0, 0.5, 1.0]
     grid = torch.rand(4, 4).numpy()
-    xi = heatmap(grid, alphas, alphas, tmp_path / "xi.png", title="xi", xlabel="alpha 2", ylabel="alpha 1",
-                 cmap="magma", value_format=".1f")
+    xi = heatmap(
+        grid,
+        alphas,
+        alphas,
+        tmp_path / "xi.png",
+        title="xi",
+        xlabel="alpha 2",
+        ylabel="alpha 1",
+        cmap="magma",
+        value_format=".1f",
+    )
     assert xi.read_bytes().startswith(PNG_SIGNATURE)
 
     with pytest.raises(TaskArithError, match="labels"):

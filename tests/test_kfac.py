@@ -57,8 +57,9 @@ class OneLayer(nn.Module):
             self.norm.weight.uniform_(0.5, 1.5)
             self.norm.bias.normal_()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **_: torch.Tensor) -> BaseModelOutput:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: torch.Tensor
+    ) -> BaseModelOutput:
         return BaseModelOutput(last_hidden_state=self.proj(self.norm(self.embed(input_ids))))
 
 
@@ -87,7 +88,9 @@ def exact_factors(tiny: Pretrained, task) -> KFACFactors:
     return compute_kfac_factors(tiny, task, num_examples=32, mc_samples=None, progress=False)
 
 
-def gauss_newton(pretrained, inputs: list, normalized: bool = False) -> tuple[torch.Tensor, list[tuple[str, torch.Size]]]:
+def gauss_newton(
+    pretrained, inputs: list, normalized: bool = False
+) -> tuple[torch.Tensor, list[tuple[str, torch.Size]]]:
     """Brute force: the full matrix E_x[J^T J] of the pooled (optionally L2-normalized) output w.r.t. all
     parameters, from jacrev."""
     encoder = pretrained.encoder
@@ -95,6 +98,7 @@ def gauss_newton(pretrained, inputs: list, normalized: bool = False) -> tuple[to
     layout = [(name, p.shape) for name, p in params.items()]
     total, count = None, 0
     for _, batch in pretrained.batches(inputs, 8):
+
         def pooled(p: dict[str, torch.Tensor], batch: dict = batch) -> torch.Tensor:
             out = mean_pool(functional_call(encoder, p, kwargs=batch).last_hidden_state, batch["attention_mask"])
             return F.normalize(out, dim=-1) if normalized else out
@@ -134,8 +138,10 @@ def exact_interference(pretrained: Pretrained, texts: list[str], delta: dict[str
 
 def random_delta(pretrained, seed: int, keep=lambda name: True, scale: float = 1e-2) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return {name: (torch.randn(p.shape, generator=generator) * scale if keep(name) else torch.zeros(p.shape))
-            for name, p in pretrained.encoder.named_parameters()}
+    return {
+        name: (torch.randn(p.shape, generator=generator) * scale if keep(name) else torch.zeros(p.shape))
+        for name, p in pretrained.encoder.named_parameters()
+    }
 
 
 class Tokens:
@@ -148,9 +154,13 @@ class Tokens:
     def batches(self, items: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int):
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            yield (torch.arange(start, start + len(chunk)),
-                   {"input_ids": torch.stack([ids for ids, _ in chunk]),
-                    "attention_mask": torch.stack([mask for _, mask in chunk])})
+            yield (
+                torch.arange(start, start + len(chunk)),
+                {
+                    "input_ids": torch.stack([ids for ids, _ in chunk]),
+                    "attention_mask": torch.stack([mask for _, mask in chunk]),
+                },
+            )
 
 
 def token_items(count: int, length: int, vocab: int, real: list[int] | None = None, seed: int = 0):
@@ -301,8 +311,12 @@ def test_penalty_is_a_positive_quadratic_form_with_gradients(tiny: Pretrained, e
     doubled = kfac_penalty({name: 2 * value for name, value in delta.items()}, exact_factors)
     assert doubled.item() == pytest.approx(4 * penalty.item(), rel=1e-5)
     penalty.backward()
-    for name in ("encoder.layer.0.attention.self.query.weight", "encoder.layer.1.output.dense.bias",
-                 "encoder.layer.0.output.LayerNorm.weight", "embeddings.word_embeddings.weight"):
+    for name in (
+        "encoder.layer.0.attention.self.query.weight",
+        "encoder.layer.1.output.dense.bias",
+        "encoder.layer.0.output.LayerNorm.weight",
+        "embeddings.word_embeddings.weight",
+    ):
         assert delta[name].grad is not None and delta[name].grad.abs().sum() > 0, name
     # The pooler never reaches the mean-pooled token states: no factors, no penalty, zero curvature.
     assert "pooler.dense" not in exact_factors.A
@@ -322,7 +336,9 @@ def test_scalers_apply_to_norm_and_projection_blocks_only(tiny: Pretrained, exac
     assert kfac_penalty(norms, exact_factors).item() == pytest.approx(10 * plain_norms, rel=1e-6)
     assert kfac_penalty(norms, exact_factors, norm_scale=3.0).item() == pytest.approx(3 * plain_norms, rel=1e-6)
     # A text encoder has no projection: nothing else is scaled.
-    assert kfac_penalty(others, exact_factors).item() == pytest.approx(kfac_penalty(others, exact_factors, **PLAIN).item())
+    assert kfac_penalty(others, exact_factors).item() == pytest.approx(
+        kfac_penalty(others, exact_factors, **PLAIN).item()
+    )
     assert "projection" not in exact_factors.kinds.values()
 
 
@@ -366,7 +382,12 @@ def test_defaults_are_tak_s(tiny: Pretrained, task) -> None:
     assert defaults["num_examples"] == 128 and defaults["mc_samples"] == 1
     factors = compute_kfac_factors(tiny, task, num_examples=8, progress=False)
     assert (factors.function, factors.tokens, factors.conv, factors.norm_blocks, factors.merge) == (
-        "normalized", "expand", "reduce", "full", "none")
+        "normalized",
+        "expand",
+        "reduce",
+        "full",
+        "none",
+    )
     assert factors.directions == "mc:1" and factors.examples == {task.name: 8}
 
 
@@ -387,8 +408,20 @@ def test_bad_arguments(tiny: Pretrained, task) -> None:
 
 
 def assert_same_factors(mine: KFACFactors, theirs: KFACFactors) -> None:
-    for name in ("examples", "sampling", "base_hash", "layers", "kinds", "zero", "function", "tokens", "conv",
-                 "norm_blocks", "merge", "compression"):
+    for name in (
+        "examples",
+        "sampling",
+        "base_hash",
+        "layers",
+        "kinds",
+        "zero",
+        "function",
+        "tokens",
+        "conv",
+        "norm_blocks",
+        "merge",
+        "compression",
+    ):
         assert getattr(mine, name) == getattr(theirs, name), name
     for table in ("A", "S", "gram", "diag", "rows"):
         a, b = getattr(mine, table), getattr(theirs, table)
@@ -428,8 +461,17 @@ def test_loading_other_files_fails_clearly(tmp_path: Path, exact_factors: KFACFa
     garbage.write_bytes(b"not safetensors at all")
     with pytest.raises(TaskArithError, match="garbage.safetensors"):
         KFACFactors.load(garbage)
-    metadata = {"format": FORMAT, "tasks": '["t"]', "examples": '{"t": 1}', "base_hash": "h", "function": "normalized",
-                "tokens": "expand", "conv": "reduce", "norm_blocks": "full", "merge": "none"}
+    metadata = {
+        "format": FORMAT,
+        "tasks": '["t"]',
+        "examples": '{"t": 1}',
+        "base_hash": "h",
+        "function": "normalized",
+        "tokens": "expand",
+        "conv": "reduce",
+        "norm_blocks": "full",
+        "merge": "none",
+    }
     unpaired = tmp_path / "unpaired.safetensors"
     save_tensors(unpaired, {"A/x": torch.eye(2)}, metadata)
     with pytest.raises(TaskArithError, match="unpaired.safetensors.*A and S"):
@@ -443,9 +485,17 @@ def test_loading_other_files_fails_clearly(tmp_path: Path, exact_factors: KFACFa
 def test_version_1_files_are_refused_with_one_line(tmp_path: Path) -> None:
     """Files made before TAK's published form (unnormalized, reduce, diagonal, averaged) are never misread."""
     old = tmp_path / "old.safetensors"
-    save_tensors(old, {"A/x": torch.eye(2), "S/x": torch.eye(2)},
-                 {"format": "taskarith.kfac/1", "variant": "kfac-reduce", "tasks": '["t"]', "base_hash": "h",
-                  "num_examples": "4"})
+    save_tensors(
+        old,
+        {"A/x": torch.eye(2), "S/x": torch.eye(2)},
+        {
+            "format": "taskarith.kfac/1",
+            "variant": "kfac-reduce",
+            "tasks": '["t"]',
+            "base_hash": "h",
+            "num_examples": "4",
+        },
+    )
     with pytest.raises(TaskArithError) as error:
         KFACFactors.load(old)
     message = str(error.value)
@@ -464,9 +514,17 @@ def hand_built(task: str, n: int, seed: int, **options) -> KFACFactors:
         m = torch.randn(size, size, generator=generator)
         return m @ m.T / size
 
-    return KFACFactors(A={"l": psd(4)}, S={"l": psd(2)}, gram={"g.weight": psd(4)},
-                       diag={"d.weight": torch.rand(3, generator=generator)}, examples={task: n},
-                       sampling={task: "mc:1"}, base_hash="h", kinds={"g.weight": "layer-norm"}, **options)
+    return KFACFactors(
+        A={"l": psd(4)},
+        S={"l": psd(2)},
+        gram={"g.weight": psd(4)},
+        diag={"d.weight": torch.rand(3, generator=generator)},
+        examples={task: n},
+        sampling={task: "mc:1"},
+        base_hash="h",
+        kinds={"g.weight": "layer-norm"},
+        **options,
+    )
 
 
 def test_merge_is_eq_8_on_a_hand_built_case() -> None:
@@ -533,8 +591,9 @@ def test_average_merge_is_kfac_of_the_pooled_examples(tiny: Pretrained, task) ->
     # Eq. 8 never ignores a task: its Kronecker part bounds each task's own from above (lambda_t <= 1).
     for seed in range(3):
         delta = random_delta(tiny, seed, keep=lambda n: "LayerNorm" not in n and "embeddings" not in n)
-        assert kfac_penalty(delta, summed).item() >= max(kfac_penalty(delta, f).item() * w
-                                                         for f, w in ((a, 12 / 32), (b, 20 / 32))) * (1 - 1e-5)
+        assert kfac_penalty(delta, summed).item() >= max(
+            kfac_penalty(delta, f).item() * w for f, w in ((a, 12 / 32), (b, 20 / 32))
+        ) * (1 - 1e-5)
 
 
 def test_merge_refusals(exact_factors: KFACFactors) -> None:
@@ -544,8 +603,9 @@ def test_merge_refusals(exact_factors: KFACFactors) -> None:
     with pytest.raises(TaskArithError):
         merge_factors([])
     renamed = dataclasses.replace(exact_factors, examples={"other": 32}, sampling={"other": "exact"})
-    fewer = dataclasses.replace(renamed, A=dict(list(exact_factors.A.items())[1:]),
-                                S=dict(list(exact_factors.S.items())[1:]))
+    fewer = dataclasses.replace(
+        renamed, A=dict(list(exact_factors.A.items())[1:]), S=dict(list(exact_factors.S.items())[1:])
+    )
     with pytest.raises(TaskArithError, match="other layers"):
         merge_factors([exact_factors, fewer])
     # Eq. 8 sums S over tasks: a task merged twice would count twice.
@@ -577,7 +637,9 @@ def test_compression_round_trips_are_identities(tmp_path: Path, exact_factors: K
     one_block = compress_factors(exact_factors, "block", blocks=1)
     assert one_block.compression == "block:1"
     for layer, value in exact_factors.A.items():
-        assert torch.equal(one_block.A[layer].dense(), value) and torch.equal(one_block.S[layer].dense(), exact_factors.S[layer])
+        assert torch.equal(one_block.A[layer].dense(), value) and torch.equal(
+            one_block.S[layer].dense(), exact_factors.S[layer]
+        )
     assert kfac_penalty(delta, one_block).item() == pytest.approx(full, rel=1e-6)
     full_rank = compress_factors(exact_factors, "eigen", rank=10_000)
     for layer, value in exact_factors.A.items():
@@ -609,9 +671,13 @@ def test_block_and_eigen_compression_keep_what_they_say(exact_factors: KFACFacto
     torch.testing.assert_close(S.values.double().sort().values, values[-5:], rtol=1e-4, atol=1e-7)
     # The penalty of the compressed factors is the one of their dense form.
     delta = random_delta(tiny, 2)
-    dense_low = dataclasses.replace(low, A={k: v.dense() for k, v in low.A.items()},
-                                    S={k: v.dense() for k, v in low.S.items()},
-                                    gram={k: v.dense() for k, v in low.gram.items()}, compression="none")
+    dense_low = dataclasses.replace(
+        low,
+        A={k: v.dense() for k, v in low.A.items()},
+        S={k: v.dense() for k, v in low.S.items()},
+        gram={k: v.dense() for k, v in low.gram.items()},
+        compression="none",
+    )
     assert kfac_penalty(delta, low).item() == pytest.approx(kfac_penalty(delta, dense_low).item(), rel=1e-5)
     with pytest.raises(TaskArithError, match="already compressed"):
         compress_factors(low, "block")
@@ -628,8 +694,9 @@ def test_compressed_factors_merge_exactly(method: str, option: dict) -> None:
         expected = {"A": (0.25, 0.75), "S": (1.0, 1.0), "gram": (0.25, 0.75)}[table]
         key = next(iter(getattr(a, table)))
         parts = [getattr(compress_factors(f, method, **option), table)[key].dense() for f in (a, b)]
-        torch.testing.assert_close(_dense(getattr(merged, table)[key]), expected[0] * parts[0] + expected[1] * parts[1],
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            _dense(getattr(merged, table)[key]), expected[0] * parts[0] + expected[1] * parts[1], rtol=1e-5, atol=1e-6
+        )
 
 
 def _dense(value) -> torch.Tensor:
@@ -672,7 +739,7 @@ class DynamicSamePadConv(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads = []
-        for n, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
+        for n, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation, strict=True):
             total = max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0)
             pads.append((total // 2, total - total // 2))
         return super().forward(F.pad(x, [*pads[1], *pads[0]]))
@@ -681,16 +748,18 @@ class DynamicSamePadConv(nn.Conv2d):
 def tiny_conv_net() -> nn.Module:
     """Conv 3->4 k3 + BatchNorm (eval, non-trivial statistics) + ReLU + depthwise conv + pooling + Linear."""
     torch.manual_seed(0)
-    body = nn.Sequential(OrderedDict(
-        conv=nn.Conv2d(3, 4, 3, padding=1),
-        bn=nn.BatchNorm2d(4),
-        # In place on purpose: the BatchNorm's output gradient must be the one before the activation.
-        act=nn.ReLU(inplace=True),
-        depthwise=nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4),
-        pool=nn.AdaptiveAvgPool2d(1),
-        flatten=nn.Flatten(),
-        proj=nn.Linear(4, 5),
-    ))
+    body = nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(3, 4, 3, padding=1),
+            bn=nn.BatchNorm2d(4),
+            # In place on purpose: the BatchNorm's output gradient must be the one before the activation.
+            act=nn.ReLU(inplace=True),
+            depthwise=nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(),
+            proj=nn.Linear(4, 5),
+        )
+    )
     with torch.no_grad():
         body.bn.running_mean.normal_()
         body.bn.running_var.uniform_(0.5, 2.0)
@@ -709,8 +778,10 @@ class ImageModel:
     def batches(self, images: list[torch.Tensor], batch_size: int):
         for start in range(0, len(images), batch_size):
             chunk = torch.stack(images[start : start + batch_size])
-            yield (torch.arange(start, start + len(chunk)),
-                   {"pixel_values": chunk, "attention_mask": torch.ones(len(chunk), 1, dtype=torch.long)})
+            yield (
+                torch.arange(start, start + len(chunk)),
+                {"pixel_values": chunk, "attention_mask": torch.ones(len(chunk), 1, dtype=torch.long)},
+            )
 
 
 def random_images(count: int, seed: int = 0, size: int = 7) -> list[torch.Tensor]:
@@ -733,8 +804,9 @@ def conv_factors(conv_model: ImageModel, images: list[torch.Tensor]) -> KFACFact
     return factors_from_texts(conv_model, images, task="img", batch_size=5, mc_samples=None, function="unnormalized")
 
 
-def test_batch_norm_diagonal_matches_brute_force(conv_model: ImageModel, images: list[torch.Tensor],
-                                                 conv_factors: KFACFactors) -> None:
+def test_batch_norm_diagonal_matches_brute_force(
+    conv_model: ImageModel, images: list[torch.Tensor], conv_factors: KFACFactors
+) -> None:
     G, layout = gauss_newton(conv_model, images)
     offsets, start = {}, 0
     for name, shape in layout:
@@ -772,8 +844,11 @@ def test_batch_norm_1d_diagonal_matches_brute_force(sequence: bool, images: list
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.normal_()
     # A nonlinearity after the norm, so its parameters' per-example gradients are not just linear in x_hat.
-    layers = [nn.Conv2d(3, 4, 3), Rows(), norm, nn.Tanh(), LastMean()] if sequence else [
-        nn.Conv2d(3, 4, 3), SpatialMean(), norm, nn.Tanh()]
+    layers = (
+        [nn.Conv2d(3, 4, 3), Rows(), norm, nn.Tanh(), LastMean()]
+        if sequence
+        else [nn.Conv2d(3, 4, 3), SpatialMean(), norm, nn.Tanh()]
+    )
     model = ImageModel(ImageEncoder(nn.Sequential(*layers)))
     factors = factors_from_texts(model, images, task="t", batch_size=5, mc_samples=None, function="unnormalized")
     G, layout = gauss_newton(model, images)
@@ -794,18 +869,21 @@ def test_conv_covers_every_layer_kind(conv_factors: KFACFactors) -> None:
     assert sizes["body.bn.weight"] == 4 * 4
 
 
-@pytest.mark.parametrize("conv", [
-    pytest.param(lambda: nn.Conv2d(3, 5, 3, padding=1), id="k3-pad1"),
-    pytest.param(lambda: nn.Conv2d(3, 5, 3, stride=2, bias=False), id="k3-stride2-nobias"),
-    pytest.param(lambda: nn.Conv2d(3, 4, (4, 2), padding="same"), id="same-even-kernel"),  # padding (1, 2), (0, 1)
-    pytest.param(lambda: nn.Conv2d(3, 4, 3, padding=1, dilation=2), id="dilated"),
-    pytest.param(lambda: nn.Conv2d(3, 4, 3, padding=2, padding_mode="reflect"), id="reflect"),
-    pytest.param(lambda: nn.Conv2d(3, 6, 3, stride=2, padding=1, groups=3), id="grouped-multiplier2"),
-    pytest.param(lambda: nn.Conv2d(3, 3, 5, padding=2, groups=3), id="depthwise"),
-    pytest.param(lambda: nn.Conv2d(3, 4, 2, stride=2), id="patch-embedding"),
-    pytest.param(lambda: StaticSamePadConv(3, 4, 3, stride=2, pad=(2, 0, 2, 0)), id="static-padding"),
-    pytest.param(lambda: DynamicSamePadConv(3, 4, 5, stride=2, groups=1), id="dynamic-same"),
-])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        pytest.param(lambda: nn.Conv2d(3, 5, 3, padding=1), id="k3-pad1"),
+        pytest.param(lambda: nn.Conv2d(3, 5, 3, stride=2, bias=False), id="k3-stride2-nobias"),
+        pytest.param(lambda: nn.Conv2d(3, 4, (4, 2), padding="same"), id="same-even-kernel"),  # padding (1, 2), (0, 1)
+        pytest.param(lambda: nn.Conv2d(3, 4, 3, padding=1, dilation=2), id="dilated"),
+        pytest.param(lambda: nn.Conv2d(3, 4, 3, padding=2, padding_mode="reflect"), id="reflect"),
+        pytest.param(lambda: nn.Conv2d(3, 6, 3, stride=2, padding=1, groups=3), id="grouped-multiplier2"),
+        pytest.param(lambda: nn.Conv2d(3, 3, 5, padding=2, groups=3), id="depthwise"),
+        pytest.param(lambda: nn.Conv2d(3, 4, 2, stride=2), id="patch-embedding"),
+        pytest.param(lambda: StaticSamePadConv(3, 4, 3, stride=2, pad=(2, 0, 2, 0)), id="static-padding"),
+        pytest.param(lambda: DynamicSamePadConv(3, 4, 5, stride=2, groups=1), id="dynamic-same"),
+    ],
+)
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_conv_block_is_exact_before_mean_pooling(conv, images: list[torch.Tensor]) -> None:
     torch.manual_seed(1)
@@ -823,14 +901,17 @@ def test_conv_block_is_exact_before_mean_pooling(conv, images: list[torch.Tensor
     assert kfac_penalty(part, factors).item() == pytest.approx((x @ G @ x).item(), rel=1e-4)
 
 
-def test_conv_factors_save_load_and_merge(tmp_path: Path, conv_model: ImageModel, images: list[torch.Tensor],
-                                          conv_factors: KFACFactors) -> None:
+def test_conv_factors_save_load_and_merge(
+    tmp_path: Path, conv_model: ImageModel, images: list[torch.Tensor], conv_factors: KFACFactors
+) -> None:
     path = tmp_path / "conv.safetensors"
     conv_factors.save(path)
     loaded = KFACFactors.load(path)
     assert_same_factors(conv_factors, loaded)
     first = factors_from_texts(conv_model, images[:4], task="a", batch_size=5, mc_samples=None, function="unnormalized")
-    second = factors_from_texts(conv_model, images[4:], task="b", batch_size=5, mc_samples=None, function="unnormalized")
+    second = factors_from_texts(
+        conv_model, images[4:], task="b", batch_size=5, mc_samples=None, function="unnormalized"
+    )
     merged = merge_factors([first, second], rule="average")
     assert merged.tasks == ("a", "b") and merged.num_examples == len(images)
     for layer in conv_factors.A:
@@ -850,12 +931,20 @@ def test_conv_penalty_is_positive_with_gradients(conv_model: ImageModel, conv_fa
     penalty = kfac_penalty(delta, conv_factors)
     assert penalty.dim() == 0 and torch.isfinite(penalty) and penalty.item() > 0
     penalty.backward()
-    for name in ("body.conv.weight", "body.conv.bias", "body.bn.weight", "body.bn.bias", "body.depthwise.weight",
-                 "body.depthwise.bias", "body.proj.weight"):
+    for name in (
+        "body.conv.weight",
+        "body.conv.bias",
+        "body.bn.weight",
+        "body.bn.bias",
+        "body.depthwise.weight",
+        "body.depthwise.bias",
+        "body.proj.weight",
+    ):
         assert delta[name].grad is not None and delta[name].grad.abs().sum() > 0, name
     # Monte Carlo directions, the default, estimate the same quantity.
-    sampled = factors_from_texts(conv_model, random_images(12), task="img", batch_size=5, mc_samples=64,
-                                 function="unnormalized")
+    sampled = factors_from_texts(
+        conv_model, random_images(12), task="img", batch_size=5, mc_samples=64, function="unnormalized"
+    )
     value = kfac_penalty({k: v.detach() for k, v in delta.items()}, sampled).item()
     assert value == pytest.approx(penalty.item(), rel=0.3)
 
@@ -930,10 +1019,18 @@ def test_clip_vision_tower_patch_embedding_is_a_root() -> None:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, projection_dim=24, num_hidden_layers=2,
-                              num_attention_heads=4, image_size=16, patch_size=4)
-    model = ImageModel(ImageEncoder(Features(CLIPVisionModelWithProjection(config),
-                                             lambda m, x: m(pixel_values=x).image_embeds)))
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        projection_dim=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=4,
+    )
+    model = ImageModel(
+        ImageEncoder(Features(CLIPVisionModelWithProjection(config), lambda m, x: m(pixel_values=x).image_embeds))
+    )
     factors = factors_from_texts(model, random_images(4, size=16), task="t", batch_size=4, mc_samples=1)
     patches = "body.backbone.vision_model.embeddings.patch_embedding"
     assert factors.A[patches].shape == (3 * 4 * 4, 3 * 4 * 4) and factors.S[patches].shape == (32, 32)
@@ -969,14 +1066,22 @@ class ExplicitAttention(nn.Module):
 class AttentionModel(nn.Module):
     """Embedding -> LayerNorm -> self-attention over the real tokens -> tanh -> Linear, token states out."""
 
-    def __init__(self, vocab: int, dim: int = 8, heads: int = 2, explicit: bool = False, batch_first: bool = True,
-                 cross: bool = False) -> None:
+    def __init__(
+        self,
+        vocab: int,
+        dim: int = 8,
+        heads: int = 2,
+        explicit: bool = False,
+        batch_first: bool = True,
+        cross: bool = False,
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Embedding(vocab, dim)
         self.norm = nn.LayerNorm(dim)
-        self.attn = ExplicitAttention(dim, heads) if explicit else nn.MultiheadAttention(dim, heads,
-                                                                                          batch_first=batch_first)
+        self.attn = (
+            ExplicitAttention(dim, heads) if explicit else nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+        )
         self.head = nn.Linear(dim, 5)
         self.explicit, self.batch_first, self.cross = explicit, batch_first, cross
         with torch.no_grad():
@@ -992,14 +1097,19 @@ class AttentionModel(nn.Module):
             y = self.attn(x, pad)
         else:
             x = x if self.batch_first else x.transpose(0, 1)
-            y, _ = self.attn(x, 2 * x if self.cross else x, 2 * x if self.cross else x, key_padding_mask=pad,
-                             need_weights=False)
+            y, _ = self.attn(
+                x, 2 * x if self.cross else x, 2 * x if self.cross else x, key_padding_mask=pad, need_weights=False
+            )
             y = y if self.batch_first else y.transpose(0, 1)
         return BaseModelOutput(last_hidden_state=self.head(torch.tanh(y)))
 
 
-EXPLICIT_NAMES = {"attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
-                  "attn.out_proj.weight": "attn.out.weight", "attn.out_proj.bias": "attn.out.bias"}
+EXPLICIT_NAMES = {
+    "attn.in_proj_weight": "attn.qkv.weight",
+    "attn.in_proj_bias": "attn.qkv.bias",
+    "attn.out_proj.weight": "attn.out.weight",
+    "attn.out_proj.bias": "attn.out.bias",
+}
 
 
 def explicit_copy(model: AttentionModel) -> AttentionModel:
@@ -1021,9 +1131,14 @@ def test_explicit_attention_forward_is_multihead_attention_s() -> None:
         causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
         float_mask = torch.randn(6, 5, 5)
         explicit = _explicit_attention(mha, mha.forward)
-        for kwargs in ({}, {"key_padding_mask": pad}, {"attn_mask": causal}, {"attn_mask": float_mask},
-                       {"key_padding_mask": pad, "attn_mask": causal, "average_attn_weights": False},
-                       {"need_weights": False, "key_padding_mask": pad}):
+        for kwargs in (
+            {},
+            {"key_padding_mask": pad},
+            {"attn_mask": causal},
+            {"attn_mask": float_mask},
+            {"key_padding_mask": pad, "attn_mask": causal, "average_attn_weights": False},
+            {"need_weights": False, "key_padding_mask": pad},
+        ):
             expected, expected_weights = mha(x, x, x, **kwargs)
             got, weights = explicit(x, x, x, **kwargs)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -1042,8 +1157,9 @@ def test_multihead_attention_penalty_is_that_of_explicit_linear_layers(batch_fir
     items = token_items(10, 6, 30, seed=1)
     # The same function, so the same Monte-Carlo directions from the same seed.
     _, batch = next(model.batches(items, 10))
-    torch.testing.assert_close(model.encoder(**batch).last_hidden_state, rebuilt.encoder(**batch).last_hidden_state,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        model.encoder(**batch).last_hidden_state, rebuilt.encoder(**batch).last_hidden_state, rtol=1e-5, atol=1e-6
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         factors = factors_from_texts(model, items, task="t", batch_size=4, mc_samples=1, seed=3)
@@ -1064,8 +1180,12 @@ def test_cross_attention_stays_uncovered_and_is_named() -> None:
     model = Tokens(AttentionModel(30, cross=True))
     with pytest.warns(UserWarning, match="attn.in_proj_weight"):
         factors = factors_from_texts(model, token_items(6, 5, 30), task="t", batch_size=3)
-    assert uncovered_parameters(model.encoder, factors) == ["attn.in_proj_weight", "attn.in_proj_bias",
-                                                              "attn.out_proj.weight", "attn.out_proj.bias"]
+    assert uncovered_parameters(model.encoder, factors) == [
+        "attn.in_proj_weight",
+        "attn.in_proj_bias",
+        "attn.out_proj.weight",
+        "attn.out_proj.bias",
+    ]
 
 
 class FunctionalAttention(nn.Module):
@@ -1074,14 +1194,16 @@ class FunctionalAttention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.randn(3 * dim, dim) * dim ** -0.5)
+        self.in_proj_weight = nn.Parameter(torch.randn(3 * dim, dim) * dim**-0.5)
         self.in_proj_bias = nn.Parameter(torch.randn(3 * dim) * 0.1)
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
-        q, k, v = (t.reshape(batch, length, self.heads, -1).transpose(1, 2)
-                   for t in F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))
+        q, k, v = (
+            t.reshape(batch, length, self.heads, -1).transpose(1, 2)
+            for t in F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        )
         return self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, length, dim))
 
 
@@ -1091,13 +1213,15 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads) if attention == "mha" else FunctionalAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 2 * width), gelu=nn.GELU(),
-                                             c_proj=nn.Linear(2 * width, width)))
+        self.mlp = nn.Sequential(
+            OrderedDict(c_fc=nn.Linear(width, 2 * width), gelu=nn.GELU(), c_proj=nn.Linear(2 * width, width))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln_1(x)
-        x = x + (self.attn(h, h, h, need_weights=False)[0] if isinstance(self.attn, nn.MultiheadAttention)
-                 else self.attn(h))
+        x = x + (
+            self.attn(h, h, h, need_weights=False)[0] if isinstance(self.attn, nn.MultiheadAttention) else self.attn(h)
+        )
         return x + self.mlp(self.ln_2(x))
 
 
@@ -1106,12 +1230,20 @@ class TinyViT(nn.Module):
     positional_embedding and proj, ln_pre, blocks (nn.MultiheadAttention in the (tokens, batch, width) layout
     of older open_clip, or the newest open_clip's functional attention), ln_post on the class token, @ proj."""
 
-    def __init__(self, attention: str = "mha", width: int = 8, heads: int = 2, layers: int = 2, image: int = 4,
-                 patch: int = 2, output: int = 6) -> None:
+    def __init__(
+        self,
+        attention: str = "mha",
+        width: int = 8,
+        heads: int = 2,
+        layers: int = 2,
+        image: int = 4,
+        patch: int = 2,
+        output: int = 6,
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.conv1 = nn.Conv2d(3, width, patch, stride=patch, bias=False)
-        scale = width ** -0.5
+        scale = width**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn((image // patch) ** 2 + 1, width))
         self.ln_pre = nn.LayerNorm(width)
@@ -1149,7 +1281,13 @@ def test_open_clip_vision_tower_is_fully_covered(attention: str) -> None:
         factors = factors_from_texts(model, random_images(10, size=4), task="t", batch_size=4)
     assert uncovered_parameters(model.encoder, factors) == []
     block = "visual.transformer.0"
-    for layer in (f"{block}.attn.in_proj", f"{block}.attn.out_proj", f"{block}.mlp.c_fc", "visual.conv1", "visual.proj"):
+    for layer in (
+        f"{block}.attn.in_proj",
+        f"{block}.attn.out_proj",
+        f"{block}.mlp.c_fc",
+        "visual.conv1",
+        "visual.proj",
+    ):
         assert layer in factors.A, layer
     assert factors.layers["visual.proj"] == ("visual.proj", None, True) and factors.kinds["visual.proj"] == "projection"
     assert factors.A["visual.proj"].shape == (8, 8) and factors.S["visual.proj"].shape == (6, 6)
@@ -1159,8 +1297,14 @@ def test_open_clip_vision_tower_is_fully_covered(attention: str) -> None:
     delta = {name: value.requires_grad_(True) for name, value in random_delta(model, 0).items()}
     penalty = kfac_penalty(delta, factors)
     penalty.backward()
-    for name in (f"{block}.attn.in_proj_weight", f"{block}.attn.out_proj.weight", "visual.class_embedding",
-                 "visual.positional_embedding", "visual.proj", "visual.ln_pre.weight"):
+    for name in (
+        f"{block}.attn.in_proj_weight",
+        f"{block}.attn.out_proj.weight",
+        "visual.class_embedding",
+        "visual.positional_embedding",
+        "visual.proj",
+        "visual.ln_pre.weight",
+    ):
         assert delta[name].grad is not None and delta[name].grad.abs().sum() > 0, name
 
 
@@ -1171,8 +1315,9 @@ def test_class_token_positions_and_projection_match_brute_force() -> None:
     G, layout = gauss_newton(model, images, normalized=True)
     cls, pos = span(layout, "visual.class_embedding"), span(layout, "visual.positional_embedding")
     torch.testing.assert_close(factors.gram["visual.class_embedding"].double(), G[cls, cls], rtol=1e-4, atol=1e-9)
-    torch.testing.assert_close(factors.diag["visual.positional_embedding"].double().flatten(), G.diagonal()[pos],
-                               rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(
+        factors.diag["visual.positional_embedding"].double().flatten(), G.diagonal()[pos], rtol=1e-4, atol=1e-9
+    )
     # The projection is the last layer: with the unnormalized output its output side is exactly I.
     plain = factors_from_texts(model, images, task="t", batch_size=4, mc_samples=None, function="unnormalized")
     G, layout = gauss_newton(model, images)
@@ -1220,8 +1365,20 @@ def test_cli_kfac_merge_and_compress(cli, tmp_path: Path, tiny_model_dir: Path, 
     files = []
     for seed in (0, 1):
         path = tmp_path / f"f{seed}.safetensors"
-        code, out, _ = cli("kfac", tiny_csv, "--out", path, "--num-examples", "8", "--seed", str(seed),
-                           "--tokens", "reduce", "--model", tiny_model_dir)
+        code, out, _ = cli(
+            "kfac",
+            tiny_csv,
+            "--out",
+            path,
+            "--num-examples",
+            "8",
+            "--seed",
+            str(seed),
+            "--tokens",
+            "reduce",
+            "--model",
+            tiny_model_dir,
+        )
         assert code == 0 and "K-FAC factors of colours (8 examples" in out
         files.append(path)
     one = KFACFactors.load(files[0])

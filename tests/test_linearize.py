@@ -70,7 +70,7 @@ def test_only_delta_is_trained_and_theta0_is_shared(pretrained):
     linear = LinearizedEncoder(pretrained.encoder, trainable=True)
     trainable = [p for p in linear.parameters() if p.requires_grad]
     assert len(trainable) == len(list(pretrained.encoder.parameters()))
-    assert all(a is b for a, b in zip(linear.theta0().values(), pretrained.encoder.parameters()))
+    assert all(a is b for a, b in zip(linear.theta0().values(), pretrained.encoder.parameters(), strict=True))
 
 
 def test_sdpa_attention_linearizes_to_the_same_function_as_eager(tiny_model_dir, pretrained):
@@ -102,8 +102,9 @@ def test_multihead_attention_fast_path_is_bypassed_under_jvp():
     delta = {n: 1e-4 * torch.randn_like(p) for n, p in encoder.named_parameters()}
     with torch.no_grad():
         linear = LinearizedEncoder(encoder, delta)(**batch).last_hidden_state
-        moved = torch.func.functional_call(encoder, {n: p + delta[n] for n, p in encoder.named_parameters()},
-                                           args=(), kwargs=batch).last_hidden_state
+        moved = torch.func.functional_call(
+            encoder, {n: p + delta[n] for n, p in encoder.named_parameters()}, args=(), kwargs=batch
+        ).last_hidden_state
     assert torch.backends.mha.get_fastpath_enabled()  # restored after the JVP
     assert torch.allclose(linear, moved, atol=1e-6)  # first order: they differ by O(|delta|^2)
 
@@ -133,10 +134,12 @@ def test_taujp_penalty_is_zero_for_zero_vector_and_matches_direct_computation(pr
         single = pretrained.tokenize([text])
         with torch.no_grad():
             f0 = mean_pool(pretrained.encoder(**single).last_hidden_state, single["attention_mask"])
-            f1 = mean_pool(LinearizedEncoder(pretrained.encoder, delta)(**single).last_hidden_state, single["attention_mask"])
+            f1 = mean_pool(
+                LinearizedEncoder(pretrained.encoder, delta)(**single).last_hidden_state, single["attention_mask"]
+            )
         direct.append(float((f1 - f0).pow(2).sum()))
     assert float(squared) == pytest.approx(sum(direct) / len(direct), rel=1e-4)
-    assert float(penalty) == pytest.approx(sum(d ** 0.5 for d in direct) / len(direct), rel=1e-4)
+    assert float(penalty) == pytest.approx(sum(d**0.5 for d in direct) / len(direct), rel=1e-4)
 
 
 def test_batched_tangents_equal_separate_ones(pretrained):
@@ -146,8 +149,11 @@ def test_batched_tangents_equal_separate_ones(pretrained):
     alone = pretrained.tokenize(["a cat"])
     _, both = hidden_and_tangent(pretrained.encoder, theta0, delta, together)
     _, single = hidden_and_tangent(pretrained.encoder, theta0, delta, alone)
-    assert torch.allclose(pooled_tangents(both[-1:], together["attention_mask"][-1:]),
-                          pooled_tangents(single, alone["attention_mask"]), atol=1e-5)
+    assert torch.allclose(
+        pooled_tangents(both[-1:], together["attention_mask"][-1:]),
+        pooled_tangents(single, alone["attention_mask"]),
+        atol=1e-5,
+    )
 
 
 def test_linear_mode_finetuning_and_evaluation(pretrained, task):
@@ -179,17 +185,28 @@ def test_post_hoc_linearization_evaluates_a_standard_vector_through_f_lin(pretra
 def test_taujp_regularization_reduces_interference(pretrained, task, tmp_path, mode):
     other = tmp_path / "other.csv"
     fillers = ["the", "a", "my", "your", "this"]
-    other.write_text("text,label\n" + "".join(f"{f} {w} is quite small,{i % 2}\n" for i, (f, w) in
-                                              enumerate((f, w) for f in fillers for w in ["bird", "cow", "sheep", "mouse"])))
+    other.write_text(
+        "text,label\n"
+        + "".join(
+            f"{f} {w} is quite small,{i % 2}\n"
+            for i, (f, w) in enumerate((f, w) for f in fillers for w in ["bird", "cow", "sheep", "mouse"])
+        )
+    )
 
     def measured(tau: TaskVector) -> float:
         batch = pretrained.tokenize(list(task_from_file(other).train.inputs))
-        _, tangent = hidden_and_tangent(pretrained.encoder, dict(pretrained.encoder.named_parameters()), tau.deltas, batch)
+        _, tangent = hidden_and_tangent(
+            pretrained.encoder, dict(pretrained.encoder.named_parameters()), tau.deltas, batch
+        )
         return float(taujp_penalty(PenaltyInputs(tau.deltas, [pooled_tangents(tangent, batch["attention_mask"])])))
 
     base = dict(task=task.name, mode=mode, steps=20, batch_size=8, lr=3e-3, max_length=16)
     plain = finetune(FinetuneConfig(**base), pretrained, task, progress=False)
-    regularized = finetune(FinetuneConfig(**base, regularizer="taujp", reg_strength=10.0, reg_tasks=(str(other),), reg_batch_size=8),
-                           pretrained, task, progress=False)
+    regularized = finetune(
+        FinetuneConfig(**base, regularizer="taujp", reg_strength=10.0, reg_tasks=(str(other),), reg_batch_size=8),
+        pretrained,
+        task,
+        progress=False,
+    )
     assert measured(regularized.task_vector) < 0.5 * measured(plain.task_vector)
     assert "penalty" in regularized.record["history"][0]

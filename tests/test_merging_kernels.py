@@ -28,7 +28,9 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 _ENTRY = st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, -1.0, 0.25, -0.75, 3.0, 1e-3, -1e-3])
 _DELTAS = st.integers(1, 4).flatmap(
     lambda tasks: st.integers(1, 40).flatmap(
-        lambda size: st.lists(st.lists(_ENTRY, min_size=size, max_size=size), min_size=tasks, max_size=tasks)))
+        lambda size: st.lists(st.lists(_ENTRY, min_size=size, max_size=size), min_size=tasks, max_size=tasks)
+    )
+)
 
 
 def bits(array: np.ndarray | torch.Tensor) -> bytes:
@@ -69,8 +71,10 @@ def test_top_k_mask_of_half_precision_tensors_uses_torch_itself():
 def test_majority_breaks_a_cancelled_mass_across_chunks():
     # Entry 3's mass cancels (1 - 1); the other entries elect +1 three times and -1 once, so the
     # tensor's majority (+1) is elected there and the task agreeing with it (+1) is kept alone.
-    deltas = [np.array([1.0, 1.0, -1.0, 1.0, 1.0], dtype=np.float32),
-              np.array([1.0, 1.0, -1.0, -1.0, 1.0], dtype=np.float32)]
+    deltas = [
+        np.array([1.0, 1.0, -1.0, 1.0, 1.0], dtype=np.float32),
+        np.array([1.0, 1.0, -1.0, -1.0, 1.0], dtype=np.float32),
+    ]
     original = kernels._CHUNK
     kernels._CHUNK = 2
     try:
@@ -107,28 +111,45 @@ def test_bfloat16_rounding_matches_torch_on_every_halfway_and_neighbouring_patte
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("method, params", [("task_arithmetic", {"scaling": 0.7}), ("ties", {"density": 0.4}),
-                                            ("dare", {"density": 0.6})])
+@pytest.mark.parametrize(
+    "method, params", [("task_arithmetic", {"scaling": 0.7}), ("ties", {"density": 0.4}), ("dare", {"density": 0.6})]
+)
 def test_streamed_low_and_high_precision_merges_equal_the_torch_definition(tmp_path, dtype, method, params):
     generator = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(7, 5, generator=generator).to(dtype), "ids": torch.arange(4)}
-    fts = [{"w": (base["w"].double() + 0.01 * torch.randn(7, 5, generator=generator, dtype=torch.float64)).to(dtype),
-            "ids": torch.arange(4)} for _ in range(3)]
+    fts = [
+        {
+            "w": (base["w"].double() + 0.01 * torch.randn(7, 5, generator=generator, dtype=torch.float64)).to(dtype),
+            "ids": torch.arange(4),
+        }
+        for _ in range(3)
+    ]
     save_file(base, tmp_path / "base.safetensors")
     for i, ft in enumerate(fts):
         save_file(ft, tmp_path / f"ft{i}.safetensors")
     weights = [0.3, 1.0, 1 / 3]
-    merge_checkpoints(tmp_path / "base.safetensors", [tmp_path / f"ft{i}.safetensors" for i in range(3)],
-                      tmp_path / "out", method, weights=weights, seed=5, **params)
+    merge_checkpoints(
+        tmp_path / "base.safetensors",
+        [tmp_path / f"ft{i}.safetensors" for i in range(3)],
+        tmp_path / "out",
+        method,
+        weights=weights,
+        seed=5,
+        **params,
+    )
     # The definition: deltas in working precision (float32, float64 for float64), weighted, merged, added, rounded once.
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    deltas = [w * (ft["w"].to(work) - base["w"].to(work)) for ft, w in zip(fts, weights)]
-    filled = {"task_arithmetic": {"scaling": 0.7}, "ties": {"density": 0.4, "scaling": 1.0},
-              "dare": {"density": 0.6, "scaling": 1.0}}[method]
+    deltas = [w * (ft["w"].to(work) - base["w"].to(work)) for ft, w in zip(fts, weights, strict=True)]
+    filled = {
+        "task_arithmetic": {"scaling": 0.7},
+        "ties": {"density": 0.4, "scaling": 1.0},
+        "dare": {"density": 0.6, "scaling": 1.0},
+    }[method]
     expected = (base["w"].to(work) + merged_delta("w", deltas, method, filled, 5)).to(dtype)
     merged = read_state_dict(tmp_path / "out")
-    assert merged["w"].dtype == dtype and torch.equal(merged["w"].view(-1).view(torch.uint8),
-                                                      expected.view(-1).view(torch.uint8))
+    assert merged["w"].dtype == dtype and torch.equal(
+        merged["w"].view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8)
+    )
     assert torch.equal(merged["ids"], base["ids"])
 
 
@@ -138,13 +159,18 @@ def test_weights_that_are_not_powers_of_two_stream_like_scaled_task_vectors(tmp_
     save_file(base, tmp_path / "base.safetensors")
     paths = []
     for i in range(3):
-        save_file({k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in base.items()},
-                  tmp_path / f"ft{i}.safetensors")
+        save_file(
+            {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in base.items()},
+            tmp_path / f"ft{i}.safetensors",
+        )
         paths.append(tmp_path / f"ft{i}.safetensors")
     weights = [0.3, 0.7, 1 / 3]
     for method in ("task_arithmetic", "ties"):
         merge_checkpoints(tmp_path / "base.safetensors", paths, tmp_path / method, method, weights=weights)
-        vectors = [w * TaskVector.from_checkpoints(tmp_path / "base.safetensors", p) for p, w in zip(paths, weights)]
+        vectors = [
+            w * TaskVector.from_checkpoints(tmp_path / "base.safetensors", p)
+            for p, w in zip(paths, weights, strict=True)
+        ]
         expected = merge_task_vectors(vectors, method).apply_to(base)
         streamed = read_state_dict(tmp_path / method)
         assert all(torch.equal(streamed[k], expected[k]) for k in base)
@@ -168,9 +194,20 @@ def test_merging_checkpoints_with_task_arithmetic_or_ties_never_imports_torch(tm
     save_file(base, tmp_path / "base.safetensors")
     for i in range(2):
         save_file({"w": base["w"] + torch.randn(50, generator=generator)}, tmp_path / f"ft{i}.safetensors")
-    done = subprocess.run([sys.executable, "-c", _MERGE_WITHOUT_TORCH, str(tmp_path / "base.safetensors"),
-                           str(tmp_path / "ft0.safetensors"), str(tmp_path / "ft1.safetensors"), str(tmp_path)],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _MERGE_WITHOUT_TORCH,
+            str(tmp_path / "base.safetensors"),
+            str(tmp_path / "ft0.safetensors"),
+            str(tmp_path / "ft1.safetensors"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert done.stdout.split() == ["False", "False"]
     assert (tmp_path / "ties" / "model.safetensors").is_file()
 
@@ -214,8 +251,9 @@ def test_non_finite_weights_are_refused_naming_file_and_tensor(tmp_path, bad):
 def test_periodic_sync_works_on_files_and_is_skipped_for_in_memory_buffers(tmp_path, monkeypatch):
     import io as std_io
 
-    import taskarith.io as taskarith_io
     from safetensors.torch import load as load_bytes
+
+    import taskarith.io as taskarith_io
 
     monkeypatch.setattr(taskarith_io, "SYNC_BYTES", 16)  # sync after every tensor
     tensors = {f"t{i}": torch.full((10,), float(i)) for i in range(5)}

@@ -113,7 +113,7 @@ def test_ties_entries_are_zero_or_agree_with_the_elected_sign(columns):
     merged = ties(deltas, density=1.0)
     mass = sum(deltas)
     largest = torch.stack(deltas).abs().max(dim=0).values
-    for value, m, bound in zip(merged.tolist(), mass.tolist(), largest.tolist()):
+    for value, m, bound in zip(merged.tolist(), mass.tolist(), largest.tolist(), strict=True):
         assert value == 0 or m == 0 or math.copysign(1, value) == math.copysign(1, m)
         assert abs(value) <= bound + 1e-9  # a mean of agreeing entries never exceeds the largest
 
@@ -151,8 +151,9 @@ def test_dare_is_unbiased_over_seeds():
 
 def test_dare_with_density_one_is_task_arithmetic():
     deltas = [t(1, -2, 3), t(0.5, 0.5, -4)]
-    assert torch.equal(dare(deltas, generator=seeded(0), density=1.0, scaling=0.7),
-                       task_arithmetic(deltas, scaling=0.7))
+    assert torch.equal(
+        dare(deltas, generator=seeded(0), density=1.0, scaling=0.7), task_arithmetic(deltas, scaling=0.7)
+    )
 
 
 def test_dare_ties_rescales_then_takes_the_disjoint_mean():
@@ -181,8 +182,9 @@ def test_breadcrumbs_masks_outliers_and_small_entries():
     assert torch.equal(breadcrumbs([first], density=0.5, gamma=0.1), t(0, 0, 0, 0, 5, -6, 7, -8, 9, 0))
     assert torch.equal(breadcrumbs([second], density=0.5, gamma=0.1), t(0.5, 4, -1, 2, 0, 0, 3, 0, 0, 0))
     # The sum of the two masked deltas.
-    assert torch.equal(breadcrumbs([first, second], density=0.5, gamma=0.1, scaling=1.0),
-                       t(0.5, 4, -1, 2, 5, -6, 10, -8, 9, 0))
+    assert torch.equal(
+        breadcrumbs([first, second], density=0.5, gamma=0.1, scaling=1.0), t(0.5, 4, -1, 2, 5, -6, 10, -8, 9, 0)
+    )
 
 
 # Consensus ------------------------------------------------------------------------------------
@@ -330,8 +332,12 @@ def test_merge_with_task_arithmetic_is_the_sum():
     assert merged.allclose(a + b, atol=0, rtol=0)
     assert merged.task == "task_arithmetic(a+b)"
     assert merged.base_hash == "base" and merged.mode == "standard"
-    assert merged.config == {"merge_method": "task_arithmetic", "hyperparameters": {"scaling": 1.0},
-                             "seed": 0, "merged_tasks": ["a", "b"]}
+    assert merged.config == {
+        "merge_method": "task_arithmetic",
+        "hyperparameters": {"scaling": 1.0},
+        "seed": 0,
+        "merged_tasks": ["a", "b"],
+    }
     assert merge_task_vectors([a, b], scaling=0.5).allclose(0.5 * (a + b))
 
 
@@ -365,7 +371,9 @@ def test_merged_delta_matches_merge_task_vectors():
 
 
 def test_parameter_generator_depends_on_seed_and_name_only():
-    draw = lambda seed, name: torch.rand(4, generator=parameter_generator(seed, name))  # noqa: E731
+    def draw(seed: int, name: str) -> torch.Tensor:
+        return torch.rand(4, generator=parameter_generator(seed, name))
+
     assert torch.equal(draw(0, "w"), draw(0, "w"))
     assert not torch.equal(draw(0, "w"), draw(0, "b"))
     assert not torch.equal(draw(0, "w"), draw(1, "w"))

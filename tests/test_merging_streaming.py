@@ -20,8 +20,14 @@ from taskarith.merging.recipe import parse_size
 from taskarith.merging.streaming import plan_shards
 from taskarith.vectors import TaskVector
 
-HYPERPARAMETERS = {"ties": {"density": 0.3}, "dare": {"density": 0.6}, "dare_ties": {"density": 0.6},
-                   "breadcrumbs": {"density": 0.5, "gamma": 0.05}, "consensus": {"k": 1}, "tsv": {"scaling": 0.5}}
+HYPERPARAMETERS = {
+    "ties": {"density": 0.3},
+    "dare": {"density": 0.6},
+    "dare_ties": {"density": 0.6},
+    "breadcrumbs": {"density": 0.5, "gamma": 0.05},
+    "consensus": {"k": 1},
+    "tsv": {"scaling": 0.5},
+}
 
 
 def fine_tuned_copy(base_dir: Path, folder: Path, seed: int, shard: str | None = None) -> Path:
@@ -38,18 +44,21 @@ def fine_tuned_copy(base_dir: Path, folder: Path, seed: int, shard: str | None =
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, tiny_model_dir) -> list[Path]:
     root = tmp_path_factory.mktemp("finetuned")
-    return [fine_tuned_copy(tiny_model_dir, root / f"ft{i}", seed=i, shard="20KB" if i == 1 else None) for i in range(3)]
+    return [
+        fine_tuned_copy(tiny_model_dir, root / f"ft{i}", seed=i, shard="20KB" if i == 1 else None) for i in range(3)
+    ]
 
 
 @pytest.mark.parametrize("method", sorted(MERGE_METHODS))
 def test_streamed_merge_equals_in_memory_merge_bit_for_bit(tmp_path, tiny_model_dir, finetuned, method):
     params = HYPERPARAMETERS.get(method, {})
     weights = [1.0, 0.5, 2.0]
-    summary = merge_checkpoints(tiny_model_dir, finetuned, tmp_path / "merged", method, weights=weights, seed=3,
-                                **params)
+    summary = merge_checkpoints(
+        tiny_model_dir, finetuned, tmp_path / "merged", method, weights=weights, seed=3, **params
+    )
     streamed = read_state_dict(tmp_path / "merged")
 
-    vectors = [w * TaskVector.from_checkpoints(tiny_model_dir, ft) for ft, w in zip(finetuned, weights)]
+    vectors = [w * TaskVector.from_checkpoints(tiny_model_dir, ft) for ft, w in zip(finetuned, weights, strict=True)]
     in_memory = merge_task_vectors(vectors, method, seed=3, **params).apply_to(read_state_dict(tiny_model_dir))
     assert streamed.keys() == in_memory.keys() and summary["tensors"] == len(streamed)
     different = [k for k in streamed if not torch.equal(streamed[k], in_memory[k])]
@@ -157,14 +166,27 @@ def test_streamed_merge_memory_stays_near_a_few_tensors(tmp_path):
         folder.mkdir()
         half = count // 2  # two shards per fine-tuned model, like a sharded checkpoint
         for part, names in enumerate((list(base)[:half], list(base)[half:])):
-            save_file({k: base[k] + 0.01 * torch.randn(numel, generator=generator) for k in names},
-                      folder / f"model-0000{part + 1}-of-00002.safetensors")
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-            k: f"model-0000{1 if i < half else 2}-of-00002.safetensors" for i, k in enumerate(base)}}))
+            save_file(
+                {k: base[k] + 0.01 * torch.randn(numel, generator=generator) for k in names},
+                folder / f"model-0000{part + 1}-of-00002.safetensors",
+            )
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps(
+                {
+                    "weight_map": {
+                        k: f"model-0000{1 if i < half else 2}-of-00002.safetensors" for i, k in enumerate(base)
+                    }
+                }
+            )
+        )
         models.append(folder)
     del base
-    done = subprocess.run([sys.executable, "-c", _MERGE_IN_A_CHILD, str(base_dir), *map(str, models),
-                           str(tmp_path / "merged")], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _MERGE_IN_A_CHILD, str(base_dir), *map(str, models), str(tmp_path / "merged")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     memory = json.loads(done.stdout.strip().splitlines()[-1])
     total_read_mb = 4 * tensor_mb * count
     assert memory["peak"] - memory["before"] < 64, (memory, total_read_mb)
@@ -183,7 +205,8 @@ def test_parse_size():
 
 def test_recipe_with_relative_paths_and_weights(tmp_path, tiny_model_dir, finetuned):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(textwrap.dedent(f"""
+    recipe.write_text(
+        textwrap.dedent(f"""
         merge_method: ties
         base_model: {tiny_model_dir}
         models:
@@ -194,26 +217,35 @@ def test_recipe_with_relative_paths_and_weights(tmp_path, tiny_model_dir, finetu
         seed: 1
         out: merged
         shard_size: 1MB
-    """))
+    """)
+    )
     plan = load_recipe(recipe)
     assert plan.out == str(tmp_path / "merged") and [m.weight for m in plan.models] == [0.5, 1.0]
     run_recipe(plan)
-    vectors = [0.5 * TaskVector.from_checkpoints(tiny_model_dir, finetuned[0]),
-               TaskVector.from_checkpoints(tiny_model_dir, finetuned[1])]
+    vectors = [
+        0.5 * TaskVector.from_checkpoints(tiny_model_dir, finetuned[0]),
+        TaskVector.from_checkpoints(tiny_model_dir, finetuned[1]),
+    ]
     expected = merge_task_vectors(vectors, "ties", seed=1, density=0.3).apply_to(read_state_dict(tiny_model_dir))
     assert all(torch.equal(v, expected[k]) for k, v in read_state_dict(tmp_path / "merged").items())
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("merge_method: ties\nbase: x\n", "unknown key(s) ['base']"),
-    ("- a\n- b\n", "a recipe is a mapping"),
-    ("merge_method: ties\ntask_vectors: [a.safetensors]\n", "no 'out'"),
-    ("merge_method: ties\nmodels: [a]\nout: o\n", "need a 'base_model'"),
-    ("merge_method: nope\ntask_vectors: [a.safetensors]\nout: o\n", "unknown merging method 'nope'"),
-    ("merge_method: ties\ntask_vectors: [a.safetensors]\nout: o\nparameters: {density: 2}\n", "'density' = 2"),
-    ("merge_method: ties\nmodels: [{model: a, parameters: {weight: x}}]\nbase_model: b\nout: o\n", "weight must be a finite number"),
-    ("key: [unclosed\n", "not a readable YAML recipe"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("merge_method: ties\nbase: x\n", "unknown key(s) ['base']"),
+        ("- a\n- b\n", "a recipe is a mapping"),
+        ("merge_method: ties\ntask_vectors: [a.safetensors]\n", "no 'out'"),
+        ("merge_method: ties\nmodels: [a]\nout: o\n", "need a 'base_model'"),
+        ("merge_method: nope\ntask_vectors: [a.safetensors]\nout: o\n", "unknown merging method 'nope'"),
+        ("merge_method: ties\ntask_vectors: [a.safetensors]\nout: o\nparameters: {density: 2}\n", "'density' = 2"),
+        (
+            "merge_method: ties\nmodels: [{model: a, parameters: {weight: x}}]\nbase_model: b\nout: o\n",
+            "weight must be a finite number",
+        ),
+        ("key: [unclosed\n", "not a readable YAML recipe"),
+    ],
+)
 def test_bad_recipes_are_named(tmp_path, text, expected):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(text)
@@ -224,8 +256,10 @@ def test_bad_recipes_are_named(tmp_path, text, expected):
 
 def test_cli_merges_models_and_vectors_with_overrides(cli, tmp_path, tiny_model_dir, finetuned):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"merge_method: ties\nbase_model: {tiny_model_dir}\nmodels: [{finetuned[0]}, {finetuned[1]}]\n"
-                      f"parameters: {{density: 0.3}}\nout: from-recipe\n")
+    recipe.write_text(
+        f"merge_method: ties\nbase_model: {tiny_model_dir}\nmodels: [{finetuned[0]}, {finetuned[1]}]\n"
+        f"parameters: {{density: 0.3}}\nout: from-recipe\n"
+    )
     code, out, err = cli("merge", recipe, "--set", "density=0.5", "--out", tmp_path / "cli")
     assert code == 0, err
     assert '"density": 0.5' in out and not (tmp_path / "from-recipe").exists()
@@ -235,13 +269,30 @@ def test_cli_merges_models_and_vectors_with_overrides(cli, tmp_path, tiny_model_
 
     for i, vector in enumerate(vectors):
         vector.save(tmp_path / f"tau{i}.safetensors")
-    code, _, err = cli("merge", "--method", "task_arithmetic", "--vector",
-                           f"{tmp_path / 'tau0.safetensors'}:0.5", "--vector", tmp_path / "tau1.safetensors",
-                           "--out", tmp_path / "merged.safetensors")
+    code, _, err = cli(
+        "merge",
+        "--method",
+        "task_arithmetic",
+        "--vector",
+        f"{tmp_path / 'tau0.safetensors'}:0.5",
+        "--vector",
+        tmp_path / "tau1.safetensors",
+        "--out",
+        tmp_path / "merged.safetensors",
+    )
     assert code == 0, err
     merged = TaskVector.load(tmp_path / "merged.safetensors")
     assert merged.allclose(0.5 * vectors[0] + vectors[1], atol=1e-7)
 
-    code, _, err = cli("merge", "--method", "ties", "--vector", tmp_path / "tau0.safetensors",
-                           "--set", "density", "--out", tmp_path / "x.safetensors")
+    code, _, err = cli(
+        "merge",
+        "--method",
+        "ties",
+        "--vector",
+        tmp_path / "tau0.safetensors",
+        "--set",
+        "density",
+        "--out",
+        tmp_path / "x.safetensors",
+    )
     assert code == 2 and "expected KEY=VALUE" in err and "Traceback" not in err

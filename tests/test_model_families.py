@@ -7,6 +7,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from conftest import write_tiny_bert
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -18,7 +19,6 @@ from transformers import (
     RobertaModel,
 )
 
-from conftest import write_tiny_bert
 from taskarith.data import BUILTIN_TASKS, Examples, Task
 from taskarith.errors import TaskArithError
 from taskarith.finetune import FinetuneConfig, finetune
@@ -49,8 +49,16 @@ def colour_examples(n: int, seed: int, size: int = 20) -> Examples:
 
 
 def colour_task(name: str = "colour_images", seed: int = 0) -> Task:
-    return Task(name, COLOURS, ("a photo of a {} thing.", "a {} image."), colour_examples(48, seed),
-                colour_examples(12, seed + 1), colour_examples(12, seed + 2), "colours", "tests")
+    return Task(
+        name,
+        COLOURS,
+        ("a photo of a {} thing.", "a {} image."),
+        colour_examples(48, seed),
+        colour_examples(12, seed + 1),
+        colour_examples(12, seed + 2),
+        "colours",
+        "tests",
+    )
 
 
 @pytest.fixture
@@ -76,9 +84,11 @@ def check_family(pretrained: Pretrained, task: Task, other: Task, tmp_path, mode
     factors = tmp_path / "kfac.safetensors"
     compute_kfac_factors(pretrained, other, num_examples=8, batch_size=4, progress=False).save(factors)
     runs = [dict(mode=mode) for mode in modes]
-    runs += [dict(mode="standard", regularizer="taujp", reg_tasks=(other.name,), reg_batch_size=4),
-             dict(mode="linear", regularizer="taujp", reg_tasks=(other.name,), reg_batch_size=4),
-             dict(mode="linear", regularizer="kfac", reg_factors=(str(factors),))]
+    runs += [
+        dict(mode="standard", regularizer="taujp", reg_tasks=(other.name,), reg_batch_size=4),
+        dict(mode="linear", regularizer="taujp", reg_tasks=(other.name,), reg_batch_size=4),
+        dict(mode="linear", regularizer="kfac", reg_factors=(str(factors),)),
+    ]
     for number, settings in enumerate(runs):
         if "regularizer" in settings:
             settings["reg_strength"] = 1.0
@@ -90,8 +100,12 @@ def check_family(pretrained: Pretrained, task: Task, other: Task, tmp_path, mode
         assert loaded.allclose(tau, atol=0, rtol=0) and loaded.mode == settings["mode"]
 
     # Standard-mode round trip through a model: apply, then recover the vector from the two models.
-    tau = finetune(FinetuneConfig(task=task.name, model=pretrained.name, steps=1, batch_size=4, lr=1e-3),
-                   pretrained, task, progress=False).task_vector
+    tau = finetune(
+        FinetuneConfig(task=task.name, model=pretrained.name, steps=1, batch_size=4, lr=1e-3),
+        pretrained,
+        task,
+        progress=False,
+    ).task_vector
     edited = tau.apply_to(pretrained.encoder)
     recovered = TaskVector.from_models(pretrained.encoder, edited)  # also holds float buffers (BatchNorm statistics)
     assert all(torch.allclose(recovered.deltas[k], v, atol=1e-6) for k, v in tau.deltas.items())
@@ -142,11 +156,18 @@ def test_image_preprocess_resizes_crops_and_normalises():
 def test_pooled_image_encoder_wraps_any_backbone(image_tasks, tmp_path):
     task, other = image_tasks
     torch.manual_seed(0)
-    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 6))
+    backbone = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 6),
+    )
     encoder = PooledImageEncoder(backbone, lambda module, pixels: module(pixels))
-    pretrained = Pretrained(name="conv", encoder=encoder, preprocess=image_preprocess(16),
-                            build_head=linear_probe_head, modality="image")
+    pretrained = Pretrained(
+        name="conv", encoder=encoder, preprocess=image_preprocess(16), build_head=linear_probe_head, modality="image"
+    )
     check_family(pretrained, task, other, tmp_path)
 
 
@@ -164,12 +185,27 @@ def tiny_clip_dir(tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(folder / "bert")
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         vocab_size=len(tokenizer), max_position_embeddings=32, bos_token_id=2, eos_token_id=3,
-                         pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=32,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     CLIPModel(config).save_pretrained(folder / "clip")
     tokenizer.save_pretrained(folder / "clip")
     return folder / "clip"
@@ -216,8 +252,10 @@ def test_hf_clip_image_features_match_clipmodel(tiny_clip_dir):
 
 
 def test_random_resized_crop_box_follows_its_definition():
-    boxes = [random_resized_crop_box(200, 220, (0.9, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(s))
-             for s in range(200)]
+    boxes = [
+        random_resized_crop_box(200, 220, (0.9, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(s))
+        for s in range(200)
+    ]
     assert boxes[7] == random_resized_crop_box(200, 220, (0.9, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(7))
     for top, left, h, w in boxes:
         assert 0 <= top <= 200 - h and 0 <= left <= 220 - w
@@ -225,14 +263,24 @@ def test_random_resized_crop_box_follows_its_definition():
         assert 0.9 * 44000 - 2 * (h + w) <= h * w <= 44000 and 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
     assert len(set(boxes)) > 100
     # A 200 x 300 picture has no crop of 90 % of its area within the ratio range: the centred fallback.
-    assert random_resized_crop_box(200, 300, (0.9, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0)) == \
-        (0, 16, 200, 267)
+    assert random_resized_crop_box(200, 300, (0.9, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0)) == (
+        0,
+        16,
+        200,
+        267,
+    )
     # Nothing fits a 1 x 100 strip: the fallback is the largest centred crop within the ratio range.
-    assert random_resized_crop_box(1, 100, (0.9, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0)) == (0, 49, 1, 1)
+    assert random_resized_crop_box(1, 100, (0.9, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0)) == (
+        0,
+        49,
+        1,
+        1,
+    )
     # The global generator draws as a generator seeded alike.
     torch.manual_seed(3)
-    assert random_resized_crop_box(50, 50, (0.5, 1.0), (3 / 4, 4 / 3)) == \
-        random_resized_crop_box(50, 50, (0.5, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(3))
+    assert random_resized_crop_box(50, 50, (0.5, 1.0), (3 / 4, 4 / 3)) == random_resized_crop_box(
+        50, 50, (0.5, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(3)
+    )
 
 
 def test_image_train_preprocess_is_seeded_per_input():
@@ -277,10 +325,17 @@ def test_clip_trains_on_augmented_batches_and_a_seed_gives_the_same_task_vector(
     first, second = two_steps(), two_steps()
     assert all(torch.equal(first[name], second[name]) for name in first)
     # Models without a training transform train on the eval batches.
-    text_like = Pretrained(name="conv", encoder=pretrained.encoder, preprocess=image_preprocess(32),
-                           build_head=linear_probe_head, modality="image")
-    assert torch.equal(text_like.tokenize(images, train=True, seeds=range(6))["pixel_values"],
-                       text_like.tokenize(images)["pixel_values"])
+    text_like = Pretrained(
+        name="conv",
+        encoder=pretrained.encoder,
+        preprocess=image_preprocess(32),
+        build_head=linear_probe_head,
+        modality="image",
+    )
+    assert torch.equal(
+        text_like.tokenize(images, train=True, seeds=range(6))["pixel_values"],
+        text_like.tokenize(images)["pixel_values"],
+    )
     assert load_efficientnet_lite0().train_preprocess is None
 
 
@@ -297,11 +352,28 @@ def _text_folder(tmp_path, kind: str, tiny_model_dir):
     if kind == "distilbert":
         model = DistilBertModel(DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, hidden_dim=64))
     elif kind == "roberta":
-        model = RobertaModel(RobertaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                           intermediate_size=64, max_position_embeddings=70, pad_token_id=0))
+        model = RobertaModel(
+            RobertaConfig(
+                vocab_size=vocab,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=70,
+                pad_token_id=0,
+            )
+        )
     else:
-        model = BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
-                                                         num_attention_heads=4, intermediate_size=64, num_labels=3))
+        model = BertForSequenceClassification(
+            BertConfig(
+                vocab_size=vocab,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                num_labels=3,
+            )
+        )
     folder = tmp_path / kind
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -324,27 +396,35 @@ def test_hugging_face_text_families(kind, tmp_path, tiny_model_dir, tiny_csv, mo
 # timm and open_clip: their packages import torchvision, which needs a build matching torch exactly
 
 
-@pytest.mark.skipif(importlib.util.find_spec("timm") is None or importlib.util.find_spec("torchvision") is None,
-                    reason="timm (with a torchvision matching this torch) is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("timm") is None or importlib.util.find_spec("torchvision") is None,
+    reason="timm (with a torchvision matching this torch) is not installed",
+)
 def test_timm_backbone_every_mode(image_tasks, tmp_path):
     from taskarith.models.timm import load_timm
 
     task, other = image_tasks
     check_family(load_timm("resnet10t", random_init=True, image_size=32), task, other, tmp_path)
-    check_family(load_timm("vit_tiny_patch16_224", random_init=True, img_size=32, image_size=32), task, other,
-                 tmp_path / "vit")
+    check_family(
+        load_timm("vit_tiny_patch16_224", random_init=True, img_size=32, image_size=32), task, other, tmp_path / "vit"
+    )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("open_clip") is None or importlib.util.find_spec("torchvision") is None,
-                    reason="open_clip (with a torchvision matching this torch) is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("open_clip") is None or importlib.util.find_spec("torchvision") is None,
+    reason="open_clip (with a torchvision matching this torch) is not installed",
+)
 def test_open_clip_every_mode(image_tasks, tmp_path, monkeypatch):
     import open_clip
     from open_clip import factory
 
     from taskarith.models.clip import load_open_clip
 
-    tiny = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    tiny = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    }
     monkeypatch.setitem(factory._MODEL_CONFIGS, "taskarith-tiny", tiny)
     task, other = image_tasks
     pretrained = load_open_clip("taskarith-tiny")
@@ -358,11 +438,14 @@ def test_open_clip_every_mode(image_tasks, tmp_path, monkeypatch):
     check_family(pretrained, task, other, tmp_path)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("open_clip:ViT-B-32", "name the weights"),  # never a silently random CLIP
-    ("timm:", "expected timm:NAME"),
-    ("open_clip:@weights.bin", "expected open_clip:NAME"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("open_clip:ViT-B-32", "name the weights"),  # never a silently random CLIP
+        ("timm:", "expected timm:NAME"),
+        ("open_clip:@weights.bin", "expected open_clip:NAME"),
+    ],
+)
 def test_model_specs_are_checked(spec, message):
     with pytest.raises(TaskArithError, match=message):
         load_pretrained(spec, device="cpu")

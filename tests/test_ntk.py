@@ -8,14 +8,12 @@ import math
 
 import pytest
 import torch
+from test_bench import write_task
 
-from taskarith.data import task_from_file
 from taskarith.errors import TaskArithError
 from taskarith.models import load_pretrained
 from taskarith.models.zero_shot import mean_pool
 from taskarith.ntk import empirical_ntk, localization, ntk_cost
-
-from test_bench import write_task
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +37,14 @@ def brute_force_ntk(model, inputs):
             rows = []
             for k in range(pooled.shape[0]):  # the pooler's parameters are unused: a zero gradient
                 grads = torch.autograd.grad(pooled[k], params, retain_graph=True, allow_unused=True)
-                rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                       for p, g in zip(params, grads)]))
+                rows.append(
+                    torch.cat(
+                        [
+                            (torch.zeros_like(p) if g is None else g).reshape(-1)
+                            for p, g in zip(params, grads, strict=True)
+                        ]
+                    )
+                )
             for p in params:
                 p.requires_grad_(False)
         gradients.append(torch.stack(rows).double())
@@ -66,13 +70,24 @@ def test_image_models_map_over_inputs_to_the_same_kernel():
     from taskarith.models.vision import PooledImageEncoder, image_preprocess, linear_probe_head
 
     torch.manual_seed(0)
-    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 5))
+    backbone = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 5),
+    )
     with torch.no_grad():  # running statistics that are not the identity, so eval-mode BatchNorm matters
         backbone[1].running_mean.uniform_(-0.5, 0.5)
         backbone[1].running_var.uniform_(0.5, 2.0)
-    model = Pretrained(name="conv", encoder=PooledImageEncoder(backbone, lambda module, pixels: module(pixels)),
-                       preprocess=image_preprocess(8), build_head=linear_probe_head, modality="image")
+    model = Pretrained(
+        name="conv",
+        encoder=PooledImageEncoder(backbone, lambda module, pixels: module(pixels)),
+        preprocess=image_preprocess(8),
+        build_head=linear_probe_head,
+        modality="image",
+    )
     import numpy as np
 
     images = [np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8) for i in range(5)]
@@ -110,8 +125,21 @@ def test_localization_of_hand_made_kernels():
 
 def test_ntk_command_and_its_ledger_row(tmp_path, cli, tiny_model_dir, tiny_csv):
     sizes = write_task(tmp_path / "sizes.csv", "{f} {w} is quite {s}", ("big", "small"))
-    code, stdout, stderr = cli("ntk", "--model", str(tiny_model_dir), "--task", str(tiny_csv), "--task", str(sizes),
-                               "--examples", "2", "--top", "4", "--out", str(tmp_path / "ntk"))
+    code, stdout, stderr = cli(
+        "ntk",
+        "--model",
+        str(tiny_model_dir),
+        "--task",
+        str(tiny_csv),
+        "--task",
+        str(sizes),
+        "--examples",
+        "2",
+        "--top",
+        "4",
+        "--out",
+        str(tmp_path / "ntk"),
+    )
     assert code == 0, stderr
     study = json.loads((tmp_path / "ntk" / "ntk.json").read_text())
     assert (tmp_path / "ntk" / "ntk.png").stat().st_size > 0
@@ -120,8 +148,22 @@ def test_ntk_command_and_its_ledger_row(tmp_path, cli, tiny_model_dir, tiny_csv)
         entry = study[label]
         assert len(entry["largest_share"]) == 4 and 0.5 - 1e-9 <= entry["mean_top_share"] <= 1.0 + 1e-9
     # The same kernel again: deterministic.
-    code, _, _ = cli("ntk", "--model", str(tiny_model_dir), "--task", str(tiny_csv), "--task", str(sizes),
-                     "--examples", "2", "--top", "4", "--no-random-init", "--out", str(tmp_path / "again"))
+    code, _, _ = cli(
+        "ntk",
+        "--model",
+        str(tiny_model_dir),
+        "--task",
+        str(tiny_csv),
+        "--task",
+        str(sizes),
+        "--examples",
+        "2",
+        "--top",
+        "4",
+        "--no-random-init",
+        "--out",
+        str(tmp_path / "again"),
+    )
     again = json.loads((tmp_path / "again" / "ntk.json").read_text())
     assert again["pretrained"]["eigenvalues"] == pytest.approx(study["pretrained"]["eigenvalues"], rel=1e-6)
     assert "random_init" not in again
@@ -129,11 +171,21 @@ def test_ntk_command_and_its_ledger_row(tmp_path, cli, tiny_model_dir, tiny_csv)
     # The ledger's NTK row reads the study of the bench's model; a file of another kind is refused by name.
     from taskarith.experiments.claims import ledger
 
-    bench = {"model": {"name": study["pretrained"]["model"]}, "tasks": [], "per_seed": {"0": {"methods": {}}},
-             "profile": {"methods": []}}
+    bench = {
+        "model": {"name": study["pretrained"]["model"]},
+        "tasks": [],
+        "per_seed": {"0": {"methods": {}}},
+        "profile": {"methods": []},
+    }
     (tmp_path / "results.json").write_text(json.dumps(bench))
-    code, stdout, _ = cli("claims", str(tmp_path / "results.json"), "--ntk", str(tmp_path / "ntk" / "ntk.json"),
-                          "--out", str(tmp_path / "claims"))
+    code, stdout, _ = cli(
+        "claims",
+        str(tmp_path / "results.json"),
+        "--ntk",
+        str(tmp_path / "ntk" / "ntk.json"),
+        "--out",
+        str(tmp_path / "claims"),
+    )
     assert code == 0, stdout
     rows = json.loads((tmp_path / "claims" / "claims.json").read_text())[str(tmp_path / "results.json")]
     row = next(r for r in rows if r["key"] == "tangent.ntk_localization")
@@ -144,6 +196,17 @@ def test_ntk_command_and_its_ledger_row(tmp_path, cli, tiny_model_dir, tiny_csv)
     code, _, stderr = cli("claims", str(tmp_path / "results.json"), "--ntk", str(tmp_path / "results.json"))
     assert code != 0 and "not the ntk.json" in stderr
     # More examples than a task has: refused, naming the task, before any kernel is computed.
-    code, _, stderr = cli("ntk", "--model", str(tiny_model_dir), "--task", str(tiny_csv), "--task", str(sizes),
-                          "--examples", "500", "--out", str(tmp_path / "refused"))
+    code, _, stderr = cli(
+        "ntk",
+        "--model",
+        str(tiny_model_dir),
+        "--task",
+        str(tiny_csv),
+        "--task",
+        str(sizes),
+        "--examples",
+        "500",
+        "--out",
+        str(tmp_path / "refused"),
+    )
     assert code != 0 and "task 'colours' has 12 test examples; 500 were asked for" in stderr

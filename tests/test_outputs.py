@@ -22,16 +22,6 @@ from taskarith.outputs import MARKER, MERGED_MODEL_FORMAT
 from taskarith.vectors import TaskVector
 
 
-def write_model(folder: Path, seed: int) -> Path:
-    """A two-tensor 'model' folder with a config, like a Hugging Face one (no torch needed)."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    save_file({"a.weight": rng.standard_normal((4, 3)).astype(np.float32),
-               "b.bias": rng.standard_normal(5).astype(np.float32)}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text('{"model_type": "tiny"}\n')
-    return folder
-
-
 def snapshot(root: Path) -> dict[str, object]:
     """Every entry under ``root``: file bytes, link targets, folders (links are not followed)."""
     state: dict[str, object] = {}
@@ -39,20 +29,10 @@ def snapshot(root: Path) -> dict[str, object]:
         for name in dirs + files:
             path = Path(folder) / name
             key = str(path.relative_to(root))
-            state[key] = (("link", os.readlink(path)) if path.is_symlink() else
-                          "folder" if path.is_dir() else path.read_bytes())
+            state[key] = (
+                ("link", os.readlink(path)) if path.is_symlink() else "folder" if path.is_dir() else path.read_bytes()
+            )
     return state
-
-
-@pytest.fixture
-def work(tmp_path, monkeypatch) -> Path:
-    """The reported layout: base/, ftA/ and notes.txt in the current folder."""
-    root = tmp_path / "work"
-    write_model(root / "base", seed=0)
-    write_model(root / "ftA", seed=1)
-    (root / "notes.txt").write_text("weeks of notes\n")
-    monkeypatch.chdir(root)
-    return root
 
 
 def refused(cli, tmp_path: Path, *args: object) -> str:
@@ -79,19 +59,23 @@ def test_out_at_the_folder_holding_the_inputs_is_refused(cli, tmp_path, work, ou
 
 def test_out_containing_an_input_is_refused(cli, tmp_path, work, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    message = refused(cli, tmp_path, "merge", "--base", work / "base", "--model", work / "ftA", "--out", work,
-                      "--overwrite")
+    message = refused(
+        cli, tmp_path, "merge", "--base", work / "base", "--model", work / "ftA", "--out", work, "--overwrite"
+    )
     assert f"{work} contains the base model {work / 'base'}" in message
 
 
-@pytest.mark.parametrize("out,relation", [
-    ("base/model.safetensors", "is inside the base model"),
-    ("base", "is the base model"),
-    ("ftA", "is the model"),
-    ("ftA/merged", "is inside the model"),
-    ("ftA/sub/deeper", "is inside the model"),
-    ("./ftA/../base", "is the base model"),
-])
+@pytest.mark.parametrize(
+    "out,relation",
+    [
+        ("base/model.safetensors", "is inside the base model"),
+        ("base", "is the base model"),
+        ("ftA", "is the model"),
+        ("ftA/merged", "is inside the model"),
+        ("ftA/sub/deeper", "is inside the model"),
+        ("./ftA/../base", "is the base model"),
+    ],
+)
 def test_out_on_or_inside_an_input_is_refused(cli, tmp_path, work, out, relation):
     message = refused(cli, tmp_path, *MERGE, "--out", out, "--overwrite")
     assert f") {relation} " in message and (work / out).resolve().as_posix() in message
@@ -101,8 +85,9 @@ def test_inputs_are_recognised_through_linked_folders(cli, tmp_path, work):
     (tmp_path / "elsewhere").symlink_to(work)
     message = refused(cli, tmp_path, *MERGE, "--out", tmp_path / "elsewhere" / "base", "--overwrite")
     assert "is the base model base" in message
-    message = refused(cli, tmp_path, "merge", "--base", tmp_path / "elsewhere" / "base", "--model", "ftA",
-                      "--out", "base/merged")
+    message = refused(
+        cli, tmp_path, "merge", "--base", tmp_path / "elsewhere" / "base", "--model", "ftA", "--out", "base/merged"
+    )
     assert "is inside the base model" in message
 
 
@@ -110,8 +95,9 @@ def test_out_that_is_or_contains_the_current_folder_is_refused(cli, tmp_path, wo
     (tmp_path / "empty" / "here").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "empty" / "here")
     for out in (".", ".."):
-        message = refused(cli, tmp_path, "merge", "--base", work / "base", "--model", work / "ftA", "--out", out,
-                          "--overwrite")
+        message = refused(
+            cli, tmp_path, "merge", "--base", work / "base", "--model", work / "ftA", "--out", out, "--overwrite"
+        )
         assert "the current folder" in message
 
 
@@ -141,11 +127,14 @@ def test_wrong_typed_recipe_out_is_refused_naming_the_field(cli, tmp_path, work,
     assert "recipe.yaml: 'out' must be a path" in message
 
 
-@pytest.mark.parametrize("field,text", [
-    ("base_model", "base_model: {}\nmodels: [ftA]\nout: merged\n"),
-    ("merge_method", "merge_method: [ties]\nbase_model: base\nmodels: [ftA]\nout: merged\n"),
-    ("models[0]", "base_model: base\nmodels: ['']\nout: merged\n"),
-])
+@pytest.mark.parametrize(
+    "field,text",
+    [
+        ("base_model", "base_model: {}\nmodels: [ftA]\nout: merged\n"),
+        ("merge_method", "merge_method: [ties]\nbase_model: base\nmodels: [ftA]\nout: merged\n"),
+        ("models[0]", "base_model: base\nmodels: ['']\nout: merged\n"),
+    ],
+)
 def test_other_wrong_typed_recipe_fields_are_refused(cli, tmp_path, work, field, text):
     (work / "recipe.yaml").write_text(text)
     assert field in refused(cli, tmp_path, "merge", "recipe.yaml")
@@ -205,7 +194,9 @@ def test_merging_on_top_of_a_merge_keeps_one_marker_of_its_own(cli, tmp_path, wo
     previous_merge(cli, work)
     code, _, err = cli("merge", "--base", "merged", "--model", "ftA", "--out", "again")
     assert code == 0, err
-    assert json.loads((work / "again" / MARKER).read_text())["files"] == sorted(p.name for p in (work / "again").iterdir())
+    assert json.loads((work / "again" / MARKER).read_text())["files"] == sorted(
+        p.name for p in (work / "again").iterdir()
+    )
 
 
 @pytest.fixture
@@ -213,7 +204,8 @@ def vectors(work) -> list[Path]:
     paths = []
     for i in range(2):
         TaskVector(deltas={"w": torch.full((3,), float(i + 1))}, base_hash="0123456789abcdef").save(
-            work / f"tau{i}.safetensors")
+            work / f"tau{i}.safetensors"
+        )
         paths.append(work / f"tau{i}.safetensors")
     return paths
 
@@ -222,11 +214,11 @@ def test_vector_merge_never_writes_over_its_inputs_or_foreign_files(cli, tmp_pat
     merge = ("merge", "--vector", "tau0.safetensors", "--vector", "tau1.safetensors")
     assert "is the task vector tau0" in refused(cli, tmp_path, *merge, "--out", "tau0.safetensors", "--overwrite")
     assert "contains the task vector" in refused(cli, tmp_path, *merge, "--out", work, "--overwrite")
-    assert "not a safetensors file written by taskarith" in refused(cli, tmp_path, *merge, "--out", "notes.txt",
-                                                                    "--overwrite")
+    assert "not a safetensors file written by taskarith" in refused(
+        cli, tmp_path, *merge, "--out", "notes.txt", "--overwrite"
+    )
     save_file({"w": np.zeros(3, dtype=np.float32)}, str(work / "foreign.safetensors"), metadata={"format": "pt"})
-    assert "metadata 'format' is 'pt'" in refused(cli, tmp_path, *merge, "--out", "foreign.safetensors",
-                                                  "--overwrite")
+    assert "metadata 'format' is 'pt'" in refused(cli, tmp_path, *merge, "--out", "foreign.safetensors", "--overwrite")
     (work / "folder.safetensors").mkdir()
     assert "is a folder" in refused(cli, tmp_path, *merge, "--out", "folder.safetensors", "--overwrite")
 
@@ -285,23 +277,28 @@ def test_compose_and_kfac_writers_refuse_an_existing_output(cli, tmp_path, work,
     for name, args in writers.items():
         assert "notes.txt" in refused(cli, tmp_path, *args, "--out", "notes.txt"), name
         assert "is not a safetensors file written by taskarith" in refused(
-            cli, tmp_path, *args, "--out", "notes.txt", "--overwrite"), name
-    assert "is the task vector" in refused(cli, tmp_path, "compose", "--add", "tau0.safetensors", "--out",
-                                           "tau0.safetensors", "--overwrite")
-    assert "is the factor file" in refused(cli, tmp_path, "kfac-merge", "f.safetensors", "--out", "f.safetensors",
-                                           "--overwrite")
+            cli, tmp_path, *args, "--out", "notes.txt", "--overwrite"
+        ), name
+    assert "is the task vector" in refused(
+        cli, tmp_path, "compose", "--add", "tau0.safetensors", "--out", "tau0.safetensors", "--overwrite"
+    )
+    assert "is the factor file" in refused(
+        cli, tmp_path, "kfac-merge", "f.safetensors", "--out", "f.safetensors", "--overwrite"
+    )
 
 
 def test_compose_replaces_only_with_overwrite_and_only_a_task_vector(cli, tmp_path, work, vectors):
     assert cli("compose", "--add", "tau0.safetensors", "--out", "sum.safetensors")[0] == 0
-    assert "already exists" in refused(cli, tmp_path, "compose", "--add", "tau1.safetensors", "--out",
-                                       "sum.safetensors")
+    assert "already exists" in refused(
+        cli, tmp_path, "compose", "--add", "tau1.safetensors", "--out", "sum.safetensors"
+    )
     code, _, err = cli("compose", "--add", "tau1.safetensors", "--out", "sum.safetensors", "--overwrite")
     assert code == 0, err
     assert TaskVector.load(work / "sum.safetensors").deltas["w"].tolist() == [2.0, 2.0, 2.0]
     factor_file(work / "f.safetensors")
     assert "is not a taskarith taskarith.task_vector/1 file" in refused(
-        cli, tmp_path, "compose", "--add", "tau0.safetensors", "--out", "f.safetensors", "--overwrite")
+        cli, tmp_path, "compose", "--add", "tau0.safetensors", "--out", "f.safetensors", "--overwrite"
+    )
 
 
 FINETUNE = ("finetune", "rt_sentiment", "--out", "run")
@@ -319,8 +316,11 @@ def test_finetune_refuses_a_finished_run_folder_before_training(cli, tmp_path, w
 def test_finetune_keeps_an_unfinished_runs_checkpoint_unless_told(cli, tmp_path, work, monkeypatch):
     no_model_loading(monkeypatch)
     (work / "run").mkdir()
-    save_file({"w": np.zeros(2, dtype=np.float32)}, str(work / "run" / "checkpoint.safetensors"),
-              metadata={"format": "taskarith.checkpoint/1"})
+    save_file(
+        {"w": np.zeros(2, dtype=np.float32)},
+        str(work / "run" / "checkpoint.safetensors"),
+        metadata={"format": "taskarith.checkpoint/1"},
+    )
     message = refused(cli, tmp_path, *FINETUNE, "--no-resume")
     assert "holds an unfinished run; resume it (--resume) or discard it (--overwrite)" in message
 
@@ -332,9 +332,18 @@ def test_a_locked_run_folder_is_refused_before_loading(cli, tmp_path, work, monk
     from taskarith.outputs import RunLock
 
     no_model_loading(monkeypatch)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from taskarith.outputs import RunLock; "
-                               "lock = RunLock(sys.argv[1]); print('locked', flush=True); sys.stdin.read()",
-                               str(work / "run")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from taskarith.outputs import RunLock; "
+            "lock = RunLock(sys.argv[1]); print('locked', flush=True); sys.stdin.read()",
+            str(work / "run"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "locked\n"  # waits for the other run, no sleeping
         message = refused(cli, tmp_path, *FINETUNE)
@@ -363,8 +372,11 @@ def test_only_rank_0_takes_the_run_lock(work, monkeypatch):
             return False
 
     ran = []
-    monkeypatch.setattr(finetune_module, "_finetune",
-                        lambda *args, **kwargs: ran.append((kwargs["cluster"].rank, (work / "run").exists() and locked())))
+    monkeypatch.setattr(
+        finetune_module,
+        "_finetune",
+        lambda *args, **kwargs: ran.append((kwargs["cluster"].rank, (work / "run").exists() and locked())),
+    )
     monkeypatch.setattr(Cluster, "sum_", lambda self, tensor: tensor)  # no process group in a test
     pretrained = type("Pretrained", (), {"device": "cpu"})()
     finetune_module.finetune(None, pretrained, None, work / "run", cluster=Cluster(rank=1, world=2))
@@ -470,7 +482,7 @@ def assert_each_rename_synced(log: list[tuple[str, str]]) -> None:
     assert renames
     for i in renames:
         folder = log[i][1]
-        following = log[i + 1:]
+        following = log[i + 1 :]
         upto = next((j for j, (kind, _) in enumerate(following) if kind == "rename"), len(following))
         assert ("sync", folder) in following[:upto], (log[i], log)
 
@@ -496,9 +508,24 @@ def test_report_commands_never_write_over_files_they_did_not_write(cli, tmp_path
     other, control = tmp_path / "other.csv", tmp_path / "control.csv"
     shutil.copy(tiny_csv, other)
     shutil.copy(tiny_csv, control)
-    for args in (("bench", "--out", folder, "--model", tiny_model_dir, "--task", tiny_csv, "--task", other,
-                  "--control", control, "--method", "linear"),
-                 ("demo", "--out", folder, "--model", tiny_model_dir)):
+    for args in (
+        (
+            "bench",
+            "--out",
+            folder,
+            "--model",
+            tiny_model_dir,
+            "--task",
+            tiny_csv,
+            "--task",
+            other,
+            "--control",
+            control,
+            "--method",
+            "linear",
+        ),
+        ("demo", "--out", folder, "--model", tiny_model_dir),
+    ):
         code, _, err = cli(*args)
         assert code == 2 and err.count("error:") == 1 and "results.json" in err
     (folder / "taujp.png").write_text("a picture of mine")

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import write_tiny_csv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,8 +30,6 @@ from taskarith.regularizers import (
     taujp_sq_penalty,
 )
 from taskarith.vectors import TaskVector
-
-from conftest import write_tiny_csv
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +56,9 @@ def test_published_taujp_is_the_mean_over_tasks_of_batch_mean_norms():
     generator = torch.Generator().manual_seed(0)
     tangents = [torch.randn(4, 6, generator=generator), torch.randn(2, 6, generator=generator) * 3]
     by_hand = (sum(float(t.norm()) for t in tangents[0]) / 4 + sum(float(t.norm()) for t in tangents[1]) / 2) / 2
-    squared = (sum(float(t.norm()) ** 2 for t in tangents[0]) / 4 + sum(float(t.norm()) ** 2 for t in tangents[1]) / 2) / 2
+    squared = (
+        sum(float(t.norm()) ** 2 for t in tangents[0]) / 4 + sum(float(t.norm()) ** 2 for t in tangents[1]) / 2
+    ) / 2
     assert float(taujp_penalty(PenaltyInputs({}, tangents))) == pytest.approx(by_hand, rel=1e-6)
     assert float(taujp_sq_penalty(PenaltyInputs({}, tangents))) == pytest.approx(squared, rel=1e-6)
     # Not the pooled mean over all six examples, which weighs the tasks by their batch sizes.
@@ -109,8 +110,9 @@ def test_strict_draws_one_batch_from_every_task_each_step():
 
 
 def test_cyclical_uses_task_step_mod_T_and_walks_its_own_stream():
-    config = FinetuneConfig(task="x", regularizer="taujp", reg_tasks=("a", "b", "c"), reg_batch_size=2,
-                            reg_sampling="cyclical")
+    config = FinetuneConfig(
+        task="x", regularizer="taujp", reg_tasks=("a", "b", "c"), reg_batch_size=2, reg_sampling="cyclical"
+    )
     strict = FinetuneConfig(task="x", regularizer="taujp", reg_tasks=("a", "b", "c"), reg_batch_size=2)
     pools = _pools()
     for step in range(9):
@@ -122,8 +124,9 @@ def test_cyclical_uses_task_step_mod_T_and_walks_its_own_stream():
 
 def test_cyclical_with_reg_every_visits_every_task_in_turn():
     # Penalized at steps 0, 2, 4, ...: with task = step mod T, T = 2 would see only task 0, ever.
-    config = FinetuneConfig(task="x", regularizer="taujp", reg_tasks=("a", "b"), reg_batch_size=2,
-                            reg_sampling="cyclical", reg_every=2)
+    config = FinetuneConfig(
+        task="x", regularizer="taujp", reg_tasks=("a", "b"), reg_batch_size=2, reg_sampling="cyclical", reg_every=2
+    )
     strict = FinetuneConfig(task="x", regularizer="taujp", reg_tasks=("a", "b"), reg_batch_size=2)
     pools = _pools()[:2]
     for turn in range(6):
@@ -133,17 +136,29 @@ def test_cyclical_with_reg_every_visits_every_task_in_turn():
 
 
 def test_derived_seeds_differ_for_every_name_and_fit_their_bits():
-    names = [(seed, role, step, k) for seed in range(3) for role in ("augment", "regularization")
-             for step in range(50) for k in range(40)]
+    names = [
+        (seed, role, step, k)
+        for seed in range(3)
+        for role in ("augment", "regularization")
+        for step in range(50)
+        for k in range(40)
+    ]
     seeds = [derived_seed(*name) for name in names]
-    assert len(set(seeds)) == len(names) and all(0 <= s < 2 ** 40 for s in seeds)
+    assert len(set(seeds)) == len(names) and all(0 <= s < 2**40 for s in seeds)
     assert derived_seed(1, "augment", 3) == derived_seed(1, "augment", 3)
-    assert all(0 <= derived_seed(seed, bits=62) < 2 ** 62 for seed in range(100))
+    assert all(0 <= derived_seed(seed, bits=62) < 2**62 for seed in range(100))
 
 
 def test_pooled_sampling_is_the_former_iid_draw_from_the_union():
-    config = FinetuneConfig(task="x", regularizer="taujp_sq", reg_strength=1.0, reg_tasks=("a", "b", "c"),
-                            reg_batch_size=8, reg_sampling="pooled", seed=2)
+    config = FinetuneConfig(
+        task="x",
+        regularizer="taujp_sq",
+        reg_strength=1.0,
+        reg_tasks=("a", "b", "c"),
+        reg_batch_size=8,
+        reg_sampling="pooled",
+        seed=2,
+    )
     pools = _pools()
     union = [item for pool in pools for item in pool]
     generator = torch.Generator().manual_seed(2 * 1_000_003 + 5 + 1)
@@ -183,9 +198,19 @@ def test_loop_penalty_equals_a_direct_per_task_computation(pretrained, task, oth
 
     monkeypatch.setitem(finetune_module.REGULARIZERS, "taujp", Regularizer(spy, needs_inputs=True))
     monkeypatch.setattr(finetune_module, "get_regularizer", lambda name: finetune_module.REGULARIZERS[name])
-    config = FinetuneConfig(task=task.name, mode=mode, steps=4, batch_size=4, lr=3e-3, max_length=16,
-                            checkpoint_every=0, regularizer="taujp", reg_tasks=tuple(others), reg_batch_size=3,
-                            reg_sampling=sampling)
+    config = FinetuneConfig(
+        task=task.name,
+        mode=mode,
+        steps=4,
+        batch_size=4,
+        lr=3e-3,
+        max_length=16,
+        checkpoint_every=0,
+        regularizer="taujp",
+        reg_tasks=tuple(others),
+        reg_batch_size=3,
+        reg_sampling=sampling,
+    )
     finetune(config, pretrained, task, progress=False)
     pools = finetune_module.regularization_pools(config)
     assert len(recorded) == 4 and recorded[0][1] == 0.0  # delta = 0 at step 0: J . 0 = 0
@@ -197,8 +222,16 @@ def test_loop_penalty_equals_a_direct_per_task_computation(pretrained, task, oth
 
 
 def test_weight_decay_on_theta_pulls_linear_vectors_towards_minus_theta0(pretrained, task):
-    base = dict(task=task.name, mode="linear", steps=3, batch_size=4, lr=1e-2, max_length=16, checkpoint_every=0,
-                weight_decay=0.5)
+    base = dict(
+        task=task.name,
+        mode="linear",
+        steps=3,
+        batch_size=4,
+        lr=1e-2,
+        max_length=16,
+        checkpoint_every=0,
+        weight_decay=0.5,
+    )
     on_theta = finetune(FinetuneConfig(**base), pretrained, task, progress=False).task_vector
     on_delta = finetune(FinetuneConfig(**base, weight_decay_on="delta"), pretrained, task, progress=False).task_vector
     theta0 = dict(pretrained.encoder.named_parameters())
@@ -222,9 +255,19 @@ def test_published_strengths_fill_in_and_the_form_is_recorded():
 
 def test_runs_and_vectors_from_before_the_published_form_are_not_mistaken_for_it(tmp_path, pretrained):
     config = FinetuneConfig(task="x", regularizer="taujp", reg_tasks=("a",), reg_strength=1.0)
-    old = {k: v for k, v in config.to_json().items()
-           if k not in ("penalty_form", "reg_sampling", "weight_decay_on", "warmup_steps", "kfac_norm_scale",
-                        "kfac_projection_scale")}
+    old = {
+        k: v
+        for k, v in config.to_json().items()
+        if k
+        not in (
+            "penalty_form",
+            "reg_sampling",
+            "weight_decay_on",
+            "warmup_steps",
+            "kfac_norm_scale",
+            "kfac_projection_scale",
+        )
+    }
     # A cache entry is keyed by the whole configuration, which now holds the penalty's form.
     assert run_key(config, "base") != run_key(SimpleNamespace(to_json=lambda: old), "base")
     # A vector saved with the old configuration says what it was trained with.
@@ -264,7 +307,9 @@ def test_alpha_is_chosen_by_normalized_not_absolute_validation_accuracy():
     table.update({(t, "test", a): v for (t, a), v in val.items()})
     outputs = FakeOutputs(table)
     finetuned_val = {"hard": 0.5, "easy": 1.0}
-    result = _addition_with_search(outputs, tasks, finetuned_val, finetuned_val, ["hard", "easy"], (0.5, 1.0), None, None)
+    result = _addition_with_search(
+        outputs, tasks, finetuned_val, finetuned_val, ["hard", "easy"], (0.5, 1.0), None, None
+    )
     assert result["alpha_searched"]["alpha"] == 0.5
     assert max(result["val_curve"], key=result["val_curve"].get) == "1.0"  # what the absolute rule would pick
 
@@ -278,8 +323,16 @@ def test_an_undefined_score_is_never_chosen_and_a_zero_normalizer_is_named():
     tasks = [SimpleNamespace(name="dead"), SimpleNamespace(name="fine")]
     outputs = FakeOutputs({(t.name, "val", a): 0.5 for t in tasks for a in (0.0, 1.0)})
     with pytest.raises(TaskArithError, match="dead"):
-        _addition_with_search(outputs, tasks, {"dead": 0.0, "fine": 1.0}, {"dead": 0.0, "fine": 1.0},
-                              ["dead", "fine"], (0.0, 1.0), None, None)
+        _addition_with_search(
+            outputs,
+            tasks,
+            {"dead": 0.0, "fine": 1.0},
+            {"dead": 0.0, "fine": 1.0},
+            ["dead", "fine"],
+            (0.0, 1.0),
+            None,
+            None,
+        )
 
 
 def test_a_negative_negation_alpha_is_refused():
@@ -299,8 +352,8 @@ def test_ties_go_to_the_smallest_alpha_and_the_published_grid():
 @given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=1, max_size=8), st.floats(0, 1))
 def test_negation_never_violates_the_control_floor_and_always_answers(curve, pre_control):
     grid = [round(0.1 * (i + 1), 2) for i in range(len(curve))]
-    target = dict(zip(grid, (t for t, _ in curve)))
-    control = dict(zip(grid, (c for _, c in curve)))
+    target = dict(zip(grid, (t for t, _ in curve), strict=True))
+    control = dict(zip(grid, (c for _, c in curve), strict=True))
     target[0.0], control[0.0] = 0.9, pre_control
     floor = 0.95 * pre_control
     alpha = control_constrained_alpha(grid, target.__getitem__, control.__getitem__, floor)
@@ -310,13 +363,15 @@ def test_negation_never_violates_the_control_floor_and_always_answers(curve, pre
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from((0.1, 0.2, 0.3, 0.5)), st.floats(0, 1)), min_size=1, max_size=10),
-       st.floats(0.05, 1))
+@given(
+    st.lists(st.tuples(st.sampled_from((0.1, 0.2, 0.3, 0.5)), st.floats(0, 1)), min_size=1, max_size=10),
+    st.floats(0.05, 1),
+)
 def test_negation_asks_the_control_only_until_an_alpha_qualifies(curve, floor):
     # Tied targets are common (accuracies on a few hundred examples): the tie rule must survive the lazy search.
     grid = [round(0.05 * (i + 1), 2) for i in range(len(curve))]
-    target = {0.0: 0.9, **dict(zip(grid, (t for t, _ in curve)))}
-    control = dict(zip(grid, (c for _, c in curve)))
+    target = {0.0: 0.9, **dict(zip(grid, (t for t, _ in curve), strict=True))}
+    control = dict(zip(grid, (c for _, c in curve), strict=True))
     asked = []
 
     def control_of(alpha: float) -> float:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from test_outputs import refused, work, write_model  # noqa: F401 (work is a fixture)
+from test_outputs import refused
 
 from taskarith.errors import TaskArithError
 from taskarith.merging.recipe import safe_yaml
@@ -28,8 +28,7 @@ def laughs(levels: int = 9) -> str:
 def test_an_alias_is_refused_at_parse(cli, tmp_path, work):
     (work / "recipe.yaml").write_text(laughs())
     message = refused(cli, tmp_path, "merge", "recipe.yaml")
-    assert message == ("error: recipe.yaml: line 2: YAML aliases (*a) are not allowed in recipes; "
-                       "write the value out")
+    assert message == ("error: recipe.yaml: line 2: YAML aliases (*a) are not allowed in recipes; write the value out")
 
 
 def test_a_single_alias_is_refused_before_it_is_resolved():
@@ -39,8 +38,19 @@ def test_a_single_alias_is_refused_before_it_is_resolved():
 
 
 def test_an_alias_in_set_is_refused(cli, tmp_path, work):
-    message = refused(cli, tmp_path, "merge", "--base", "base", "--model", "ftA", "--out", "merged",
-                      "--set", "scaling=[&a [1,1,1,1,1,1,1,1], [*a,*a,*a,*a,*a,*a,*a,*a]]")
+    message = refused(
+        cli,
+        tmp_path,
+        "merge",
+        "--base",
+        "base",
+        "--model",
+        "ftA",
+        "--out",
+        "merged",
+        "--set",
+        "scaling=[&a [1,1,1,1,1,1,1,1], [*a,*a,*a,*a,*a,*a,*a,*a]]",
+    )
     assert "YAML aliases (*a) are not allowed" in message
 
 
@@ -55,8 +65,9 @@ main()
 
 def test_the_billion_laughs_recipe_stays_within_a_memory_limit(tmp_path, work):
     (work / "recipe.yaml").write_text(laughs())
-    done = subprocess.run([sys.executable, "-c", _BOMB, str(work / "recipe.yaml")], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", _BOMB, str(work / "recipe.yaml")], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error:") and "YAML aliases" in done.stderr and "MemoryError" not in done.stderr
 

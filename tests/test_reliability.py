@@ -53,7 +53,9 @@ def test_no_unsafe_deserialisation_anywhere_in_the_package():
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             code = line.split("#", 1)[0]
             unsafe_load = "torch.load(" in code and "weights_only=True" not in code
-            if unsafe_load or re.search(r"\b(import pickle\b|pickle\.loads?\(|from_pretrained\([^)]*weights_only=False)", code):
+            if unsafe_load or re.search(
+                r"\b(import pickle\b|pickle\.loads?\(|from_pretrained\([^)]*weights_only=False)", code
+            ):
                 offenders.append(f"{path.relative_to(SOURCE)}:{number}: {line.strip()}")
     assert offenders == []
 
@@ -67,8 +69,14 @@ def tiny_filesystem(tmp_path):
     """A real 64 KiB tmpfs, so the disk really fills up; skipped where mounting is not allowed."""
     mount_point = tmp_path / "tiny-fs"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
-                             capture_output=True).returncode == 0 if os.geteuid() == 0 else False
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], capture_output=True
+        ).returncode
+        == 0
+        if os.geteuid() == 0
+        else False
+    )
     if not mounted:
         pytest.skip("cannot mount a tmpfs here (needs root); the simulated full-disk test still runs")
     yield mount_point
@@ -91,7 +99,7 @@ def test_full_disk_fails_cleanly_and_keeps_the_previous_file(tiny_filesystem):
 
 
 def test_simulated_full_disk_fails_cleanly_and_keeps_the_previous_file(tmp_path, monkeypatch):
-    import taskarith.io as io
+    from taskarith import io
 
     path = tmp_path / "tau.safetensors"
     small_vector(10, 1.0).save(path)
@@ -143,21 +151,46 @@ def test_sigkill_during_a_save_leaves_the_previous_file_loadable(tmp_path):
 
 
 def _cli_finetune(model_dir: Path, csv: Path, out: Path, steps: int) -> list[str]:
-    return [sys.executable, "-m", "taskarith", "finetune", str(csv), "--model", str(model_dir), "--out", str(out),
-            "--steps", str(steps), "--batch-size", "8", "--lr", "3e-3", "--max-length", "16",
-            "--checkpoint-every", "5", "--device", "cpu"]
+    return [
+        sys.executable,
+        "-m",
+        "taskarith",
+        "finetune",
+        str(csv),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--max-length",
+        "16",
+        "--checkpoint-every",
+        "5",
+        "--device",
+        "cpu",
+    ]
 
 
 @pytest.mark.slow
 def test_sigkilled_finetuning_resumes_to_a_byte_identical_task_vector(tmp_path, tiny_model_dir, tiny_csv):
     steps = 600
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(_cli_finetune(tiny_model_dir, tiny_csv, tmp_path / "whole", steps), check=True, env=env,
-                   capture_output=True)
+    subprocess.run(
+        _cli_finetune(tiny_model_dir, tiny_csv, tmp_path / "whole", steps), check=True, env=env, capture_output=True
+    )
 
     interrupted = tmp_path / "interrupted"
-    child = subprocess.Popen(_cli_finetune(tiny_model_dir, tiny_csv, interrupted, steps), env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        _cli_finetune(tiny_model_dir, tiny_csv, interrupted, steps),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     while not (interrupted / CHECKPOINT_FILE).exists() and child.poll() is None:
         time.sleep(0.01)
     time.sleep(0.5)  # let it get a few checkpoints further, so the kill may land mid-save
@@ -165,8 +198,9 @@ def test_sigkilled_finetuning_resumes_to_a_byte_identical_task_vector(tmp_path, 
     child.wait()
     assert not (interrupted / TASK_VECTOR_FILE).exists(), "the run finished before it could be killed"
 
-    subprocess.run(_cli_finetune(tiny_model_dir, tiny_csv, interrupted, steps), check=True, env=env,
-                   capture_output=True)
+    subprocess.run(
+        _cli_finetune(tiny_model_dir, tiny_csv, interrupted, steps), check=True, env=env, capture_output=True
+    )
     assert read_json(interrupted / RECORD_FILE)["resumed_from_step"] > 0
     assert (interrupted / TASK_VECTOR_FILE).read_bytes() == (tmp_path / "whole" / TASK_VECTOR_FILE).read_bytes()
 
@@ -218,7 +252,11 @@ def test_dtype_mismatch_names_the_parameter():
 
 
 def test_label_seen_only_outside_train_is_refused(tmp_path):
-    rows = ["text,label,split"] + [f"train text {i},a,train" for i in range(3)] + [f"train b {i},b,train" for i in range(3)]
+    rows = (
+        ["text,label,split"]
+        + [f"train text {i},a,train" for i in range(3)]
+        + [f"train b {i},b,train" for i in range(3)]
+    )
     rows += ["val text,a,val", "test text,a,test", "test new,c,test"]
     path = tmp_path / "t.csv"
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
@@ -247,11 +285,13 @@ def test_fuzz_random_bytes_as_safetensors(tmp_path_factory, data):
 
 
 _DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "U8", "BOOL", "F8_E4M3", "XYZ", "", 7]
-_tensor_entry = st.fixed_dictionaries({
-    "dtype": st.sampled_from(_DTYPES),
-    "shape": st.lists(st.integers(-2, 2**40), max_size=4) | st.just("oops"),
-    "data_offsets": st.lists(st.integers(-5, 2**40), min_size=0, max_size=3),
-})
+_tensor_entry = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(_DTYPES),
+        "shape": st.lists(st.integers(-2, 2**40), max_size=4) | st.just("oops"),
+        "data_offsets": st.lists(st.integers(-5, 2**40), min_size=0, max_size=3),
+    }
+)
 _header = st.dictionaries(st.text(max_size=12), _tensor_entry, max_size=4) | st.builds(
     lambda tensors, meta: {**tensors, "__metadata__": meta},
     st.dictionaries(st.text(max_size=12), _tensor_entry, max_size=3),
@@ -270,17 +310,25 @@ def test_fuzz_safetensors_headers(tmp_path_factory, header, body, length_error):
 
 
 @FUZZ
-@given(st.dictionaries(
-    st.text(min_size=1, max_size=10),
-    st.tuples(st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8,
-                               torch.bool]),
-              st.lists(st.integers(0, 3), max_size=3)),
-    max_size=5,
-), st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3))
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=10),
+        st.tuples(
+            st.sampled_from(
+                [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool]
+            ),
+            st.lists(st.integers(0, 3), max_size=3),
+        ),
+        max_size=5,
+    ),
+    st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
+)
 def test_our_writer_is_read_back_exactly_by_the_safetensors_library(tmp_path_factory, specs, metadata):
     generator = torch.Generator().manual_seed(0)
-    tensors = {name: (torch.randn(shape, generator=generator, dtype=torch.float64) * 100).to(dtype)
-               for name, (dtype, shape) in specs.items()}
+    tensors = {
+        name: (torch.randn(shape, generator=generator, dtype=torch.float64) * 100).to(dtype)
+        for name, (dtype, shape) in specs.items()
+    }
     path = tmp_path_factory.mktemp("writer") / "x.safetensors"
     save_tensors(path, tensors, metadata)
     loaded, loaded_metadata = load_tensors(path)
@@ -297,10 +345,16 @@ def written_in_reverse_order(tensors: dict, metadata: dict) -> bytes:
 
 
 @FUZZ
-@given(st.one_of(st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
-                 st.recursive(st.none() | st.integers() | st.text(max_size=10),
-                              lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
-                              max_leaves=8).map(json.dumps)))
+@given(
+    st.one_of(
+        st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
+        st.recursive(
+            st.none() | st.integers() | st.text(max_size=10),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
+            max_leaves=8,
+        ).map(json.dumps),
+    )
+)
 def test_fuzz_sharded_index(tmp_path_factory, index_text):
     folder = tmp_path_factory.mktemp("sharded")
     (folder / "model.safetensors.index.json").write_text(index_text, encoding="utf-8")

@@ -25,7 +25,9 @@ def pre() -> dict[str, torch.Tensor]:
 
 
 def vector(pre, seed: int, task: str) -> TaskVector:
-    finetuned = {k: v + 0.1 * torch.randn(v.shape, generator=torch.Generator().manual_seed(seed)) for k, v in pre.items()}
+    finetuned = {
+        k: v + 0.1 * torch.randn(v.shape, generator=torch.Generator().manual_seed(seed)) for k, v in pre.items()
+    }
     return TaskVector.from_state_dicts(pre, finetuned, task=task)
 
 
@@ -66,7 +68,10 @@ def test_cosine_matrix_hand_checked():
     y = TaskVector.from_state_dicts(base, {"w": torch.tensor([0.0, 2.0])})
     z = TaskVector.from_state_dicts(base, {"w": torch.tensor([1.0, 1.0])})
     matrix = cosine_similarity_matrix([x, y, z])
-    expected = torch.tensor([[1, 0, 1 / math.sqrt(2)], [0, 1, 1 / math.sqrt(2)], [1 / math.sqrt(2), 1 / math.sqrt(2), 1]], dtype=torch.float64)
+    expected = torch.tensor(
+        [[1, 0, 1 / math.sqrt(2)], [0, 1, 1 / math.sqrt(2)], [1 / math.sqrt(2), 1 / math.sqrt(2), 1]],
+        dtype=torch.float64,
+    )
     assert torch.allclose(matrix, expected)
 
 
@@ -89,11 +94,18 @@ def test_integer_buffers_take_no_part(pre):
 
 
 def test_save_load_round_trip_keeps_metadata(tmp_path, pre):
-    tau = TaskVector.from_state_dicts(pre, pre + vector(pre, 1, "x"), task="sst", mode="standard", config={"lr": 1e-4, "steps": 3})
+    tau = TaskVector.from_state_dicts(
+        pre, pre + vector(pre, 1, "x"), task="sst", mode="standard", config={"lr": 1e-4, "steps": 3}
+    )
     tau.save(tmp_path / "tau.safetensors")
     loaded = TaskVector.load(tmp_path / "tau.safetensors")
     assert loaded.allclose(tau, atol=0, rtol=0)
-    assert (loaded.base_hash, loaded.task, loaded.mode, loaded.config) == (tau.base_hash, "sst", "standard", {"lr": 1e-4, "steps": 3})
+    assert (loaded.base_hash, loaded.task, loaded.mode, loaded.config) == (
+        tau.base_hash,
+        "sst",
+        "standard",
+        {"lr": 1e-4, "steps": 3},
+    )
     assert loaded.base_hash == state_hash(pre)
 
 
@@ -154,7 +166,10 @@ def test_bad_files_give_clear_errors(tmp_path, pre):
     with pytest.raises(TaskArithError, match="not a taskarith task vector"):
         TaskVector.load(tmp_path / "plain.safetensors")
     with pytest.raises(TaskArithError, match="NaN or Inf"):
-        TaskVector.from_checkpoints(tmp_path / "plain.safetensors", _saved(tmp_path / "nan.safetensors", {**pre, "w1": torch.full((5,), float("nan"))}))
+        TaskVector.from_checkpoints(
+            tmp_path / "plain.safetensors",
+            _saved(tmp_path / "nan.safetensors", {**pre, "w1": torch.full((5,), float("nan"))}),
+        )
 
 
 def _saved(path: Path, tensors) -> Path:

@@ -19,13 +19,15 @@ from typing import Any
 
 _START = time.perf_counter()
 
-import torch  # noqa: E402  (timed as part of the import phase)
-from fusion_bench.method import TaskArithmeticAlgorithm, TiesMergingAlgorithm  # noqa: E402
-from fusion_bench.modelpool import BaseModelPool  # noqa: E402
+import torch  # noqa: E402 (after _START: the import is timed)
+from fusion_bench.method import TaskArithmeticAlgorithm, TiesMergingAlgorithm  # noqa: E402 (after _START: the import is timed)
+from fusion_bench.modelpool import BaseModelPool  # noqa: E402 (after _START: the import is timed)
 
 # Which transformers auto-class rebuilds each checkpoint set's models (a BertModel has no LM head).
-AUTO_CLASSES = {"causal-lm": "transformers.AutoModelForCausalLM.from_pretrained",
-                "base": "transformers.AutoModel.from_pretrained"}
+AUTO_CLASSES = {
+    "causal-lm": "transformers.AutoModelForCausalLM.from_pretrained",
+    "base": "transformers.AutoModel.from_pretrained",
+}
 
 
 def _model_config(path: str, kind: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.text import Text
@@ -28,11 +28,21 @@ app = typer.Typer(
 out = Output()
 err = Output(stderr=True)
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model: 'all-MiniLM-L6-v2' (embedded text encoder), 'efficientnet-lite0' (embedded image backbone), a Hugging Face folder (text encoder, sequence classifier or CLIPModel) or hub id, 'open_clip:NAME@WEIGHTS', or 'timm:NAME@WEIGHTS'.")]
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model: 'all-MiniLM-L6-v2' (embedded text encoder), 'efficientnet-lite0' (embedded image backbone), a Hugging Face folder (text encoder, sequence classifier or CLIPModel) or hub id, 'open_clip:NAME@WEIGHTS', or 'timm:NAME@WEIGHTS'.",
+    ),
+]
 
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")]
 
-OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (only a previous taskarith output of the same kind).")]
+OverwriteOption = Annotated[
+    bool,
+    typer.Option("--overwrite", help="Replace an existing output (only a previous taskarith output of the same kind)."),
+]
 
 
 def _existing(role: str, *paths: object) -> list[tuple[str, str]]:
@@ -76,8 +86,10 @@ def _parse_strength(spec: str) -> tuple[str, tuple[float, ...]]:
 
     name, sep, values = spec.partition("=")
     if not sep or name not in REGULARIZERS:
-        raise TaskArithError(f"--reg-strength {spec!r}: expected REGULARIZER=LAMBDA[,LAMBDA...] with REGULARIZER one "
-                             f"of {', '.join(REGULARIZERS)}")
+        raise TaskArithError(
+            f"--reg-strength {spec!r}: expected REGULARIZER=LAMBDA[,LAMBDA...] with REGULARIZER one "
+            f"of {', '.join(REGULARIZERS)}"
+        )
     grid = _parse_grid(values, f"--reg-strength {name}")
     if any(v <= 0 for v in grid):
         raise TaskArithError(f"--reg-strength {spec!r}: every lambda must be positive")
@@ -117,9 +129,13 @@ def _load_model(model: str, device: str, max_length: int = 64):
 @app.command()
 def tasks(
     as_json: Annotated[bool, typer.Option("--json", help="Print the registry as JSON.")] = False,
-    zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="Also measure zero-shot test accuracy.")] = True,
+    zero_shot: Annotated[
+        bool, typer.Option("--zero-shot/--no-zero-shot", help="Also measure zero-shot test accuracy.")
+    ] = True,
     model: ModelOption = "all-MiniLM-L6-v2",
-    vision_model: Annotated[str, typer.Option(help="Model for the image tasks (their heads are linear probes).")] = "efficientnet-lite0",
+    vision_model: Annotated[
+        str, typer.Option(help="Model for the image tasks (their heads are linear probes).")
+    ] = "efficientnet-lite0",
     device: DeviceOption = "auto",
 ) -> None:
     """List the built-in tasks with sizes, classes and pre-trained (zero-shot or linear-probe) accuracy."""
@@ -140,8 +156,13 @@ def tasks(
         except TaskArithError as exc:
             rows.append({"name": name, "error": str(exc)})
             continue
-        row = {"name": name, "domain": task.domain, "classes": list(task.classes),
-               "sizes": {s: len(task.split(s)) for s in ("train", "val", "test")}, "source": task.source}
+        row = {
+            "name": name,
+            "domain": task.domain,
+            "classes": list(task.classes),
+            "sizes": {s: len(task.split(s)) for s in ("train", "val", "test")},
+            "source": task.source,
+        }
         if zero_shot:
             pretrained = model_for(task)
             with err.status(f"pre-trained accuracy of {shown(name)}"):
@@ -171,30 +192,73 @@ def tasks(
 @app.command()
 def finetune(
     task: Annotated[str, typer.Argument(help="Built-in task name, or a .csv/.jsonl file with text,label.")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for task_vector.safetensors, run.json and checkpoints.")] = Path("runs/finetune"),
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for task_vector.safetensors, run.json and checkpoints.")
+    ] = Path("runs/finetune"),
     model: ModelOption = "all-MiniLM-L6-v2",
-    mode: Annotated[str, typer.Option(help="standard (the weights) or linear (tangent space: f_lin around the pre-trained weights).")] = "standard",
+    mode: Annotated[
+        str,
+        typer.Option(help="standard (the weights) or linear (tangent space: f_lin around the pre-trained weights)."),
+    ] = "standard",
     steps: int = 200,
     batch_size: int = 32,
     lr: float = 5e-5,
     weight_decay: float = 0.1,
     warmup_fraction: float = 0.1,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Warm-up steps, overriding --warmup-fraction (the papers: 500).")] = None,
-    weight_decay_on: Annotated[str, typer.Option(help="Linear mode: decay theta = theta0 + delta (the tangent and tau-Jp code) or delta (TAK).")] = "theta",
+    warmup_steps: Annotated[
+        int | None, typer.Option(help="Warm-up steps, overriding --warmup-fraction (the papers: 500).")
+    ] = None,
+    weight_decay_on: Annotated[
+        str,
+        typer.Option(help="Linear mode: decay theta = theta0 + delta (the tangent and tau-Jp code) or delta (TAK)."),
+    ] = "theta",
     max_grad_norm: float = 1.0,
     seed: int = 0,
     max_length: int = 64,
     checkpoint_every: int = 50,
-    regularizer: Annotated[Optional[str], typer.Option(help="Interference penalty: taujp (as published: mean unsquared norm; needs --reg-task), taujp_sq (squared) or kfac (needs --reg-factors).")] = None,
-    reg_strength: Annotated[Optional[float], typer.Option(help="lambda, the penalty's weight (default: the published one, tuned on CLIP ViT-B/32: taujp 0.1, kfac 500).")] = None,
-    reg_task: Annotated[Optional[list[str]], typer.Option(help="Task whose unlabelled inputs tau-Jp protects (repeatable).")] = None,
-    reg_factors: Annotated[Optional[list[Path]], typer.Option(help="K-FAC factor file from `taskarith kfac` (repeatable).")] = None,
-    reg_sampling: Annotated[str, typer.Option(help="tau-Jp inputs: strict (a batch from every other task each step), cyclical (one task per step) or pooled (i.i.d. from their union).")] = "strict",
+    regularizer: Annotated[
+        str | None,
+        typer.Option(
+            help="Interference penalty: taujp (as published: mean unsquared norm; needs --reg-task), taujp_sq (squared) or kfac (needs --reg-factors)."
+        ),
+    ] = None,
+    reg_strength: Annotated[
+        float | None,
+        typer.Option(
+            help="lambda, the penalty's weight (default: the published one, tuned on CLIP ViT-B/32: taujp 0.1, kfac 500)."
+        ),
+    ] = None,
+    reg_task: Annotated[
+        list[str] | None, typer.Option(help="Task whose unlabelled inputs tau-Jp protects (repeatable).")
+    ] = None,
+    reg_factors: Annotated[
+        list[Path] | None, typer.Option(help="K-FAC factor file from `taskarith kfac` (repeatable).")
+    ] = None,
+    reg_sampling: Annotated[
+        str,
+        typer.Option(
+            help="tau-Jp inputs: strict (a batch from every other task each step), cyclical (one task per step) or pooled (i.i.d. from their union)."
+        ),
+    ] = "strict",
     reg_batch_size: Annotated[int, typer.Option(help="tau-Jp inputs per other task and step (pooled: in all).")] = 16,
     reg_every: Annotated[int, typer.Option(help="Apply the penalty every N steps.")] = 1,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Augment training inputs (and tau-Jp's) with the model's train_preprocess, as the papers do; models without one are unaffected.")] = True,
-    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from a checkpoint in --out if one exists.")] = True,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run's task vector and record in --out, or discard its checkpoint with --no-resume.")] = False,
+    augment: Annotated[
+        bool,
+        typer.Option(
+            "--augment/--no-augment",
+            help="Augment training inputs (and tau-Jp's) with the model's train_preprocess, as the papers do; models without one are unaffected.",
+        ),
+    ] = True,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="Continue from a checkpoint in --out if one exists.")
+    ] = True,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace a finished run's task vector and record in --out, or discard its checkpoint with --no-resume.",
+        ),
+    ] = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Fine-tune the encoder on one task (head frozen), optionally regularized, and save its task vector.
@@ -205,7 +269,8 @@ def finetune(
 
     from taskarith.data import load_task
     from taskarith.distributed import cluster_from_environment, local_device
-    from taskarith.finetune import FinetuneConfig, check_against_task, check_run_folder, finetune as run_finetune
+    from taskarith.finetune import FinetuneConfig, check_against_task, check_run_folder
+    from taskarith.finetune import finetune as run_finetune
     from taskarith.outputs import RunLock
 
     _check_seed("--seed", seed)
@@ -220,13 +285,30 @@ def finetune(
     check_max_length(model, max_length)  # from the model's config, before the data or the weights load
     with RunLock(out_dir) if main_process else nullcontext():
         loaded = load_task(task)
-        config = FinetuneConfig(task=loaded.name, model=model, mode=mode, steps=steps, batch_size=batch_size, lr=lr,
-                                weight_decay=weight_decay, warmup_fraction=warmup_fraction, warmup_steps=warmup_steps,
-                                weight_decay_on=weight_decay_on, reg_sampling=reg_sampling,
-                                max_grad_norm=max_grad_norm, seed=seed, max_length=max_length,
-                                checkpoint_every=checkpoint_every, regularizer=regularizer, reg_strength=reg_strength,
-                                reg_tasks=tuple(reg_task or ()), reg_factors=tuple(str(f) for f in reg_factors or ()),
-                                reg_batch_size=reg_batch_size, reg_every=reg_every, augment=augment)
+        config = FinetuneConfig(
+            task=loaded.name,
+            model=model,
+            mode=mode,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_fraction=warmup_fraction,
+            warmup_steps=warmup_steps,
+            weight_decay_on=weight_decay_on,
+            reg_sampling=reg_sampling,
+            max_grad_norm=max_grad_norm,
+            seed=seed,
+            max_length=max_length,
+            checkpoint_every=checkpoint_every,
+            regularizer=regularizer,
+            reg_strength=reg_strength,
+            reg_tasks=tuple(reg_task or ()),
+            reg_factors=tuple(str(f) for f in reg_factors or ()),
+            reg_batch_size=reg_batch_size,
+            reg_every=reg_every,
+            augment=augment,
+        )
         check_against_task(config, loaded)
         pretrained = _load_model(model, local_device(device), max_length)
         result = run_finetune(config, pretrained, loaded, out_dir, resume=resume, overwrite=overwrite, protect=inputs)
@@ -237,7 +319,12 @@ def finetune(
 @app.command("eval")
 def evaluate(
     task: Annotated[list[str], typer.Option("--task", "-t", help="Task to score (repeatable): built-in name or file.")],
-    vector: Annotated[Optional[list[str]], typer.Option("--vector", "-v", help="Task vector to add, FILE or FILE:ALPHA (repeatable); none: the pre-trained model.")] = None,
+    vector: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--vector", "-v", help="Task vector to add, FILE or FILE:ALPHA (repeatable); none: the pre-trained model."
+        ),
+    ] = None,
     alpha: Annotated[float, typer.Option(help="Coefficient for vectors given without :ALPHA.")] = 1.0,
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
     model: ModelOption = "all-MiniLM-L6-v2",
@@ -265,11 +352,20 @@ def evaluate(
 
 @app.command()
 def compose(
-    out_file: Annotated[Path, typer.Option("--out", "-o", help="Where to write the composed task vector (.safetensors).")],
-    add: Annotated[Optional[list[str]], typer.Option("--add", "-a", help="Task vector to add, FILE or FILE:ALPHA (repeatable).")] = None,
-    negate: Annotated[Optional[list[str]], typer.Option("--negate", "-n", help="Task vector to subtract, FILE or FILE:ALPHA (repeatable).")] = None,
+    out_file: Annotated[
+        Path, typer.Option("--out", "-o", help="Where to write the composed task vector (.safetensors).")
+    ],
+    add: Annotated[
+        list[str] | None, typer.Option("--add", "-a", help="Task vector to add, FILE or FILE:ALPHA (repeatable).")
+    ] = None,
+    negate: Annotated[
+        list[str] | None,
+        typer.Option("--negate", "-n", help="Task vector to subtract, FILE or FILE:ALPHA (repeatable)."),
+    ] = None,
     alpha: Annotated[float, typer.Option(help="Coefficient for vectors given without :ALPHA.")] = 1.0,
-    model_out: Annotated[Optional[Path], typer.Option(help="Also write the edited encoder as a Hugging Face model folder.")] = None,
+    model_out: Annotated[
+        Path | None, typer.Option(help="Also write the edited encoder as a Hugging Face model folder.")
+    ] = None,
     model: ModelOption = "all-MiniLM-L6-v2",
     overwrite: OverwriteOption = False,
     device: DeviceOption = "auto",
@@ -287,8 +383,13 @@ def compose(
     if model_out is not None:  # refused before anything is written, not after the vector
         from taskarith.models.hf import EDITED_MODEL_FORMAT
 
-        check_output(model_out, [*inputs, ("task vector output", str(out_file))], overwrite=overwrite,
-                     format=EDITED_MODEL_FORMAT, folder=True)
+        check_output(
+            model_out,
+            [*inputs, ("task vector output", str(out_file))],
+            overwrite=overwrite,
+            format=EDITED_MODEL_FORMAT,
+            folder=True,
+        )
     composed = combine([TaskVector.load(path) for path, _ in terms], [a for _, a in terms])
     composed.check_finite(out_file)
     with output_file(out_file, inputs, overwrite=overwrite, format=FORMAT) as tmp:
@@ -299,10 +400,17 @@ def compose(
 
         pretrained = _load_model(model, device)
         if pretrained.tokenizer is None:
-            raise TaskArithError(f"--model-out writes Hugging Face text encoders; '{model}' is not one. Apply the "
-                                 "vector with TaskVector.apply_to, or to a model folder with 'taskarith merge'")
-        save_hf_encoder(composed.apply_to(pretrained.encoder), pretrained.tokenizer, model_out,
-                        inputs=[*inputs, ("task vector output", str(out_file))], overwrite=overwrite)
+            raise TaskArithError(
+                f"--model-out writes Hugging Face text encoders; '{model}' is not one. Apply the "
+                "vector with TaskVector.apply_to, or to a model folder with 'taskarith merge'"
+            )
+        save_hf_encoder(
+            composed.apply_to(pretrained.encoder),
+            pretrained.tokenizer,
+            model_out,
+            inputs=[*inputs, ("task vector output", str(out_file))],
+            overwrite=overwrite,
+        )
         out.print(f"wrote edited model to {shown(model_out)}")
 
 
@@ -326,25 +434,41 @@ def _parse_assignment(spec: str) -> tuple[str, object]:
 
 @app.command()
 def merge(
-    recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe (merge_method, base_model, models or task_vectors, parameters, out); options below override it.")] = None,
-    method: Annotated[Optional[str], typer.Option("--method", help="Merging method (see --list).")] = None,
-    base: Annotated[Optional[str], typer.Option("--base", help="Base model folder or .safetensors file.")] = None,
-    finetuned: Annotated[Optional[list[str]], typer.Option("--model", help="Fine-tuned model, PATH or PATH:WEIGHT (repeatable).")] = None,
-    vector: Annotated[Optional[list[str]], typer.Option("--vector", "-v", help="Task vector file, FILE or FILE:WEIGHT (repeatable), instead of models.")] = None,
-    assignments: Annotated[Optional[list[str]], typer.Option("--set", help="Hyper-parameter KEY=VALUE (repeatable), e.g. --set density=0.2.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for randomised methods (DARE).")] = None,
-    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output model folder (models) or .safetensors file (task vectors).")] = None,
-    shard_size: Annotated[Optional[str], typer.Option(help="Largest output shard, e.g. 2GB or 500MiB.")] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Argument(
+            help="YAML recipe (merge_method, base_model, models or task_vectors, parameters, out); options below override it."
+        ),
+    ] = None,
+    method: Annotated[str | None, typer.Option("--method", help="Merging method (see --list).")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Base model folder or .safetensors file.")] = None,
+    finetuned: Annotated[
+        list[str] | None, typer.Option("--model", help="Fine-tuned model, PATH or PATH:WEIGHT (repeatable).")
+    ] = None,
+    vector: Annotated[
+        list[str] | None,
+        typer.Option("--vector", "-v", help="Task vector file, FILE or FILE:WEIGHT (repeatable), instead of models."),
+    ] = None,
+    assignments: Annotated[
+        list[str] | None, typer.Option("--set", help="Hyper-parameter KEY=VALUE (repeatable), e.g. --set density=0.2.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for randomised methods (DARE).")] = None,
+    out_path: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output model folder (models) or .safetensors file (task vectors)."),
+    ] = None,
+    shard_size: Annotated[str | None, typer.Option(help="Largest output shard, e.g. 2GB or 500MiB.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
-    list_methods: Annotated[bool, typer.Option("--list", help="List the methods and their hyper-parameters, then exit.")] = False,
+    list_methods: Annotated[
+        bool, typer.Option("--list", help="List the methods and their hyper-parameters, then exit.")
+    ] = False,
 ) -> None:
     """Merge fine-tuned models (streamed, one tensor at a time) or task vectors with a registered method."""
-    from tqdm.auto import tqdm
-
     from dataclasses import replace
 
-    from taskarith.merging.hyperparameters import DEFAULTS
+    from tqdm.auto import tqdm
 
+    from taskarith.merging.hyperparameters import DEFAULTS
     from taskarith.merging.recipe import MergeRecipe, Source, load_recipe, parse_size, run_recipe, with_overrides
 
     if list_methods:
@@ -354,9 +478,15 @@ def merge(
         return
     models = tuple(Source(str(p), w) for p, w in (_parse_weighted(spec, 1.0) for spec in finetuned or []))
     vectors = tuple(Source(str(p), w) for p, w in (_parse_weighted(spec, 1.0) for spec in vector or []))
-    overrides = dict(method=method, base_model=base, models=models, task_vectors=vectors, seed=seed,
-                     out=str(out_path) if out_path is not None else None,
-                     shard_size=parse_size(shard_size, "--shard-size") if shard_size is not None else None)
+    overrides = dict(
+        method=method,
+        base_model=base,
+        models=models,
+        task_vectors=vectors,
+        seed=seed,
+        out=str(out_path) if out_path is not None else None,
+        shard_size=parse_size(shard_size, "--shard-size") if shard_size is not None else None,
+    )
     parameters = dict(_parse_assignment(spec) for spec in assignments or [])
     if recipe is not None:
         loaded = load_recipe(recipe)
@@ -368,14 +498,20 @@ def merge(
     count = len(plan.models)
     with tqdm(desc=f"merge ({plan.method})", unit="tensor", disable=not count, leave=False) as bar:
         summary = run_recipe(plan, overwrite=overwrite, on_tensor=lambda name: bar.update())
-    out.print(f"wrote {shown(summary['out'])} ({plan.method}, {json.dumps(summary['hyperparameters'], sort_keys=True)})")
+    out.print(
+        f"wrote {shown(summary['out'])} ({plan.method}, {json.dumps(summary['hyperparameters'], sort_keys=True)})"
+    )
 
 
 @app.command()
 def interference(
     vectors: Annotated[list[Path], typer.Argument(help="Task vector files (rows of the matrix).")],
-    task: Annotated[list[str], typer.Option("--task", "-t", help="Task whose inputs are measured (repeatable; columns).")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for taujp.json, taujp.md and heatmaps.")] = Path("results/interference"),
+    task: Annotated[
+        list[str], typer.Option("--task", "-t", help="Task whose inputs are measured (repeatable; columns).")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for taujp.json, taujp.md and heatmaps.")] = Path(
+        "results/interference"
+    ),
     split: str = "val",
     max_examples: Annotated[int, typer.Option(help="Inputs per task.")] = 200,
     model: ModelOption = "all-MiniLM-L6-v2",
@@ -400,10 +536,19 @@ def interference(
     write_json(out_dir / "taujp.json", result)
     write_text(out_dir / "taujp.md", taujp_markdown(result))
     for key, title in (("taujp", "tau-Jp: mean ||J f(x) tau||"), ("normalized", "tau-Jp, normalized")):
-        heatmap(result[key], result["vectors"], result["tasks"], out_dir / f"{key}.png", title=title,
-                xlabel="inputs of task", ylabel="task vector")
+        heatmap(
+            result[key],
+            result["vectors"],
+            result["tasks"],
+            out_dir / f"{key}.png",
+            title=title,
+            xlabel="inputs of task",
+            ylabel="task vector",
+        )
     out.print(taujp_markdown(result))
-    out.print(f"wrote {shown(out_dir / 'taujp.json')}, {shown(out_dir / 'taujp.png')}, {shown(out_dir / 'normalized.png')}")
+    out.print(
+        f"wrote {shown(out_dir / 'taujp.json')}, {shown(out_dir / 'taujp.png')}, {shown(out_dir / 'normalized.png')}"
+    )
 
 
 @app.command()
@@ -411,10 +556,17 @@ def kfac(
     task: Annotated[str, typer.Argument(help="Task whose data makes the factors (built-in name or file).")],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Factor file to write (.safetensors).")],
     num_examples: Annotated[int, typer.Option(help="Training inputs used (TAK: 128).")] = 128,
-    mc_samples: Annotated[int, typer.Option(help="Random output directions per example (TAK: 1); 0: every output coordinate (exact, slow).")] = 1,
-    function: Annotated[str, typer.Option(help="normalized (TAK: the L2-normalized embedding) or unnormalized.")] = "normalized",
+    mc_samples: Annotated[
+        int,
+        typer.Option(help="Random output directions per example (TAK: 1); 0: every output coordinate (exact, slow)."),
+    ] = 1,
+    function: Annotated[
+        str, typer.Option(help="normalized (TAK: the L2-normalized embedding) or unnormalized.")
+    ] = "normalized",
     tokens: Annotated[str, typer.Option(help="Linear layers over tokens: expand (TAK) or reduce.")] = "expand",
-    norm_blocks: Annotated[str, typer.Option(help="LayerNorm and class-token blocks: full (TAK) or diagonal.")] = "full",
+    norm_blocks: Annotated[
+        str, typer.Option(help="LayerNorm and class-token blocks: full (TAK) or diagonal.")
+    ] = "full",
     conv: Annotated[str, typer.Option(help="Conv2d layers over positions: reduce or expand.")] = "reduce",
     seed: int = 0,
     model: ModelOption = "all-MiniLM-L6-v2",
@@ -437,24 +589,41 @@ def kfac(
     pretrained = _load_model(model, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the uncovered parameters are printed below
-        factors = compute_kfac_factors(pretrained, loaded, num_examples=num_examples, seed=seed,
-                                       mc_samples=mc_samples or None, function=function, tokens=tokens,
-                                       norm_blocks=norm_blocks, conv=conv)
+        factors = compute_kfac_factors(
+            pretrained,
+            loaded,
+            num_examples=num_examples,
+            seed=seed,
+            mc_samples=mc_samples or None,
+            function=function,
+            tokens=tokens,
+            norm_blocks=norm_blocks,
+            conv=conv,
+        )
     with output_file(out_file, inputs, overwrite=overwrite, format=FORMAT) as tmp:
         factors.save(tmp)
     size = sum(factors.memory_bytes().values()) / 2**20
-    out.print(f"wrote {shown(out_file)}: K-FAC factors of {shown(loaded.name)} ({factors.num_examples} examples, {size:.1f} MiB)")
+    out.print(
+        f"wrote {shown(out_file)}: K-FAC factors of {shown(loaded.name)} ({factors.num_examples} examples, {size:.1f} MiB)"
+    )
     missing = uncovered_parameters(pretrained.encoder, factors)
     if missing:
-        err.print(f"warning: no curvature for {len(missing)} parameters, which the kfac penalty leaves free: "
-                  f"{shown(', '.join(missing[:10]))}{' ...' if len(missing) > 10 else ''}")
+        err.print(
+            f"warning: no curvature for {len(missing)} parameters, which the kfac penalty leaves free: "
+            f"{shown(', '.join(missing[:10]))}{' ...' if len(missing) > 10 else ''}"
+        )
 
 
 @app.command("kfac-merge")
 def kfac_merge(
     factor_files: Annotated[list[Path], typer.Argument(help="Factor files to merge.")],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Merged factor file to write.")],
-    rule: Annotated[str, typer.Option(help="sum (TAK's Eq. 8: output sides summed, input sides averaged by examples) or average (both averaged).")] = "sum",
+    rule: Annotated[
+        str,
+        typer.Option(
+            help="sum (TAK's Eq. 8: output sides summed, input sides averaged by examples) or average (both averaged)."
+        ),
+    ] = "sum",
     overwrite: OverwriteOption = False,
 ) -> None:
     """Merge several tasks' K-FAC factors into one file of the same size."""
@@ -466,16 +635,19 @@ def kfac_merge(
     merged = merge_factors([KFACFactors.load(path) for path in factor_files], rule=rule)
     with output_file(out_file, inputs, overwrite=overwrite, format=FORMAT) as tmp:
         merged.save(tmp)
-    out.print(f"wrote {shown(out_file)}: K-FAC factors of {shown(', '.join(map(shown, merged.tasks)))} "
-              f"(rule {merged.merge})")
+    out.print(
+        f"wrote {shown(out_file)}: K-FAC factors of {shown(', '.join(map(shown, merged.tasks)))} (rule {merged.merge})"
+    )
 
 
 @app.command("kfac-compress")
 def kfac_compress(
     factor_file: Annotated[Path, typer.Argument(help="Factor file to compress.")],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Compressed factor file to write.")],
-    blocks: Annotated[Optional[int], typer.Option(help="Keep this many diagonal blocks of each factor (TAK's block-k).")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="Keep this many eigenpairs of each factor.")] = None,
+    blocks: Annotated[
+        int | None, typer.Option(help="Keep this many diagonal blocks of each factor (TAK's block-k).")
+    ] = None,
+    rank: Annotated[int | None, typer.Option(help="Keep this many eigenpairs of each factor.")] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Compress a K-FAC factor file: block-diagonal factors (--blocks) or truncated eigendecompositions (--rank)."""
@@ -490,43 +662,121 @@ def kfac_compress(
     check_output(out_file, inputs, overwrite=overwrite, format=FORMAT, folder=False)
     factors = KFACFactors.load(factor_file)
     before = sum(factors.memory_bytes().values()) / 2**20
-    compressed = (compress_factors(factors, "block", blocks=blocks) if blocks is not None
-                  else compress_factors(factors, "eigen", rank=rank))  # type: ignore[arg-type]
+    compressed = (
+        compress_factors(factors, "block", blocks=blocks)
+        if blocks is not None
+        else compress_factors(factors, "eigen", rank=rank)
+    )  # type: ignore[arg-type]
     with output_file(out_file, inputs, overwrite=overwrite, format=FORMAT) as tmp:
         compressed.save(tmp)
     after = sum(compressed.memory_bytes().values()) / 2**20
-    out.print(f"wrote {shown(out_file)}: {compressed.compression} K-FAC factors of "
-              f"{shown(', '.join(map(shown, compressed.tasks)))} "
-              f"({before:.1f} -> {after:.1f} MiB)")
+    out.print(
+        f"wrote {shown(out_file)}: {compressed.compression} K-FAC factors of "
+        f"{shown(', '.join(map(shown, compressed.tasks)))} "
+        f"({before:.1f} -> {after:.1f} MiB)"
+    )
 
 
 @app.command()
 def bench(
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.md, results.json, PNG plots and cached vectors.")] = Path("results/bench"),
-    quick: Annotated[bool, typer.Option("--quick/--full", help="A few minutes (one seed, short runs) or the full profile (about an hour on 2 CPU cores).")] = True,
-    suite: Annotated[str, typer.Option(help="Task suite: 'text' (all-MiniLM-L6-v2 on text tasks) or 'vision' (EfficientNet-Lite0 on image tasks).")] = "text",
-    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="Task of the suite (repeatable; default: the profile's).")] = None,
-    control: Annotated[Optional[str], typer.Option(help="Control task for negation (default: the profile's).")] = None,
-    method: Annotated[Optional[list[str]], typer.Option("--method", "-m", help="Fine-tuning method (repeatable; default: all).")] = None,
-    merge_method: Annotated[Optional[list[str]], typer.Option("--merge-method", help="Merging method compared with the plain sum in task addition (repeatable; see 'taskarith merge --list').")] = None,
-    seeds: Annotated[Optional[int], typer.Option(help="Number of seeds (default: the profile's).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Fine-tuning steps per task (default: the profile's).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Fine-tuning batch size (default: the profile's).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Fine-tuning learning rate (default: the profile's).")] = None,
-    eval_limit: Annotated[Optional[int], typer.Option(help="Examples per validation and test split, 0 for all of them, as the papers (default: the profile's, whose validation limit may be smaller).")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Warm-up steps (default: 10% of the steps; the papers: 500).")] = None,
-    alpha_grid: Annotated[Optional[str], typer.Option(help="Coefficients searched for addition and negation, comma-separated, or 'published' ({0, 0.05, ..., 1}; default: the profile's).")] = None,
-    xi_grid: Annotated[Optional[str], typer.Option(help="Coefficients of the xi(alpha_1, alpha_2) grid, comma-separated (default: the profile's).")] = None,
-    reg_strength: Annotated[Optional[list[str]], typer.Option(help="REGULARIZER=LAMBDA[,LAMBDA...]: lambda, or a grid chosen on validation (repeatable; e.g. taujp=0.1).")] = None,
-    reg_sampling: Annotated[Optional[str], typer.Option(help="tau-Jp sampling: strict, cyclical or pooled (default: strict).")] = None,
-    reg_batch_size: Annotated[Optional[int], typer.Option(help="tau-Jp inputs per protected task and step (default: the profile's).")] = None,
-    reg_control: Annotated[Optional[bool], typer.Option("--reg-control/--no-reg-control", help="Put the control task's inputs in tau-Jp's regularization set (published; default: yes).")] = None,
-    cache: Annotated[Optional[Path], typer.Option(help="Folder of cached task vectors (default: OUT/cache).")] = None,
-    checkpoint: Annotated[Optional[list[str]], typer.Option(help="TASK=FOLDER: a model fine-tuned on TASK elsewhere (repeatable).")] = None,
-    new_task: Annotated[Optional[str], typer.Option(help="Task fine-tuned on top of the --checkpoint vectors (default: the first suite task without one).")] = None,
-    random_init: Annotated[bool, typer.Option("--random-init", help="Also run standard and linear fine-tuning from a randomly initialized model of the same architecture (the tangent paper's control).")] = False,
-    ntk_examples: Annotated[int, typer.Option(help="Add the NTK localization study (as `taskarith ntk`) on this many test inputs of each of the first two tasks (0: none).")] = 0,
-    model: Annotated[Optional[str], typer.Option("--model", help="Model (default: the suite's; see 'taskarith finetune --help').")] = None,
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for report.md, results.json, PNG plots and cached vectors.")
+    ] = Path("results/bench"),
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick/--full",
+            help="A few minutes (one seed, short runs) or the full profile (about an hour on 2 CPU cores).",
+        ),
+    ] = True,
+    suite: Annotated[
+        str,
+        typer.Option(
+            help="Task suite: 'text' (all-MiniLM-L6-v2 on text tasks) or 'vision' (EfficientNet-Lite0 on image tasks)."
+        ),
+    ] = "text",
+    task: Annotated[
+        list[str] | None, typer.Option("--task", "-t", help="Task of the suite (repeatable; default: the profile's).")
+    ] = None,
+    control: Annotated[str | None, typer.Option(help="Control task for negation (default: the profile's).")] = None,
+    method: Annotated[
+        list[str] | None, typer.Option("--method", "-m", help="Fine-tuning method (repeatable; default: all).")
+    ] = None,
+    merge_method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--merge-method",
+            help="Merging method compared with the plain sum in task addition (repeatable; see 'taskarith merge --list').",
+        ),
+    ] = None,
+    seeds: Annotated[int | None, typer.Option(help="Number of seeds (default: the profile's).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Fine-tuning steps per task (default: the profile's).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Fine-tuning batch size (default: the profile's).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Fine-tuning learning rate (default: the profile's).")] = None,
+    eval_limit: Annotated[
+        int | None,
+        typer.Option(
+            help="Examples per validation and test split, 0 for all of them, as the papers (default: the profile's, whose validation limit may be smaller)."
+        ),
+    ] = None,
+    warmup_steps: Annotated[
+        int | None, typer.Option(help="Warm-up steps (default: 10% of the steps; the papers: 500).")
+    ] = None,
+    alpha_grid: Annotated[
+        str | None,
+        typer.Option(
+            help="Coefficients searched for addition and negation, comma-separated, or 'published' ({0, 0.05, ..., 1}; default: the profile's)."
+        ),
+    ] = None,
+    xi_grid: Annotated[
+        str | None,
+        typer.Option(help="Coefficients of the xi(alpha_1, alpha_2) grid, comma-separated (default: the profile's)."),
+    ] = None,
+    reg_strength: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="REGULARIZER=LAMBDA[,LAMBDA...]: lambda, or a grid chosen on validation (repeatable; e.g. taujp=0.1)."
+        ),
+    ] = None,
+    reg_sampling: Annotated[
+        str | None, typer.Option(help="tau-Jp sampling: strict, cyclical or pooled (default: strict).")
+    ] = None,
+    reg_batch_size: Annotated[
+        int | None, typer.Option(help="tau-Jp inputs per protected task and step (default: the profile's).")
+    ] = None,
+    reg_control: Annotated[
+        bool | None,
+        typer.Option(
+            "--reg-control/--no-reg-control",
+            help="Put the control task's inputs in tau-Jp's regularization set (published; default: yes).",
+        ),
+    ] = None,
+    cache: Annotated[Path | None, typer.Option(help="Folder of cached task vectors (default: OUT/cache).")] = None,
+    checkpoint: Annotated[
+        list[str] | None, typer.Option(help="TASK=FOLDER: a model fine-tuned on TASK elsewhere (repeatable).")
+    ] = None,
+    new_task: Annotated[
+        str | None,
+        typer.Option(
+            help="Task fine-tuned on top of the --checkpoint vectors (default: the first suite task without one)."
+        ),
+    ] = None,
+    random_init: Annotated[
+        bool,
+        typer.Option(
+            "--random-init",
+            help="Also run standard and linear fine-tuning from a randomly initialized model of the same architecture (the tangent paper's control).",
+        ),
+    ] = False,
+    ntk_examples: Annotated[
+        int,
+        typer.Option(
+            help="Add the NTK localization study (as `taskarith ntk`) on this many test inputs of each of the first two tasks (0: none)."
+        ),
+    ] = 0,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Model (default: the suite's; see 'taskarith finetune --help').")
+    ] = None,
     device: DeviceOption = "auto",
 ) -> None:
     """The papers' protocol: every fine-tuning method, addition, negation, disentanglement, tau-Jp, incremental."""
@@ -538,16 +788,39 @@ def bench(
     from taskarith.report import bench_figures, bench_main_rows, bench_markdown, bench_merge_rows, rich_table
 
     profile = _bench_profile(suite, "quick" if quick else "full")
-    overrides: dict[str, Any] = {key: value for key, value in (
-        ("tasks", tuple(task or ())), ("methods", tuple(method or ())), ("merge_methods", tuple(merge_method or ())),
-        ("control", control)) if value}
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in (
+            ("tasks", tuple(task or ())),
+            ("methods", tuple(method or ())),
+            ("merge_methods", tuple(merge_method or ())),
+            ("control", control),
+        )
+        if value
+    }
     # Numbers are taken as given (0 included) and checked where they are used, never silently dropped.
-    overrides.update({key: value for key, value in (
-        ("steps", steps), ("batch_size", batch_size), ("lr", lr), ("eval_limit", eval_limit),
-        ("warmup_steps", warmup_steps), ("reg_sampling", reg_sampling), ("reg_batch_size", reg_batch_size),
-        ("reg_control", reg_control)) if value is not None})
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("reg_batch_size", reg_batch_size),
-                        ("seeds", seeds)):
+    overrides.update(
+        {
+            key: value
+            for key, value in (
+                ("steps", steps),
+                ("batch_size", batch_size),
+                ("lr", lr),
+                ("eval_limit", eval_limit),
+                ("warmup_steps", warmup_steps),
+                ("reg_sampling", reg_sampling),
+                ("reg_batch_size", reg_batch_size),
+                ("reg_control", reg_control),
+            )
+            if value is not None
+        }
+    )
+    for name, value in (
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("reg_batch_size", reg_batch_size),
+        ("seeds", seeds),
+    ):
         _at_least(f"--{name.replace('_', '-')}", value)
     if seeds is not None and seeds > 1000:
         raise TaskArithError(f"--seeds {shown(seeds)}: at most 1000 (each seed is a full run of the protocol)")
@@ -587,28 +860,52 @@ def bench(
         checkpoints.append((load_task(name), Path(folder)))
     from taskarith.models import reinitialized
 
-    result = run_bench(pretrained, tasks_, control_task, profile, cache or out_dir / "cache",
-                       on_stage=lambda stage: err.print(Text(">", style="bold"), stage), checkpoints=checkpoints,
-                       new_task=load_task(new_task) if new_task else None,
-                       random_model=reinitialized(pretrained, profile.seeds[0]) if random_init else None,
-                       ntk_examples=ntk_examples)
+    result = run_bench(
+        pretrained,
+        tasks_,
+        control_task,
+        profile,
+        cache or out_dir / "cache",
+        on_stage=lambda stage: err.print(Text(">", style="bold"), stage),
+        checkpoints=checkpoints,
+        new_task=load_task(new_task) if new_task else None,
+        random_model=reinitialized(pretrained, profile.seeds[0]) if random_init else None,
+        ntk_examples=ntk_examples,
+    )
     write_json(out_dir / "results.json", result)
     figures = bench_figures(result, out_dir)
     write_text(out_dir / "report.md", bench_markdown(result, figures))
     header, rows = bench_main_rows(result)
-    keep = [header.index(name) for name in ("method", "add abs a=1", "add norm a=1", "add norm a*", "neg target a*", "neg control a*")]
-    out.print(rich_table([header[i] for i in keep], [[row[i] for i in keep] for row in rows],
-                         title=f"task arithmetic on {pretrained.name}: test accuracy (%), all columns in report.md"))
+    keep = [
+        header.index(name)
+        for name in ("method", "add abs a=1", "add norm a=1", "add norm a*", "neg target a*", "neg control a*")
+    ]
+    out.print(
+        rich_table(
+            [header[i] for i in keep],
+            [[row[i] for i in keep] for row in rows],
+            title=f"task arithmetic on {pretrained.name}: test accuracy (%), all columns in report.md",
+        )
+    )
     if profile.merge_methods:
-        out.print(rich_table(*bench_merge_rows(result), title="task addition by merging method: normalized accuracy (%)"))
+        out.print(
+            rich_table(*bench_merge_rows(result), title="task addition by merging method: normalized accuracy (%)")
+        )
     out.print(f"report: {shown(out_dir / 'report.md')}, numbers: {shown(out_dir / 'results.json')}")
 
 
 @app.command()
 def claims(
     results: Annotated[list[Path], typer.Argument(help="results.json of one or more `taskarith bench` runs.")],
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write claims.json and claims.md to this folder.")] = None,
-    ntk_file: Annotated[Optional[Path], typer.Option("--ntk", help="ntk.json of `taskarith ntk`, for the NTK-localization row of the runs of the same model.")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Also write claims.json and claims.md to this folder.")
+    ] = None,
+    ntk_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--ntk", help="ntk.json of `taskarith ntk`, for the NTK-localization row of the runs of the same model."
+        ),
+    ] = None,
 ) -> None:
     """The claims ledger of bench runs: every claim of the papers, its numbers and the verdict of the fixed rule."""
     from taskarith.experiments.claims import ledger, ledger_brief, ledger_counts, ledger_rows
@@ -637,15 +934,34 @@ def claims(
 
 @app.command()
 def ntk(
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for ntk.json and ntk.png.")] = Path("results/ntk"),
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for ntk.json and ntk.png.")] = Path(
+        "results/ntk"
+    ),
     suite: Annotated[str, typer.Option(help="Model and tasks of a bench suite: 'text' or 'vision'.")] = "vision",
-    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="Task whose inputs enter the kernel (repeatable, at least two; default: the suite's first two).")] = None,
-    examples: Annotated[int, typer.Option(help="Inputs per task (the kernel is exact: N^2 x outputs x parameters multiply-adds).")] = 32,
+    task: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task",
+            "-t",
+            help="Task whose inputs enter the kernel (repeatable, at least two; default: the suite's first two).",
+        ),
+    ] = None,
+    examples: Annotated[
+        int, typer.Option(help="Inputs per task (the kernel is exact: N^2 x outputs x parameters multiply-adds).")
+    ] = 32,
     top: Annotated[int, typer.Option(help="Eigenvectors whose task shares are reported and drawn.")] = 20,
     split: Annotated[str, typer.Option(help="Split the inputs come from.")] = "test",
-    random_init: Annotated[bool, typer.Option("--random-init/--no-random-init", help="Also the kernel of the same architecture with random weights (the paper's comparison).")] = True,
+    random_init: Annotated[
+        bool,
+        typer.Option(
+            "--random-init/--no-random-init",
+            help="Also the kernel of the same architecture with random weights (the paper's comparison).",
+        ),
+    ] = True,
     memory_gb: Annotated[float, typer.Option(help="Largest per-example Jacobian block held at once, in GiB.")] = 4.0,
-    model: Annotated[Optional[str], typer.Option("--model", help="Model (default: the suite's; see 'taskarith finetune --help').")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Model (default: the suite's; see 'taskarith finetune --help').")
+    ] = None,
     device: DeviceOption = "auto",
 ) -> None:
     """The empirical NTK on two tasks' inputs: how much of each top eigenvector's energy lies on one task."""
@@ -671,15 +987,24 @@ def ntk(
     models = {"pretrained": pretrained}
     if random_init:
         models["random_init"] = reinitialized(pretrained, 0)
-    result = ntk_study(models, [load_task(name) for name in names], examples=examples, split=split, top=top,
-                       memory_gb=memory_gb, on_stage=lambda stage: err.print(Text(">", style="bold"), stage))
+    result = ntk_study(
+        models,
+        [load_task(name) for name in names],
+        examples=examples,
+        split=split,
+        top=top,
+        memory_gb=memory_gb,
+        on_stage=lambda stage: err.print(Text(">", style="bold"), stage),
+    )
     write_json(out_dir / "ntk.json", result)
     ntk_figure(result, out_dir / "ntk.png")
     for label in models:
         entry = result[label]
-        out.print(f"{label}: mean largest task share of the top {len(entry['largest_share'])} eigenvectors "
-                  f"{entry['mean_top_share']:.3f} (spread evenly: {entry['uniform_share']:.3f}); "
-                  f"{entry['seconds']:.0f} s")
+        out.print(
+            f"{label}: mean largest task share of the top {len(entry['largest_share'])} eigenvectors "
+            f"{entry['mean_top_share']:.3f} (spread evenly: {entry['uniform_share']:.3f}); "
+            f"{entry['seconds']:.0f} s"
+        )
     out.print(f"numbers: {shown(out_dir / 'ntk.json')}, figure: {shown(out_dir / 'ntk.png')}")
 
 
@@ -696,17 +1021,23 @@ def _attach_ntk(result: dict[str, Any], ntk_file: Path | None, path: Path) -> No
     for label in ("pretrained", "random_init"):  # the random-init kernel may be absent (--no-random-init)
         entry = study.get(label)
         if (label == "pretrained" or entry is not None) and (
-                not isinstance(entry, dict) or not isinstance(entry.get("mean_top_share"), (int, float))):
+            not isinstance(entry, dict) or not isinstance(entry.get("mean_top_share"), (int, float))
+        ):
             raise TaskArithError(f"{shown(ntk_file)}: key '{label}' with a number 'mean_top_share' is missing")
     pretrained = study["pretrained"]
     # The same weights, not only the same name: the hash when both files record it.
-    same = (pretrained.get("hash") == result["model"].get("hash") if pretrained.get("hash") and result["model"].get("hash")
-            else pretrained.get("model") == result["model"]["name"])
+    same = (
+        pretrained.get("hash") == result["model"].get("hash")
+        if pretrained.get("hash") and result["model"].get("hash")
+        else pretrained.get("model") == result["model"]["name"]
+    )
     if same:
         result["ntk"] = study
     else:
-        out.print(f"{shown(ntk_file)} is the NTK of another model ({shown(pretrained.get('model'))}) than "
-                  f"{shown(path)}'s {shown(result['model']['name'])}: not used for it")
+        out.print(
+            f"{shown(ntk_file)} is the NTK of another model ({shown(pretrained.get('model'))}) than "
+            f"{shown(path)}'s {shown(result['model']['name'])}: not used for it"
+        )
 
 
 def _bench_result(result: Any, path: Path) -> dict[str, Any]:
@@ -714,8 +1045,13 @@ def _bench_result(result: Any, path: Path) -> dict[str, Any]:
     for runs made before results.json recorded them (never a task loaded from a path named in the file)."""
     from taskarith.data.registry import BUILTIN_TASKS
 
-    if not isinstance(result, dict) or not isinstance(result.get("per_seed"), dict) or not result["per_seed"] \
-            or not isinstance(result.get("model"), dict) or "name" not in result["model"]:
+    if (
+        not isinstance(result, dict)
+        or not isinstance(result.get("per_seed"), dict)
+        or not result["per_seed"]
+        or not isinstance(result.get("model"), dict)
+        or "name" not in result["model"]
+    ):
         raise TaskArithError(f"{shown(path)}: not the results.json of `taskarith bench` (no per_seed or model)")
     names = result.get("tasks")
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
@@ -727,7 +1063,9 @@ def _bench_result(result: Any, path: Path) -> dict[str, Any]:
 
 @app.command()
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, results.md and cached task vectors.")] = Path("results/demo"),
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for results.json, results.md and cached task vectors.")
+    ] = Path("results/demo"),
     steps: Annotated[int, typer.Option(help="Fine-tuning steps per task.")] = 50,
     seed: int = 0,
     model: ModelOption = "all-MiniLM-L6-v2",
@@ -748,12 +1086,20 @@ def demo(
     pretrained = _load_model(model, device)
     tasks_ = [load_task(name) for name in DEMO_TASKS]
     control = load_task(DEMO_CONTROL)
-    result = run_demo(pretrained, tasks_, control, out_dir / "vectors", config,
-                      on_stage=lambda stage: err.print(Text(">", style="bold"), stage))
+    result = run_demo(
+        pretrained,
+        tasks_,
+        control,
+        out_dir / "vectors",
+        config,
+        on_stage=lambda stage: err.print(Text(">", style="bold"), stage),
+    )
     write_json(out_dir / "results.json", result)
     write_text(out_dir / "results.md", demo_markdown(result))
     out.print(rich_table(*demo_rows(result), title=f"task addition on {pretrained.name}: test accuracy (%)"))
-    out.print(rich_table(*negation_rows(result), title=f"task negation, control task {control.name}: test accuracy (%)"))
+    out.print(
+        rich_table(*negation_rows(result), title=f"task negation, control task {control.name}: test accuracy (%)")
+    )
     out.print(f"results: {shown(out_dir / 'results.json')}, {shown(out_dir / 'results.md')}")
 
 

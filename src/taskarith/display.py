@@ -111,8 +111,9 @@ class Output:
 
     def error(self, message: str, limit: int = 2000) -> None:
         """The one ``error:`` line of a failed command, on one line however long the message."""
-        self.console.print(Text("error:", style="red"), Text(_cap(_LINE_BREAKS.sub(" ", plain(message)), limit)),
-                           soft_wrap=True)
+        self.console.print(
+            Text("error:", style="red"), Text(_cap(_LINE_BREAKS.sub(" ", plain(message)), limit)), soft_wrap=True
+        )
 
     @contextmanager
     def status(self, message: str) -> Iterator[None]:

@@ -36,7 +36,7 @@ class Cluster:
         return self.rank == 0
 
     def shard(self, items: Sequence[T]) -> list[T]:
-        return list(items[self.rank::self.world])
+        return list(items[self.rank :: self.world])
 
     def share(self, local: int, total: int) -> float:
         """The weight of a loss averaged over ``local`` of ``total`` examples in the global mean."""
@@ -57,7 +57,7 @@ class Cluster:
         self.sum_(flat)
         offset = 0
         for grad in grads:
-            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
             offset += grad.numel()
 
     def barrier(self) -> None:

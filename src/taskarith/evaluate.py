@@ -28,7 +28,9 @@ CONTROL_KEEP = 0.95
 
 
 @torch.no_grad()
-def predict(model: Pretrained, task: Task, examples: Examples, encoder: nn.Module | None = None, batch_size: int = 128) -> torch.Tensor:
+def predict(
+    model: Pretrained, task: Task, examples: Examples, encoder: nn.Module | None = None, batch_size: int = 128
+) -> torch.Tensor:
     """Predicted class indices for ``examples`` with the task's zero-shot head on ``encoder``."""
     classifier = model.classifier(task, encoder)
     predictions = torch.empty(len(examples), dtype=torch.long)
@@ -37,7 +39,9 @@ def predict(model: Pretrained, task: Task, examples: Examples, encoder: nn.Modul
     return predictions
 
 
-def accuracy(model: Pretrained, task: Task, split: str = "test", encoder: nn.Module | None = None, batch_size: int = 128) -> float:
+def accuracy(
+    model: Pretrained, task: Task, split: str = "test", encoder: nn.Module | None = None, batch_size: int = 128
+) -> float:
     examples = task.split(split)
     if len(examples) == 0:
         raise TaskArithError(f"task '{task.name}' has no {split} examples")
@@ -45,11 +49,15 @@ def accuracy(model: Pretrained, task: Task, split: str = "test", encoder: nn.Mod
     return float((predicted == torch.tensor(examples.labels)).float().mean())
 
 
-def accuracies(model: Pretrained, tasks: Iterable[Task], split: str = "test", encoder: nn.Module | None = None) -> dict[str, float]:
+def accuracies(
+    model: Pretrained, tasks: Iterable[Task], split: str = "test", encoder: nn.Module | None = None
+) -> dict[str, float]:
     return {task.name: accuracy(model, task, split, encoder) for task in tasks}
 
 
-def edited_encoder(model: Pretrained, vectors: Sequence[TaskVector], alphas: Sequence[float] | float = 1.0) -> nn.Module:
+def edited_encoder(
+    model: Pretrained, vectors: Sequence[TaskVector], alphas: Sequence[float] | float = 1.0
+) -> nn.Module:
     """A copy of the pre-trained encoder moved by sum_t alpha_t * tau_t; refuses vectors of another base."""
     return combine(vectors, alphas).apply_to(model.encoder)
 
@@ -103,9 +111,13 @@ def choose_addition_alpha(
     accuracy, each task's accuracy divided by the validation accuracy of its own vector alone (``vectors[i]``
     is the one fine-tuned on ``tasks[i]``); ties to the smallest alpha."""
     if len(vectors) != len(tasks):
-        raise TaskArithError(f"choose_addition_alpha pairs each vector with its task: got {len(vectors)} vectors "
-                             f"for {len(tasks)} tasks")
-    single = {task.name: accuracy(model, task, "val", edited_encoder(model, [tau])) for task, tau in zip(tasks, vectors)}
+        raise TaskArithError(
+            f"choose_addition_alpha pairs each vector with its task: got {len(vectors)} vectors for {len(tasks)} tasks"
+        )
+    single = {
+        task.name: accuracy(model, task, "val", edited_encoder(model, [tau]))
+        for task, tau in zip(tasks, vectors, strict=True)
+    }
     check_reference(single, "the accuracy of its own vector")
     curve = {alpha: accuracies(model, tasks, "val", edited_encoder(model, vectors, alpha)) for alpha in grid}
     best = best_normalized_alpha(grid, lambda a: mean(normalized_accuracy(curve[a], single).values()))
@@ -124,9 +136,13 @@ def choose_negation_alpha(
     accuracy (validation splits). alpha = 0, the pre-trained model, always qualifies."""
     floor = keep * accuracy(model, control, "val")
     candidates = sorted({0.0, *grid})
-    curve = {alpha: accuracies(model, (target, control), "val", edited_encoder(model, [-vector], alpha))
-             for alpha in candidates}
-    best = control_constrained_alpha(candidates, lambda a: curve[a][target.name], lambda a: curve[a][control.name], floor)
+    curve = {
+        alpha: accuracies(model, (target, control), "val", edited_encoder(model, [-vector], alpha))
+        for alpha in candidates
+    }
+    best = control_constrained_alpha(
+        candidates, lambda a: curve[a][target.name], lambda a: curve[a][control.name], floor
+    )
     return AlphaChoice(alpha=best, curve=curve)
 
 
@@ -140,8 +156,10 @@ def control_constrained_alpha(
     """
     negative = sorted(alpha for alpha in grid if alpha < 0)
     if negative:
-        raise TaskArithError(f"negation alpha grid: {negative} are negative; the grid holds the magnitudes "
-                             "subtracted (pre - alpha * tau), from 0 up")
+        raise TaskArithError(
+            f"negation alpha grid: {negative} are negative; the grid holds the magnitudes "
+            "subtracted (pre - alpha * tau), from 0 up"
+        )
     # The answer is the first alpha, in order of (target, alpha), that keeps the control: so the control is
     # evaluated only down that order until one passes, not on the whole grid (on standard vectors each
     # evaluation is a forward pass; the chosen alpha is the same as scoring every candidate).
@@ -183,12 +201,19 @@ class EditedOutputs:
     base outputs with other EditedOutputs of the same model.
     """
 
-    def __init__(self, model: Pretrained, vectors: Mapping[str, TaskVector], *, shortcut: bool = True,
-                 batch_size: int = 128, store: TangentStore | None = None) -> None:
+    def __init__(
+        self,
+        model: Pretrained,
+        vectors: Mapping[str, TaskVector],
+        *,
+        shortcut: bool = True,
+        batch_size: int = 128,
+        store: TangentStore | None = None,
+    ) -> None:
         modes = {vector.mode for vector in vectors.values()}
         if len(modes) > 1:
             raise TaskArithError(f"vectors of one EditedOutputs must share a mode, got {sorted(modes)}")
-        for name, vector in vectors.items():
+        for vector in vectors.values():
             vector.check_base(model.encoder.state_dict())
         self.model = model
         self.vectors = dict(vectors)
@@ -296,8 +321,12 @@ class EditedOutputs:
 
 
 def disentanglement_error(
-    outputs: EditedOutputs, pair: tuple[Task, Task], names: tuple[str, str], grid: Sequence[float],
-    split: str = "test", limit: int | None = None,
+    outputs: EditedOutputs,
+    pair: tuple[Task, Task],
+    names: tuple[str, str],
+    grid: Sequence[float],
+    split: str = "test",
+    limit: int | None = None,
 ) -> list[list[float]]:
     """Weight disentanglement error xi(alpha_1, alpha_2) over ``grid`` x ``grid`` (Ortiz-Jimenez et al., 2023).
 

@@ -47,7 +47,8 @@ from taskarith.regularizers import (
     get_regularizer,
     pooled_tangents,
 )
-from taskarith.vectors import FORMAT as VECTOR_FORMAT, TaskVector
+from taskarith.vectors import FORMAT as VECTOR_FORMAT
+from taskarith.vectors import TaskVector
 
 TASK_VECTOR_FILE = "task_vector.safetensors"
 RECORD_FILE = "run.json"
@@ -108,30 +109,52 @@ class FinetuneConfig:
         if self.reg_strength is None:
             strength = PUBLISHED_STRENGTH.get(self.regularizer, math.nan) if regularized else 0.0
             if math.isnan(strength):
-                raise TaskArithError(f"fine-tuning option reg_strength must be given for regularizer "
-                                     f"{self.regularizer!r} (it has no published default)")
+                raise TaskArithError(
+                    f"fine-tuning option reg_strength must be given for regularizer "
+                    f"{self.regularizer!r} (it has no published default)"
+                )
             object.__setattr__(self, "reg_strength", float(strength))
         expected_form = PENALTY_FORMS.get(self.regularizer, "") if regularized else ""
         if self.penalty_form not in ("", expected_form):
-            raise TaskArithError(f"fine-tuning option penalty_form={self.penalty_form!r} is not the current form "
-                                 f"{expected_form!r} of {self.regularizer!r}: the configuration was made by another "
-                                 f"version of taskarith")
+            raise TaskArithError(
+                f"fine-tuning option penalty_form={self.penalty_form!r} is not the current form "
+                f"{expected_form!r} of {self.regularizer!r}: the configuration was made by another "
+                f"version of taskarith"
+            )
         object.__setattr__(self, "penalty_form", expected_form)
         needs_inputs = regularized and self.regularizer in REGULARIZERS and REGULARIZERS[self.regularizer].needs_inputs
         checks = [
             ("mode", self.mode in MODES, f"must be one of {', '.join(MODES)}"),
-            ("regularizer", not regularized or self.regularizer in REGULARIZERS, f"must be one of {', '.join(REGULARIZERS)}"),
-            ("reg_strength", (self.reg_strength > 0) if regularized else self.reg_strength == 0,
-             "must be > 0 with a regularizer, and 0 without one"),
-            ("reg_tasks", not needs_inputs or bool(self.reg_tasks), f"must name at least one other task for {self.regularizer}"),
+            (
+                "regularizer",
+                not regularized or self.regularizer in REGULARIZERS,
+                f"must be one of {', '.join(REGULARIZERS)}",
+            ),
+            (
+                "reg_strength",
+                (self.reg_strength > 0) if regularized else self.reg_strength == 0,
+                "must be > 0 with a regularizer, and 0 without one",
+            ),
+            (
+                "reg_tasks",
+                not needs_inputs or bool(self.reg_tasks),
+                f"must name at least one other task for {self.regularizer}",
+            ),
             ("reg_sampling", self.reg_sampling in REG_SAMPLINGS, f"must be one of {', '.join(REG_SAMPLINGS)}"),
             ("weight_decay_on", self.weight_decay_on in DECAY_TARGETS, f"must be one of {', '.join(DECAY_TARGETS)}"),
-            ("warmup_steps", self.warmup_steps is None or 0 <= self.warmup_steps <= 10_000_000,
-             "must be between 0 and 10,000,000 (or unset: warmup_fraction)"),
+            (
+                "warmup_steps",
+                self.warmup_steps is None or 0 <= self.warmup_steps <= 10_000_000,
+                "must be between 0 and 10,000,000 (or unset: warmup_fraction)",
+            ),
             ("kfac_norm_scale", self.kfac_norm_scale >= 0, "must be >= 0"),
             ("kfac_projection_scale", self.kfac_projection_scale >= 0, "must be >= 0"),
             ("reg_tasks", self.task not in self.reg_tasks, "must not include the task being fine-tuned"),
-            ("reg_factors", self.regularizer != "kfac" or bool(self.reg_factors), "must name at least one factor file for kfac"),
+            (
+                "reg_factors",
+                self.regularizer != "kfac" or bool(self.reg_factors),
+                "must name at least one factor file for kfac",
+            ),
             ("reg_batch_size", 1 <= self.reg_batch_size <= 65_536, "must be between 1 and 65,536"),
             ("reg_every", self.reg_every >= 1, "must be >= 1"),
             ("steps", 1 <= self.steps <= 10_000_000, "must be between 1 and 10,000,000"),
@@ -157,9 +180,11 @@ class FinetuneConfig:
             raise TaskArithError(f"{source}: unknown fine-tuning options {unknown} (known: {sorted(known)})")
         if data.get("regularizer") and not data.get("penalty_form"):
             # A record from before penalty forms were recorded: today's penalty of that name may be another one.
-            raise TaskArithError(f"{source}: regularizer {data['regularizer']!r} without penalty_form was recorded "
-                                 f"before taskarith 0.2, whose penalty of that name differs from today's; replaying it "
-                                 f"would train something else (see docs/protocol.md)")
+            raise TaskArithError(
+                f"{source}: regularizer {data['regularizer']!r} without penalty_form was recorded "
+                f"before taskarith 0.2, whose penalty of that name differs from today's; replaying it "
+                f"would train something else (see docs/protocol.md)"
+            )
         return cls(**data)
 
     def to_json(self) -> dict[str, Any]:
@@ -186,8 +211,10 @@ def check_against_task(config: FinetuneConfig, task: Task) -> None:
     """
     examples = len(task.train)
     if config.batch_size > examples:
-        raise TaskArithError(f"fine-tuning option batch_size={config.batch_size} is more than the {examples} training "
-                             f"examples of task {shown(task.name)}; use at most {examples}")
+        raise TaskArithError(
+            f"fine-tuning option batch_size={config.batch_size} is more than the {examples} training "
+            f"examples of task {shown(task.name)}; use at most {examples}"
+        )
 
 
 def derived_seed(*parts: int | str, bits: int = 40) -> int:
@@ -226,8 +253,14 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
-def _save_checkpoint(path: Path, step: int, config: FinetuneConfig, base_hash: str,
-                     named_params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer) -> None:
+def _save_checkpoint(
+    path: Path,
+    step: int,
+    config: FinetuneConfig,
+    base_hash: str,
+    named_params: list[tuple[str, nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+) -> None:
     # Raw weights, not deltas: pre + (theta - pre) is not always theta in floating point, and resuming
     # must continue from exactly the same numbers.
     tensors: dict[str, torch.Tensor] = {}
@@ -237,13 +270,22 @@ def _save_checkpoint(path: Path, step: int, config: FinetuneConfig, base_hash: s
         for moment in ("exp_avg", "exp_avg_sq"):
             if moment in state:
                 tensors[f"{moment}/{name}"] = state[moment]
-    metadata = {"format": CHECKPOINT_FORMAT, "step": str(step), "base_hash": base_hash,
-                "config": json.dumps(config.to_json(), sort_keys=True)}
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "step": str(step),
+        "base_hash": base_hash,
+        "config": json.dumps(config.to_json(), sort_keys=True),
+    }
     save_tensors(path, tensors, metadata)
 
 
-def _load_checkpoint(path: Path, config: FinetuneConfig, base_hash: str,
-                     named_params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer) -> int:
+def _load_checkpoint(
+    path: Path,
+    config: FinetuneConfig,
+    base_hash: str,
+    named_params: list[tuple[str, nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+) -> int:
     tensors, metadata = load_tensors(path)
     if metadata.get("format") != CHECKPOINT_FORMAT:
         raise TaskArithError(f"{path}: not a taskarith fine-tuning checkpoint")
@@ -258,16 +300,21 @@ def _load_checkpoint(path: Path, config: FinetuneConfig, base_hash: str,
     # A checkpoint is a file someone may have edited or damaged: its step and tensors are checked before use.
     step_text = metadata.get("step", "")
     if not (step_text.isascii() and step_text.isdigit() and len(step_text) < 19 and int(step_text) <= config.steps):
-        raise TaskArithError(f"{path}: checkpoint step {quoted(step_text)} is not a step of this run "
-                             f"(0 to {config.steps}); delete it or use another --out")
+        raise TaskArithError(
+            f"{path}: checkpoint step {quoted(step_text)} is not a step of this run "
+            f"(0 to {config.steps}); delete it or use another --out"
+        )
     step = int(step_text)
     for name, param in named_params:
         for prefix in ("param", "exp_avg", "exp_avg_sq"):
             saved = tensors.get(f"{prefix}/{name}")
-            if (saved is None and prefix == "param") or (saved is not None and (saved.shape != param.shape
-                                                                                 or saved.dtype != param.dtype)):
-                raise TaskArithError(f"{path}: checkpoint tensor {quoted(f'{prefix}/{name}')} is missing or not "
-                                     f"{param.dtype} {tuple(param.shape)}; delete it or use another --out")
+            if (saved is None and prefix == "param") or (
+                saved is not None and (saved.shape != param.shape or saved.dtype != param.dtype)
+            ):
+                raise TaskArithError(
+                    f"{path}: checkpoint tensor {quoted(f'{prefix}/{name}')} is missing or not "
+                    f"{param.dtype} {tuple(param.shape)}; delete it or use another --out"
+                )
     with torch.no_grad():
         for name, param in named_params:
             param.copy_(tensors[f"param/{name}"])
@@ -337,8 +384,11 @@ def regularization_factors(config: FinetuneConfig, pretrained: Pretrained) -> An
     if uncovered:
         # Fine-tuned but free of the penalty: the user must know which, or the protection is overstated.
         shown = ", ".join(uncovered[:8]) + (f" and {len(uncovered) - 8} more" if len(uncovered) > 8 else "")
-        warnings.warn(f"the K-FAC factors {list(config.reg_factors)} do not cover {len(uncovered)} trained "
-                      f"parameters, which the penalty leaves free: {shown}", stacklevel=2)
+        warnings.warn(
+            f"the K-FAC factors {list(config.reg_factors)} do not cover {len(uncovered)} trained "
+            f"parameters, which the penalty leaves free: {shown}",
+            stacklevel=2,
+        )
     return factors.to(pretrained.device)
 
 
@@ -375,8 +425,9 @@ def _split(tangents: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return list(torch.split(tangents, sizes, dim=0))
 
 
-def check_run_folder(out_dir: str | Path | None, inputs: Sequence[tuple[str, str]] = (), *, resume: bool = True,
-                     overwrite: bool = False) -> None:
+def check_run_folder(
+    out_dir: str | Path | None, inputs: Sequence[tuple[str, str]] = (), *, resume: bool = True, overwrite: bool = False
+) -> None:
     """Refuse, before any training, a run folder whose outputs this run may not write.
 
     A finished run's task vector and record are replaced only with ``overwrite``, and only if taskarith
@@ -393,8 +444,9 @@ def check_run_folder(out_dir: str | Path | None, inputs: Sequence[tuple[str, str
         check_output(out / name, inputs, overwrite=overwrite or resuming, format=form, folder=False)
     if checkpoint.exists() and not resume:
         if not overwrite:
-            raise TaskArithError(f"{checkpoint} holds an unfinished run; resume it (--resume) or discard it "
-                                 "(--overwrite)")
+            raise TaskArithError(
+                f"{checkpoint} holds an unfinished run; resume it (--resume) or discard it (--overwrite)"
+            )
         check_output(checkpoint, inputs, overwrite=True, format=CHECKPOINT_FORMAT, folder=False)
 
 
@@ -418,8 +470,18 @@ def finetune(
     ``(role, path)`` pairs of inputs they must not write over), so a refusal never costs a run.
     """
     cluster = cluster or cluster_from_environment()
-    run = functools.partial(_finetune, config, pretrained, task, out_dir, progress=progress, resume=resume,
-                            overwrite=overwrite, protect=protect, cluster=cluster)
+    run = functools.partial(
+        _finetune,
+        config,
+        pretrained,
+        task,
+        out_dir,
+        progress=progress,
+        resume=resume,
+        overwrite=overwrite,
+        protect=protect,
+        cluster=cluster,
+    )
     if out_dir is None:
         return run()
     lock, refusal = None, None
@@ -453,8 +515,10 @@ def _finetune(
 ) -> FinetuneResult:
     samples_inputs = config.regularizer is not None and REGULARIZERS[config.regularizer].needs_inputs
     if config.batch_size < cluster.world or (samples_inputs and config.reg_batch_size < cluster.world):
-        raise TaskArithError(f"batch_size={config.batch_size} and reg_batch_size={config.reg_batch_size} must be at "
-                             f"least the number of processes ({cluster.world}), so that every process has examples")
+        raise TaskArithError(
+            f"batch_size={config.batch_size} and reg_batch_size={config.reg_batch_size} must be at "
+            f"least the number of processes ({cluster.world}), so that every process has examples"
+        )
     out = Path(out_dir) if out_dir is not None else None
     torch.manual_seed(config.seed)
     base_hash = pretrained.base_hash
@@ -471,8 +535,11 @@ def _finetune(
     regularizer = get_regularizer(config.regularizer) if config.regularizer else None
     reg_pools = regularization_pools(config) if regularizer and regularizer.needs_inputs else []
     factors = regularization_factors(config, pretrained)
-    penalty_options = ({"norm_scale": config.kfac_norm_scale, "projection_scale": config.kfac_projection_scale}
-                       if config.regularizer == "kfac" else {})
+    penalty_options = (
+        {"norm_scale": config.kfac_norm_scale, "projection_scale": config.kfac_projection_scale}
+        if config.regularizer == "kfac"
+        else {}
+    )
 
     start_step = 0
     checkpoint = out / CHECKPOINT_FILE if out is not None else None
@@ -484,9 +551,14 @@ def _finetune(
     history: list[dict[str, float]] = []
     step_seconds: list[float] = []
     started = time.perf_counter()
-    bar = tqdm(range(start_step, config.steps), desc=f"fine-tune {shown(task.name, 60)} ({config.mode})",
-               disable=not progress or not cluster.is_main,
-               initial=start_step, total=config.steps, leave=False)
+    bar = tqdm(
+        range(start_step, config.steps),
+        desc=f"fine-tune {shown(task.name, 60)} ({config.mode})",
+        disable=not progress or not cluster.is_main,
+        initial=start_step,
+        total=config.steps,
+        leave=False,
+    )
     for step in bar:
         step_started = time.perf_counter()
         for group in optimizer.param_groups:
@@ -496,18 +568,22 @@ def _finetune(
         inputs = [train.inputs[i] for i in indices]
         # One augmentation seed per input of the global batch, so a run gives the same vector however it
         # is split over processes; the regularization inputs draw from a stream of their own.
-        seeds = cluster.shard([derived_seed(config.seed, "augment", step, k, bits=62) for k in range(len(global_indices))])
+        seeds = cluster.shard(
+            [derived_seed(config.seed, "augment", step, k, bits=62) for k in range(len(global_indices))]
+        )
         regularize = regularizer is not None and step % config.reg_every == 0
         groups = regularization_batches(reg_pools, config, step) if regularize else []
         local_groups = [cluster.shard(group) for group in groups]
         reg_inputs = [item for group in local_groups for item in group]
         sizes = [len(group) for group in local_groups]
-        reg_seeds = [derived_seed(config.seed, "augment", step, "regularization", j, k, bits=62)
-                     for j, group in enumerate(groups) for k in cluster.shard(list(range(len(group))))]
+        reg_seeds = [
+            derived_seed(config.seed, "augment", step, "regularization", j, k, bits=62)
+            for j, group in enumerate(groups)
+            for k in cluster.shard(list(range(len(group))))
+        ]
 
         def batch_of(items: list[Any], item_seeds: list[int]) -> dict[str, torch.Tensor]:
             return pretrained.tokenize(items, train=config.augment, seeds=item_seeds)
-
 
         tangents = None
         if reg_inputs and config.mode == "linear":
@@ -529,8 +605,9 @@ def _finetune(
         if regularize:
             # tau-Jp divides each group's sum by its global size, so the shares already add up; a dataless
             # penalty is computed whole on every process and counted once.
-            penalty = regularizer.penalty(PenaltyInputs(trainable.delta(), tangents, [len(g) for g in groups],
-                                                        factors, penalty_options))
+            penalty = regularizer.penalty(
+                PenaltyInputs(trainable.delta(), tangents, [len(g) for g in groups], factors, penalty_options)
+            )
             if not regularizer.needs_inputs:
                 penalty = penalty * cluster.share(1, cluster.world)
         loss = task_loss + config.reg_strength * penalty if penalty is not None else task_loss
@@ -553,27 +630,49 @@ def _finetune(
 
         if step % 10 == 0 or step == config.steps - 1:
             reported_loss = cluster.sum_(task_loss.detach().clone()).item()
-            entry = {"step": step, "loss": round(reported_loss, 5), "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(float(grad_norm), 5)}
+            entry = {
+                "step": step,
+                "loss": round(reported_loss, 5),
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": round(float(grad_norm), 5),
+            }
             if penalty is not None:
                 entry["penalty"] = round(cluster.sum_(penalty.detach().clone()).item(), 6)
             history.append(entry)
             bar.set_postfix(loss=f"{reported_loss:.3f}")
         done = step + 1
-        if (checkpoint is not None and cluster.is_main and config.checkpoint_every
-                and done % config.checkpoint_every == 0 and done < config.steps):
+        if (
+            checkpoint is not None
+            and cluster.is_main
+            and config.checkpoint_every
+            and done % config.checkpoint_every == 0
+            and done < config.steps
+        ):
             _save_checkpoint(checkpoint, done, config, base_hash, trainable.named_params, optimizer)
     bar.close()
     train_seconds = time.perf_counter() - started
 
     with torch.no_grad():
         deltas = {name: value.detach().cpu() for name, value in sorted(trainable.delta().items())}
-    tau = TaskVector(deltas=deltas, base_hash=state_hash({k: theta0[k] for k in deltas}), task=task.name,
-                     mode=config.mode, config=config.to_json())
+    tau = TaskVector(
+        deltas=deltas,
+        base_hash=state_hash({k: theta0[k] for k in deltas}),
+        task=task.name,
+        mode=config.mode,
+        config=config.to_json(),
+    )
     record = {
         "format": RECORD_FORMAT,
         "config": config.to_json(),
-        "task": {"name": task.name, "classes": list(task.classes), "train": len(task.train), "val": len(task.val),
-                 "test": len(task.test), "source": task.source, "fingerprint": task.fingerprint},
+        "task": {
+            "name": task.name,
+            "classes": list(task.classes),
+            "train": len(task.train),
+            "val": len(task.val),
+            "test": len(task.test),
+            "source": task.source,
+            "fingerprint": task.fingerprint,
+        },
         "base_model": {"name": pretrained.name, "hash": base_hash},
         "resumed_from_step": start_step,
         "train_seconds": round(train_seconds, 3),
@@ -604,8 +703,15 @@ def run_key(config: FinetuneConfig, base_hash: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def finetune_cached(config: FinetuneConfig, pretrained: Pretrained, task: Task, cache_dir: str | Path,
-                    *, progress: bool = True, key: str | None = None) -> FinetuneResult:
+def finetune_cached(
+    config: FinetuneConfig,
+    pretrained: Pretrained,
+    task: Task,
+    cache_dir: str | Path,
+    *,
+    progress: bool = True,
+    key: str | None = None,
+) -> FinetuneResult:
     """Fine-tune once per content hash: a second call with the same inputs loads the saved vector.
 
     ``key`` replaces the config's own hash where the caller knows better (e.g. factor files named by content).

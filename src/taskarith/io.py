@@ -46,8 +46,11 @@ def _replace(tmp: Path, target: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, place: Callable[[Path, Path], None] = _replace,
-                kept: str = "the previous file, if any, is untouched") -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike,
+    place: Callable[[Path, Path], None] = _replace,
+    kept: str = "the previous file, if any, is untouched",
+) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; once the block succeeds, sync it and ``place(tmp, target)``
     (by default a plain rename over ``path``). ``kept`` says in an error what was left as it was."""
     target = Path(path)
@@ -99,8 +102,10 @@ def sync_folder(folder: str | os.PathLike) -> None:
     except OSError as exc:
         # Not an OSError: the callers' "nothing was replaced" handlers must not claim it, the rename is done.
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise TaskArithError(f"{folder}: a file was renamed into it, but the folder could not be synced "
-                                 f"({exc.strerror or exc}); it may not survive a power cut") from exc
+            raise TaskArithError(
+                f"{folder}: a file was renamed into it, but the folder could not be synced "
+                f"({exc.strerror or exc}); it may not survive a power cut"
+            ) from exc
     finally:
         os.close(fd)
 
@@ -189,8 +194,18 @@ SYNC_BYTES = 256 * 1024**2
 
 # Bytes per element of each safetensors dtype.
 SAFETENSORS_ITEMSIZE: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
 }
 
 # A tensor's safetensors dtype name and shape, by tensor name: all a header needs.
@@ -203,9 +218,18 @@ def _torch_dtype_names() -> dict[torch.dtype, str]:
     import torch
 
     return {
-        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-        torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
-        torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+        torch.float64: "F64",
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.float8_e4m3fn: "F8_E4M3",
+        torch.float8_e5m2: "F8_E5M2",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
     }
 
 
@@ -222,8 +246,9 @@ def layout_bytes(dtype: str, shape: tuple[int, ...]) -> int:
     return math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]
 
 
-def stream_safetensors(fh: BinaryIO, layout: TensorLayout, produce: Callable[[str], Any],
-                       metadata: Mapping[str, str]) -> None:
+def stream_safetensors(
+    fh: BinaryIO, layout: TensorLayout, produce: Callable[[str], Any], metadata: Mapping[str, str]
+) -> None:
     """Write the safetensors format with a canonical header (sorted keys), producing one tensor at a time.
 
     The header needs every tensor's dtype name and shape first (``layout``); the data follow in sorted name
@@ -273,8 +298,10 @@ def stream_safetensors(fh: BinaryIO, layout: TensorLayout, produce: Callable[[st
             data = memoryview(produce(name))
             expected = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
             if data.nbytes != expected or not data.c_contiguous:
-                raise TaskArithError(f"tensor '{name}' came out as {data.nbytes} bytes, not the {expected} contiguous "
-                                     f"bytes of the {layout[name][0]} {list(layout[name][1])} its header announced")
+                raise TaskArithError(
+                    f"tensor '{name}' came out as {data.nbytes} bytes, not the {expected} contiguous "
+                    f"bytes of the {layout[name][0]} {list(layout[name][1])} its header announced"
+                )
             if in_flight is not None:
                 in_flight.result()
             in_flight = writer.submit(write, data.cast("B")) if data.nbytes else None
@@ -330,7 +357,7 @@ def _load_pickle_weights(path: Path) -> StateDict:
         # weights_only=False, which for a file refused this way means running whatever code it carries.
         text = str(exc)
         marker = "WeightsUnpickler error:"
-        detail = text[text.index(marker) + len(marker):] if marker in text else text
+        detail = text[text.index(marker) + len(marker) :] if marker in text else text
         raise TaskArithError(
             f"{path}: refused to load: only plain tensors are read from pickle files (torch.load with "
             f"weights_only=True), and this one holds something else ({shown(detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__, 120)}); "
@@ -361,16 +388,24 @@ def shard_files(index_path: Path, index: Any) -> list[Path]:
         if not isinstance(name, str):
             raise TaskArithError(f"{index_path}: weight_map[{quoted(tensor)}] is {quoted(name)}, not a file name")
         if not plain_file_name(name):
-            raise TaskArithError(f"{index_path}: weight_map[{quoted(tensor)}] is {quoted(name)}; a shard must be a "
-                                 f"plain file name in {shown(index_path.parent)} (no folders, '..' or absolute paths)")
+            raise TaskArithError(
+                f"{index_path}: weight_map[{quoted(tensor)}] is {quoted(name)}; a shard must be a "
+                f"plain file name in {shown(index_path.parent)} (no folders, '..' or absolute paths)"
+            )
         names.add(name)
     return [index_path.parent / name for name in sorted(names)]
 
 
 def plain_file_name(name: str) -> bool:
     """Whether ``name`` names a file directly inside a folder: no separator, not '.' or '..', no NUL."""
-    return (name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
-            and os.path.basename(name) == name and not os.path.isabs(name))
+    return (
+        name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and os.path.basename(name) == name
+        and not os.path.isabs(name)
+    )
 
 
 def _load_sharded(directory: Path, index_name: str) -> StateDict:
@@ -445,6 +480,7 @@ def package_dir(module: str, install: str) -> Path:
         spec = None
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
-        raise TaskArithError(f"the package {module} is not installed; it carries files taskarith reads. "
-                             f"Install it with: {install}")
+        raise TaskArithError(
+            f"the package {module} is not installed; it carries files taskarith reads. Install it with: {install}"
+        )
     return Path(locations[0])

@@ -86,7 +86,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -179,7 +179,7 @@ class LowRank:
         return (self.vectors * self.values) @ self.vectors.T
 
 
-Factor = Union[torch.Tensor, BlockDiagonal, LowRank]
+Factor = torch.Tensor | BlockDiagonal | LowRank
 
 
 def _times(x: torch.Tensor, factor: Factor) -> torch.Tensor:
@@ -196,7 +196,8 @@ def _convert(factor: Factor, fn: Callable[[torch.Tensor], torch.Tensor]) -> Fact
 
 def _nbytes(factor: Factor) -> int:
     tensors = {BlockDiagonal: lambda f: [f.blocks], LowRank: lambda f: [f.values, f.vectors]}.get(
-        type(factor), lambda f: [f])(factor)
+        type(factor), lambda f: [f]
+    )(factor)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -208,8 +209,10 @@ def _weighted_sum(parts: Sequence[tuple[float, Factor]], name: str) -> Factor:
     """sum_i w_i M_i for factors of one form (dense, block diagonal alike, or low rank)."""
     first = parts[0][1]
     if isinstance(first, BlockDiagonal):
-        if any(not isinstance(f, BlockDiagonal) or f.blocks.shape != first.blocks.shape or f.size != first.size
-               for _, f in parts):
+        if any(
+            not isinstance(f, BlockDiagonal) or f.blocks.shape != first.blocks.shape or f.size != first.size
+            for _, f in parts
+        ):
             raise TaskArithError(f"K-FAC factors of '{name}' are block diagonal with different blocks")
         return BlockDiagonal(sum(w * f.blocks.float() for w, f in parts), first.size)  # type: ignore[arg-type]
     if isinstance(first, LowRank):
@@ -269,21 +272,28 @@ class KFACFactors:
         layers = {layer: (f"{layer}.weight", f"{layer}.bias", False) for layer in self.A}
         layers.update({k: (v[0], v[1], bool(v[2])) for k, v in self.layers.items()})
         object.__setattr__(self, "layers", layers)
-        for option, value, allowed in (("function", self.function, FUNCTIONS), ("tokens", self.tokens, TOKEN_RULES),
-                                       ("conv", self.conv, CONV_RULES), ("norm_blocks", self.norm_blocks, NORM_BLOCKS),
-                                       ("merge", self.merge, ("none", *MERGE_RULES))):
+        for option, value, allowed in (
+            ("function", self.function, FUNCTIONS),
+            ("tokens", self.tokens, TOKEN_RULES),
+            ("conv", self.conv, CONV_RULES),
+            ("norm_blocks", self.norm_blocks, NORM_BLOCKS),
+            ("merge", self.merge, ("none", *MERGE_RULES)),
+        ):
             if value not in allowed:
                 raise TaskArithError(f"K-FAC option {option}={value!r} is not one of {', '.join(allowed)}")
         if set(self.A) != set(self.S):
-            raise TaskArithError(f"K-FAC factors need both A and S for every layer; unpaired: "
-                                 f"{sorted(set(self.A) ^ set(self.S))[:5]}")
+            raise TaskArithError(
+                f"K-FAC factors need both A and S for every layer; unpaired: {sorted(set(self.A) ^ set(self.S))[:5]}"
+            )
         for layer in self.A:
             a, s = self.A[layer], self.S[layer]
             if isinstance(a, torch.Tensor) and isinstance(s, torch.Tensor):
                 stacked = a.dim() == s.dim() and a.dim() in (2, 3) and a.shape[:-2] == s.shape[:-2]
                 if not stacked or a.shape[-1] != a.shape[-2] or s.shape[-1] != s.shape[-2]:
-                    raise TaskArithError(f"K-FAC factors of layer '{layer}' are neither square matrices nor stacks "
-                                         f"of them, one per group (A {tuple(a.shape)}, S {tuple(s.shape)})")
+                    raise TaskArithError(
+                        f"K-FAC factors of layer '{layer}' are neither square matrices nor stacks "
+                        f"of them, one per group (A {tuple(a.shape)}, S {tuple(s.shape)})"
+                    )
         for name, value in self.gram.items():
             if isinstance(value, torch.Tensor) and (value.dim() != 2 or value.shape[0] != value.shape[1]):
                 raise TaskArithError(f"K-FAC Gram block of '{name}' is not a square matrix ({tuple(value.shape)})")
@@ -348,9 +358,11 @@ class KFACFactors:
         tensors, metadata = load_tensors(path)
         found = metadata.get("format")
         if found in _OLD_FORMATS:
-            raise TaskArithError(f"{path}: K-FAC factor file of format {found!r}, made before taskarith adopted "
-                                 f"TAK's published factors (normalized embedding, KFAC-expand, full LayerNorm "
-                                 f"blocks, Eq. 8 merging); recompute it with `taskarith kfac` (format {FORMAT!r})")
+            raise TaskArithError(
+                f"{path}: K-FAC factor file of format {found!r}, made before taskarith adopted "
+                f"TAK's published factors (normalized embedding, KFAC-expand, full LayerNorm "
+                f"blocks, Eq. 8 merging); recompute it with `taskarith kfac` (format {FORMAT!r})"
+            )
         if found != FORMAT:
             raise TaskArithError(f"{path}: not a K-FAC factor file (format {found!r}, expected {FORMAT!r})")
         missing = [key for key in _REQUIRED_METADATA if key not in metadata]
@@ -364,10 +376,13 @@ class KFACFactors:
             zero = [str(name) for name in json.loads(metadata.get("zero", "[]"))]
             tasks = json.loads(metadata["tasks"])
         except (ValueError, TypeError, AttributeError, IndexError, RecursionError):
-            raise TaskArithError(f"{path}: unreadable K-FAC metadata (examples, sampling, layers, kinds or zero)") from None
+            raise TaskArithError(
+                f"{path}: unreadable K-FAC metadata (examples, sampling, layers, kinds or zero)"
+            ) from None
         if list(examples) != tasks:
-            raise TaskArithError(f"{path}: K-FAC metadata 'tasks' {quoted(tasks)} does not match 'examples' "
-                                 f"{quoted(list(examples))}")
+            raise TaskArithError(
+                f"{path}: K-FAC metadata 'tasks' {quoted(tasks)} does not match 'examples' {quoted(list(examples))}"
+            )
         _check_loaded_tensors(path, tensors)
         tables: dict[str, dict[str, Any]] = {table: {} for table in _TABLES}
         for key, value in tensors.items():
@@ -379,12 +394,25 @@ class KFACFactors:
             raise TaskArithError(f"{path}: K-FAC factor file holds no factors")
         try:
             unpacked = {table: _unpack(tables[table], table) for table in ("A", "S", "gram")}
-            return cls(A=unpacked["A"], S=unpacked["S"], gram=unpacked["gram"], diag=tables["diag"], rows=tables["rows"],
-                       examples=examples, sampling=sampling, base_hash=metadata["base_hash"], layers=layers,
-                       kinds=kinds, zero=tuple(zero), function=metadata.get("function", ""),
-                       tokens=metadata.get("tokens", ""), conv=metadata.get("conv", ""),
-                       norm_blocks=metadata.get("norm_blocks", ""), merge=metadata.get("merge", ""),
-                       compression=metadata.get("compression", "none"))
+            return cls(
+                A=unpacked["A"],
+                S=unpacked["S"],
+                gram=unpacked["gram"],
+                diag=tables["diag"],
+                rows=tables["rows"],
+                examples=examples,
+                sampling=sampling,
+                base_hash=metadata["base_hash"],
+                layers=layers,
+                kinds=kinds,
+                zero=tuple(zero),
+                function=metadata.get("function", ""),
+                tokens=metadata.get("tokens", ""),
+                conv=metadata.get("conv", ""),
+                norm_blocks=metadata.get("norm_blocks", ""),
+                merge=metadata.get("merge", ""),
+                compression=metadata.get("compression", "none"),
+            )
         except TaskArithError as exc:
             raise TaskArithError(f"{path}: {exc}") from None
         except (ValueError, TypeError, IndexError, RuntimeError) as exc:
@@ -394,10 +422,13 @@ class KFACFactors:
 
     def to(self, device: torch.device | str) -> KFACFactors:
         """The same factors on ``device`` (the penalty then costs no transfer per step)."""
-        move: Callable[[Mapping[str, Any]], dict[str, Any]] = lambda table: {  # noqa: E731
-            k: _convert(v, lambda t: t.to(device)) for k, v in table.items()}
-        return replace(self, A=move(self.A), S=move(self.S), gram=move(self.gram), diag=move(self.diag),
-                       rows=move(self.rows))
+
+        def move(table: Mapping[str, Any]) -> dict[str, Any]:
+            return {k: _convert(v, lambda t: t.to(device)) for k, v in table.items()}
+
+        return replace(
+            self, A=move(self.A), S=move(self.S), gram=move(self.gram), diag=move(self.diag), rows=move(self.rows)
+        )
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held per Kronecker-factored layer (A and S) and per full or diagonal block."""
@@ -409,10 +440,12 @@ class KFACFactors:
 
     def __repr__(self) -> str:
         total = sum(self.memory_bytes().values()) / 2**20
-        return (f"KFACFactors(tasks={self.tasks!r}, layers={len(self.A)}, full={len(self.gram)}, "
-                f"diagonal={len(self.diag)}, examples={self.num_examples}, directions={self.directions!r}, "
-                f"{self.function}/{self.tokens}/{self.norm_blocks}, merge={self.merge!r}, "
-                f"compression={self.compression!r}, {total:.1f} MiB)")
+        return (
+            f"KFACFactors(tasks={self.tasks!r}, layers={len(self.A)}, full={len(self.gram)}, "
+            f"diagonal={len(self.diag)}, examples={self.num_examples}, directions={self.directions!r}, "
+            f"{self.function}/{self.tokens}/{self.norm_blocks}, merge={self.merge!r}, "
+            f"compression={self.compression!r}, {total:.1f} MiB)"
+        )
 
 
 def _store(tensors: Tensors, key: str, value: Factor) -> None:
@@ -434,12 +467,18 @@ def _check_loaded_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> No
             if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool or value.dim() != 1:
                 raise TaskArithError(f"{path}: K-FAC row index {quoted(key)} is not a list of integers")
             if value.numel() and (int(value.min()) < 0 or not bool((value[1:] > value[:-1]).all())):
-                raise TaskArithError(f"{path}: K-FAC row index {quoted(key)} is not sorted, distinct, non-negative rows")
+                raise TaskArithError(
+                    f"{path}: K-FAC row index {quoted(key)} is not sorted, distinct, non-negative rows"
+                )
         elif key.endswith(":size"):
             if value.numel() != 1 or value.is_floating_point() or int(value) < 1:
                 raise TaskArithError(f"{path}: K-FAC block size {quoted(key)} is not a positive integer")
-        elif not value.is_floating_point() or value.dtype not in (torch.float16, torch.bfloat16, torch.float32,
-                                                                   torch.float64):
+        elif not value.is_floating_point() or value.dtype not in (
+            torch.float16,
+            torch.bfloat16,
+            torch.float32,
+            torch.float64,
+        ):
             raise TaskArithError(f"{path}: K-FAC factor {quoted(key)} is {value.dtype}, not a float tensor")
         elif not bool(torch.isfinite(value).all()):
             raise TaskArithError(f"{path}: K-FAC factor {quoted(key)} contains NaN or Inf")
@@ -543,9 +582,11 @@ class _Collector:
             elif isinstance(module, _BATCH_NORMS) and module.weight is not None and _plain_batch_norm(module):
                 if module.running_mean is None or module.running_var is None:
                     self.close()
-                    raise TaskArithError(f"BatchNorm layer '{name}' keeps no running statistics, so even in eval "
-                                         f"mode it normalizes with batch statistics and couples the examples; "
-                                         f"K-FAC needs per-example curvature (track_running_stats=True)")
+                    raise TaskArithError(
+                        f"BatchNorm layer '{name}' keeps no running statistics, so even in eval "
+                        f"mode it normalizes with batch statistics and couples the examples; "
+                        f"K-FAC needs per-example curvature (track_running_stats=True)"
+                    )
                 supported = True
                 self.handles.append(module.register_forward_hook(self._batch_norm_hook(name)))
             elif isinstance(module, nn.Embedding):
@@ -554,8 +595,10 @@ class _Collector:
             self._token_site(name, module)
         if not supported:
             self.close()
-            raise TaskArithError("K-FAC needs an encoder with at least one supported layer (Linear, Conv2d, "
-                                 "LayerNorm, BatchNorm, Embedding, MultiheadAttention); this one has none")
+            raise TaskArithError(
+                "K-FAC needs an encoder with at least one supported layer (Linear, Conv2d, "
+                "LayerNorm, BatchNorm, Embedding, MultiheadAttention); this one has none"
+            )
 
     def close(self) -> None:
         for handle in self.handles:
@@ -601,21 +644,25 @@ class _Collector:
 
     def _examples(self, name: str, x: torch.Tensor, features: int = 1) -> torch.Tensor:
         """``x`` as (batch, tokens, *feature dims): the batch first, any shared dimensions flattened."""
-        batch, feature_shape = self.batch, x.shape[x.dim() - features:]
+        batch, feature_shape = self.batch, x.shape[x.dim() - features :]
         lead = x.shape[: x.dim() - features]
         first = len(lead) >= 1 and lead[0] == batch
         second = len(lead) >= 2 and lead[1] == batch
         if first and second:
             if x.dim() - features == 2 and self.sequence_first:
-                raise TaskArithError(f"K-FAC cannot tell the batch dimension of the input {tuple(x.shape)} of '{name}': "
-                                     f"the batch is as long as the sequence; compute with another batch_size")
+                raise TaskArithError(
+                    f"K-FAC cannot tell the batch dimension of the input {tuple(x.shape)} of '{name}': "
+                    f"the batch is as long as the sequence; compute with another batch_size"
+                )
             second = False
         if first:
             return x.reshape(batch, -1, *feature_shape)
         if second and len(lead) == 2:
             return x.transpose(0, 1).reshape(batch, -1, *feature_shape)
-        raise TaskArithError(f"K-FAC expects the batch ({batch}) first (or second, after the tokens) in the input "
-                             f"of '{name}', got shape {tuple(x.shape)}")
+        raise TaskArithError(
+            f"K-FAC expects the batch ({batch}) first (or second, after the tokens) in the input "
+            f"of '{name}', got shape {tuple(x.shape)}"
+        )
 
     def _token_weights(self, tokens: int, like: torch.Tensor) -> torch.Tensor:
         """(batch, tokens): 1 / (real tokens) on each real token, 0 on padding; 1 / tokens without a mask."""
@@ -679,8 +726,12 @@ class _Collector:
     def _patch_attention(self, module: nn.MultiheadAttention) -> bool:
         """Runs ``module`` through an explicit forward whose projections are F.linear calls: in_proj (q, k, v
         rows of one Linear) and out_proj. Only self-attention with packed weights and no extra key/value."""
-        if not module._qkv_same_embed_dim or module.in_proj_weight is None or module.bias_k is not None \
-                or module.add_zero_attn:
+        if (
+            not module._qkv_same_embed_dim
+            or module.in_proj_weight is None
+            or module.bias_k is not None
+            or module.add_zero_attn
+        ):
             return False
         module.forward = _explicit_attention(module, module.forward)
         self.patched.append(module)
@@ -693,8 +744,10 @@ class _Collector:
             groups, bias = module.groups, module.bias is not None
             x = inputs[0].detach().float()
             if x.dim() != 4 or x.shape[0] != self.batch:
-                raise TaskArithError(f"Conv2d layer '{name}' got input of shape {tuple(x.shape)}; K-FAC expects "
-                                     f"(batch, channels, height, width) for a batch of {self.batch}")
+                raise TaskArithError(
+                    f"Conv2d layer '{name}' got input of shape {tuple(x.shape)}; K-FAC expects "
+                    f"(batch, channels, height, width) for a batch of {self.batch}"
+                )
             out_size = tuple(output.shape[-2:])
             positions = math.prod(out_size)
             with torch.no_grad():
@@ -705,8 +758,11 @@ class _Collector:
                     self._add(f"A/{name}", _squeeze(torch.einsum("bgi,bgj->gij", a, a), groups))
                 else:
                     self._add(f"A/{name}", _squeeze(_patch_gram(name, module, x, out_size, bias), groups))
-            self.layers[name] = (self._name(module.weight) or f"{name}.weight",
-                                 (self._name(module.bias) or f"{name}.bias") if bias else None, False)
+            self.layers[name] = (
+                self._name(module.weight) or f"{name}.weight",
+                (self._name(module.bias) or f"{name}.bias") if bias else None,
+                False,
+            )
             self._block(name, self.layers[name][:2], "layer")
             output = self._track(output)
 
@@ -767,8 +823,10 @@ class _Collector:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             x = inputs[0].detach().float()
             if x.dim() < 2 or x.shape[0] != self.batch:
-                raise TaskArithError(f"BatchNorm layer '{name}' sees input of shape {tuple(x.shape)} for a batch of "
-                                     f"{self.batch}; per-example curvature needs the batch dimension first")
+                raise TaskArithError(
+                    f"BatchNorm layer '{name}' sees input of shape {tuple(x.shape)} for a batch of "
+                    f"{self.batch}; per-example curvature needs the batch dimension first"
+                )
             assert module.running_mean is not None and module.running_var is not None
             channels = (1, -1) + (1,) * (x.dim() - 2)
             with torch.no_grad():
@@ -844,8 +902,13 @@ class _Collector:
             prefix = f"{name}." if name else ""
             cls_name, pos_name = prefix + cls_attr, (prefix + pos_attr if pos is not None else None)
 
-            def on_tokens(x: torch.Tensor, cls: torch.Tensor = cls, pos: torch.Tensor | None = pos,
-                          cls_name: str = cls_name, pos_name: str | None = pos_name) -> None:
+            def on_tokens(
+                x: torch.Tensor,
+                cls: torch.Tensor = cls,
+                pos: torch.Tensor | None = pos,
+                cls_name: str = cls_name,
+                pos_name: str | None = pos_name,
+            ) -> None:
                 if x.dim() != 3 or x.shape[0] != self.batch or cls.numel() != x.shape[-1] or not x.requires_grad:
                     return
                 width = x.shape[-1]
@@ -887,8 +950,16 @@ class _Collector:
         zero = sorted({p for key in self.forwarded - self.fired for p in self.blocks[key]})
         layers = {key: value for key, value in self.layers.items() if key in tables["A"]}
         kinds = {key: kind for key, kind in self.kinds.items() if key in self.fired}
-        return dict(A=tables["A"], S=tables["S"], gram=tables["gram"], diag=tables["diag"], rows=tables["rows"],
-                    layers=layers, kinds=kinds, zero=tuple(zero))
+        return dict(
+            A=tables["A"],
+            S=tables["S"],
+            gram=tables["gram"],
+            diag=tables["diag"],
+            rows=tables["rows"],
+            layers=layers,
+            kinds=kinds,
+            zero=tuple(zero),
+        )
 
 
 def _is_projection(key: str) -> bool:
@@ -905,13 +976,27 @@ def _explicit_attention(module: nn.MultiheadAttention, original: Callable[..., A
     """``module``'s forward for self-attention as explicit operations (what F.multi_head_attention_forward
     computes), its projections F.linear calls in the module's own layout; anything else runs ``original``."""
 
-    def forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
-                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not (query is key and key is value) or query.dim() != 3:
-            return original(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                            attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+            return original(
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
         heads, width = module.num_heads, module.embed_dim
         qkv = F.linear(query, module.in_proj_weight, module.in_proj_bias)
         if not module.batch_first:
@@ -934,8 +1019,15 @@ def _explicit_attention(module: nn.MultiheadAttention, original: Callable[..., A
     return forward
 
 
-def _attention_bias(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, is_causal: bool,
-                    batch: int, heads: int, length: int, scores: torch.Tensor) -> torch.Tensor | None:
+def _attention_bias(
+    attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    is_causal: bool,
+    batch: int,
+    heads: int,
+    length: int,
+    scores: torch.Tensor,
+) -> torch.Tensor | None:
     """nn.MultiheadAttention's masks as one additive bias: boolean True (and -inf) masks a key out."""
 
     def additive(mask: torch.Tensor) -> torch.Tensor:
@@ -957,8 +1049,12 @@ def _attention_bias(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tens
 
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_PLAIN_BATCH_NORM_FORWARDS = {nn.BatchNorm1d.forward, nn.BatchNorm2d.forward, nn.BatchNorm3d.forward,
-                              nn.SyncBatchNorm.forward}
+_PLAIN_BATCH_NORM_FORWARDS = {
+    nn.BatchNorm1d.forward,
+    nn.BatchNorm2d.forward,
+    nn.BatchNorm3d.forward,
+    nn.SyncBatchNorm.forward,
+}
 
 
 def _plain_batch_norm(module: nn.Module) -> bool:
@@ -972,14 +1068,16 @@ def _conv_padding(name: str, module: nn.Conv2d, size: tuple[int, ...], out: tupl
     kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
 
     def positions(pads: list[tuple[int, int]]) -> tuple[int, ...]:
-        return tuple((n + lo + hi - d * (k - 1) - 1) // s + 1
-                     for n, (lo, hi), k, s, d in zip(size, pads, kernel, stride, dilation))
+        return tuple(
+            (n + lo + hi - d * (k - 1) - 1) // s + 1
+            for n, (lo, hi), k, s, d in zip(size, pads, kernel, stride, dilation, strict=True)
+        )
 
     if module.padding == "valid":
         declared = [(0, 0), (0, 0)]
     elif module.padding == "same":
         # As F.conv2d and _ConvNd do: any odd unit of padding goes to the bottom/right.
-        declared = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)]
+        declared = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation, strict=True)]
     else:
         declared = [(int(p), int(p)) for p in module.padding]  # type: ignore[union-attr]
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -991,14 +1089,19 @@ def _conv_padding(name: str, module: nn.Conv2d, size: tuple[int, ...], out: tupl
     candidates = [declared]
     # Other subclasses that pad inside forward (timm's Conv2dSame, Conv2dDynamicSamePadding) pad as
     # TensorFlow's "same" does, for the size they are given.
-    totals = [max((o - 1) * s + d * (k - 1) + 1 - n, 0) for n, o, k, s, d in zip(size, out, kernel, stride, dilation)]
+    totals = [
+        max((o - 1) * s + d * (k - 1) + 1 - n, 0)
+        for n, o, k, s, d in zip(size, out, kernel, stride, dilation, strict=True)
+    ]
     candidates.append([(t // 2, t - t // 2) for t in totals])
     for pads in candidates:
         if positions(pads) == tuple(out):
             return [pads[1][0], pads[1][1], pads[0][0], pads[0][1]], mode if pads is declared else "constant"
-    raise TaskArithError(f"cannot tell the padding of Conv2d layer '{name}' ({type(module).__name__}): input "
-                         f"{tuple(size)} gives output {tuple(out)}, which neither its declared padding "
-                         f"{module.padding} nor TensorFlow-style 'same' padding explains")
+    raise TaskArithError(
+        f"cannot tell the padding of Conv2d layer '{name}' ({type(module).__name__}): input "
+        f"{tuple(size)} gives output {tuple(out)}, which neither its declared padding "
+        f"{module.padding} nor TensorFlow-style 'same' padding explains"
+    )
 
 
 def _padded(name: str, module: nn.Conv2d, x: torch.Tensor, out: tuple[int, ...]) -> torch.Tensor:
@@ -1016,8 +1119,13 @@ def _mean_patches(name: str, module: nn.Conv2d, x: torch.Tensor, out: tuple[int,
     x = _padded(name, module, x, out)
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
     height, width = out
-    taps = [x[:, :, i * dh : i * dh + (height - 1) * sh + 1 : sh, j * dw : j * dw + (width - 1) * sw + 1 : sw]
-            .mean(dim=(2, 3)) for i in range(kh) for j in range(kw)]
+    taps = [
+        x[:, :, i * dh : i * dh + (height - 1) * sh + 1 : sh, j * dw : j * dw + (width - 1) * sw + 1 : sw].mean(
+            dim=(2, 3)
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
     return torch.stack(taps, dim=2).reshape(x.shape[0], -1)
 
 
@@ -1029,8 +1137,9 @@ def _patch_gram(name: str, module: nn.Conv2d, x: torch.Tensor, out: tuple[int, .
     per_chunk = max(1, 2**24 // max(1, x.shape[1] * math.prod(module.kernel_size) * positions))
     total = None
     for start in range(0, x.shape[0], per_chunk):
-        patches = F.unfold(x[start : start + per_chunk], module.kernel_size, dilation=module.dilation,
-                           stride=module.stride)
+        patches = F.unfold(
+            x[start : start + per_chunk], module.kernel_size, dilation=module.dilation, stride=module.stride
+        )
         patches = patches.reshape(patches.shape[0], groups, -1, positions)
         if bias:
             patches = torch.cat([patches, patches.new_ones(*patches.shape[:2], 1, positions)], dim=2)
@@ -1052,8 +1161,12 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 def _check_options(function: str, tokens: str, conv: str, norm_blocks: str) -> None:
-    for option, value, allowed in (("function", function, FUNCTIONS), ("tokens", tokens, TOKEN_RULES),
-                                   ("conv", conv, CONV_RULES), ("norm_blocks", norm_blocks, NORM_BLOCKS)):
+    for option, value, allowed in (
+        ("function", function, FUNCTIONS),
+        ("tokens", tokens, TOKEN_RULES),
+        ("conv", conv, CONV_RULES),
+        ("norm_blocks", norm_blocks, NORM_BLOCKS),
+    ):
         if value not in allowed:
             raise TaskArithError(f"K-FAC option {option}={value!r} is not one of {', '.join(allowed)}")
 
@@ -1093,8 +1206,13 @@ def factors_from_texts(
         with ExitStack() as stack:
             stack.enter_context(_eval_mode(encoder))
             stack.enter_context(torch.enable_grad())
-            for _, batch in tqdm(pretrained.batches(list(texts), batch_size), total=batches, leave=False,
-                                 desc="K-FAC factors", disable=not progress):
+            for _, batch in tqdm(
+                pretrained.batches(list(texts), batch_size),
+                total=batches,
+                leave=False,
+                desc="K-FAC factors",
+                disable=not progress,
+            ):
                 with collector.forward(batch):
                     hidden = encoder(**batch).last_hidden_state
                 pooled = mean_pool(hidden, batch["attention_mask"])
@@ -1103,22 +1221,32 @@ def factors_from_texts(
                 output = F.normalize(pooled, dim=-1) if function == "normalized" else pooled
                 for direction in _directions(output, mc_samples, generator):
                     collector.weight = 1.0 if mc_samples is None else 1.0 / mc_samples
-                    torch.autograd.grad((output * direction).sum(), collector.roots, retain_graph=True,
-                                        allow_unused=True)
+                    torch.autograd.grad(
+                        (output * direction).sum(), collector.roots, retain_graph=True, allow_unused=True
+                    )
                 del hidden, pooled, output
     finally:
         collector.close()
         collector.roots = []
     # Pretrained.base_hash is cached; duck-typed stand-ins in tests may lack it.
-    factors = KFACFactors(**collector.factors(len(texts)), examples={task: len(texts)},
-                          sampling={task: EXACT if mc_samples is None else f"mc:{mc_samples}"},
-                          base_hash=getattr(pretrained, "base_hash", ""), function=function, tokens=tokens,
-                          conv=conv, norm_blocks=norm_blocks)
+    factors = KFACFactors(
+        **collector.factors(len(texts)),
+        examples={task: len(texts)},
+        sampling={task: EXACT if mc_samples is None else f"mc:{mc_samples}"},
+        base_hash=getattr(pretrained, "base_hash", ""),
+        function=function,
+        tokens=tokens,
+        conv=conv,
+        norm_blocks=norm_blocks,
+    )
     missing = uncovered_parameters(encoder, factors)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        warnings.warn(f"K-FAC factors of {task!r} give no curvature to {len(missing)} of the encoder's parameters "
-                      f"({shown}): the kfac penalty does not restrain them", stacklevel=2)
+        warnings.warn(
+            f"K-FAC factors of {task!r} give no curvature to {len(missing)} of the encoder's parameters "
+            f"({shown}): the kfac penalty does not restrain them",
+            stacklevel=2,
+        )
     return factors
 
 
@@ -1161,9 +1289,19 @@ def compute_kfac_factors(
     if len(texts) > num_examples:
         chosen = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))[:num_examples]
         texts = [texts[i] for i in sorted(chosen.tolist())]
-    return factors_from_texts(pretrained, texts, task=task.name, batch_size=batch_size, seed=seed,
-                              mc_samples=mc_samples, function=function, tokens=tokens, conv=conv,
-                              norm_blocks=norm_blocks, progress=progress)
+    return factors_from_texts(
+        pretrained,
+        texts,
+        task=task.name,
+        batch_size=batch_size,
+        seed=seed,
+        mc_samples=mc_samples,
+        function=function,
+        tokens=tokens,
+        conv=conv,
+        norm_blocks=norm_blocks,
+        progress=progress,
+    )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1194,12 +1332,16 @@ def merge_factors(factors: Sequence[KFACFactors], *, rule: str = "sum") -> KFACF
     for option in ("function", "tokens", "conv", "norm_blocks", "compression"):
         values = sorted({getattr(f, option) for f in factors})
         if len(values) > 1:
-            raise TaskArithError(f"cannot merge K-FAC factors made with different {option} {values}: recompute (or "
-                                 f"compress) them the same way")
+            raise TaskArithError(
+                f"cannot merge K-FAC factors made with different {option} {values}: recompute (or "
+                f"compress) them the same way"
+            )
     other = sorted({f.merge for f in factors} - {"none", rule})
     if other:
-        raise TaskArithError(f"cannot merge with rule {rule!r} factors already merged with rule {other[0]!r}; "
-                             f"merge their tasks' files with one rule")
+        raise TaskArithError(
+            f"cannot merge with rule {rule!r} factors already merged with rule {other[0]!r}; "
+            f"merge their tasks' files with one rule"
+        )
     seen: set[str] = set()
     for f in factors:
         twice = seen & set(f.tasks)
@@ -1209,15 +1351,18 @@ def merge_factors(factors: Sequence[KFACFactors], *, rule: str = "sum") -> KFACF
     layers = set(factors[0].A)
     for f in factors[1:]:
         if set(f.A) != layers:
-            raise TaskArithError(f"K-FAC factors of tasks {f.tasks} cover other layers than those of "
-                                 f"{factors[0].tasks}; were they computed on the same encoder?")
+            raise TaskArithError(
+                f"K-FAC factors of tasks {f.tasks} cover other layers than those of "
+                f"{factors[0].tasks}; were they computed on the same encoder?"
+            )
     total = sum(f.num_examples for f in factors)
     weights = [f.num_examples / total for f in factors]
     output_weights = [1.0] * len(factors) if rule == "sum" else weights
 
     def merged(table: str, name: str, by: list[float]) -> Factor:
-        return _weighted_sum([(w, getattr(f, table)[name]) for w, f in zip(by, factors) if name in getattr(f, table)],
-                             name)
+        return _weighted_sum(
+            [(w, getattr(f, table)[name]) for w, f in zip(by, factors, strict=True) if name in getattr(f, table)], name
+        )
 
     A = {layer: merged("A", layer, weights) for layer in sorted(layers)}
     S = {layer: merged("S", layer, output_weights) for layer in sorted(layers)}
@@ -1231,16 +1376,27 @@ def merge_factors(factors: Sequence[KFACFactors], *, rule: str = "sum") -> KFACF
             diag[name] = merged("diag", name, weights)  # type: ignore[assignment]
     kinds = {k: v for f in factors for k, v in f.kinds.items()}
     layer_params = {k: v for f in factors for k, v in f.layers.items() if k in A}
-    result = replace(factors[0], A=A, S=S, gram=gram, diag=diag, rows=rows, layers=layer_params, kinds=kinds,
-                     examples={t: n for f in factors for t, n in f.examples.items()},
-                     sampling={t: s for f in factors for t, s in f.sampling.items()}, merge=rule, zero=())
+    result = replace(
+        factors[0],
+        A=A,
+        S=S,
+        gram=gram,
+        diag=diag,
+        rows=rows,
+        layers=layer_params,
+        kinds=kinds,
+        examples={t: n for f in factors for t, n in f.examples.items()},
+        sampling={t: s for f in factors for t, s in f.sampling.items()},
+        merge=rule,
+        zero=(),
+    )
     covered = result.covered_parameters()
     return replace(result, zero=tuple(sorted({p for f in factors for p in f.zero} - covered)))
 
 
 def _merge_rows(factors: list[KFACFactors], weights: list[float], name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted mean of row-sparse diagonals; a row one task never touched counts as zero for it."""
-    parts = [(w, f.rows[name], f.diag[name].float()) for w, f in zip(weights, factors) if name in f.diag]
+    parts = [(w, f.rows[name], f.diag[name].float()) for w, f in zip(weights, factors, strict=True) if name in f.diag]
     union = torch.unique(torch.cat([index.cpu() for _, index, _ in parts]))
     values = torch.zeros(union.shape[0], *parts[0][2].shape[1:])
     for w, index, value in parts:
@@ -1262,8 +1418,10 @@ def compress_factors(factors: KFACFactors, method: str, *, blocks: int = 8, rank
     if method not in COMPRESSIONS:
         raise TaskArithError(f"K-FAC compression {method!r} is not one of {', '.join(COMPRESSIONS)}")
     if factors.compression != "none":
-        raise TaskArithError(f"K-FAC factors of {list(factors.tasks)} are already compressed "
-                             f"({factors.compression}); compress the uncompressed factors")
+        raise TaskArithError(
+            f"K-FAC factors of {list(factors.tasks)} are already compressed "
+            f"({factors.compression}); compress the uncompressed factors"
+        )
     size = blocks if method == "block" else rank
     if size < 1:
         raise TaskArithError(f"K-FAC compression needs {'blocks' if method == 'block' else 'rank'} >= 1, not {size}")
@@ -1286,13 +1444,18 @@ def compress_factors(factors: KFACFactors, method: str, *, blocks: int = 8, rank
         keep = min(rank, n)
         return LowRank(values[-keep:].clamp_min(0).to(matrix.dtype), vectors[:, -keep:].to(matrix.dtype))
 
-    return replace(factors, A={k: compress(v) for k, v in factors.A.items()},
-                   S={k: compress(v) for k, v in factors.S.items()},
-                   gram={k: compress(v) for k, v in factors.gram.items()}, compression=f"{method}:{size}")
+    return replace(
+        factors,
+        A={k: compress(v) for k, v in factors.A.items()},
+        S={k: compress(v) for k, v in factors.S.items()},
+        gram={k: compress(v) for k, v in factors.gram.items()},
+        compression=f"{method}:{size}",
+    )
 
 
-def kfac_penalty(delta: Mapping[str, torch.Tensor], factors: KFACFactors, *, norm_scale: float = 10.0,
-                 projection_scale: float = 0.1) -> torch.Tensor:
+def kfac_penalty(
+    delta: Mapping[str, torch.Tensor], factors: KFACFactors, *, norm_scale: float = 10.0, projection_scale: float = 0.1
+) -> torch.Tensor:
     """delta^T G delta with G the factors' block-diagonal Gauss-Newton approximation, scaled as TAK does.
 
     Per Linear or conv layer tr(S dW A dW^T) with dW = [d_weight | d_bias] (a conv kernel flattened to
@@ -1336,8 +1499,10 @@ def kfac_penalty(delta: Mapping[str, torch.Tensor], factors: KFACFactors, *, nor
             continue
         d = d.reshape(-1)
         if d.shape[0] != _size(value):
-            raise TaskArithError(f"task vector entry '{name}' has {d.shape[0]} values; the K-FAC factors expect "
-                                 f"{_size(value)} (factors computed on another architecture?)")
+            raise TaskArithError(
+                f"task vector entry '{name}' has {d.shape[0]} values; the K-FAC factors expect "
+                f"{_size(value)} (factors computed on another architecture?)"
+            )
         total = total + scale(name) * (_times(d, cast(value)) * d).sum()
     for name, value in factors.diag.items():
         d = delta.get(name)
@@ -1347,13 +1512,17 @@ def kfac_penalty(delta: Mapping[str, torch.Tensor], factors: KFACFactors, *, nor
             rows = factors.rows[name]
             # Checked before indexing so a table from another vocabulary fails with a message, not an IndexError.
             if d.shape[1:] != value.shape[1:] or (rows.numel() and int(rows.max()) >= d.shape[0]):
-                raise TaskArithError(f"task vector entry '{name}' has shape {tuple(d.shape)}; the K-FAC factors "
-                                     f"expect rows up to {int(rows.max()) if rows.numel() else 0} of width "
-                                     f"{tuple(value.shape[1:])} (factors computed on another architecture?)")
+                raise TaskArithError(
+                    f"task vector entry '{name}' has shape {tuple(d.shape)}; the K-FAC factors "
+                    f"expect rows up to {int(rows.max()) if rows.numel() else 0} of width "
+                    f"{tuple(value.shape[1:])} (factors computed on another architecture?)"
+                )
             d = d[rows.to(d.device)]
         if d.shape != value.shape:
-            raise TaskArithError(f"task vector entry '{name}' has shape {tuple(d.shape)}; the K-FAC factors expect "
-                                 f"{tuple(value.shape)} (factors computed on another architecture?)")
+            raise TaskArithError(
+                f"task vector entry '{name}' has shape {tuple(d.shape)}; the K-FAC factors expect "
+                f"{tuple(value.shape)} (factors computed on another architecture?)"
+            )
         total = total + scale(name) * (value.to(device, dtype) * d.pow(2)).sum()
     return total
 
@@ -1362,8 +1531,14 @@ def _shape(factor: Factor) -> tuple[int, ...]:
     return tuple(factor.shape) if isinstance(factor, torch.Tensor) else (factor.size, factor.size)
 
 
-def _augmented(weight_name: str, bias_name: str | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
-               shape_a: tuple[int, ...], shape_s: tuple[int, ...]) -> torch.Tensor:
+def _augmented(
+    weight_name: str,
+    bias_name: str | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    shape_a: tuple[int, ...],
+    shape_s: tuple[int, ...],
+) -> torch.Tensor:
     """[d_weight | d_bias] laid out for factors of shapes ``shape_a`` and ``shape_s``: (out, size_a), or
     (groups, out / groups, size_a) for stacked per-group factors; missing parts are zero."""
     reference = weight if weight is not None else bias
@@ -1377,16 +1552,20 @@ def _augmented(weight_name: str, bias_name: str | None, weight: torch.Tensor | N
         inputs = flat.shape[1] if flat.dim() == 2 else -1
         with_bias = size_a == inputs + 1
         if flat.dim() != 2 or flat.shape[0] != rows or size_a not in (inputs, inputs + 1):
-            raise TaskArithError(f"task vector entry '{weight_name}' has shape {tuple(weight.shape)}; the K-FAC "
-                                 f"factors expect {rows} rows (output channels) of {size_a - 1} or {size_a} "
-                                 f"inputs{' per group' if len(lead) > 1 else ''} (another architecture?)")
+            raise TaskArithError(
+                f"task vector entry '{weight_name}' has shape {tuple(weight.shape)}; the K-FAC "
+                f"factors expect {rows} rows (output channels) of {size_a - 1} or {size_a} "
+                f"inputs{' per group' if len(lead) > 1 else ''} (another architecture?)"
+            )
         weight = flat.reshape(*lead, inputs)
     else:
         inputs, with_bias = size_a - 1, True
         weight = reference.new_zeros(*lead, inputs)
     if bias is not None and (not with_bias or tuple(bias.shape) != (rows,)):
-        raise TaskArithError(f"task vector entry '{bias_name}' has shape {tuple(bias.shape)}; the K-FAC factors "
-                             f"expect {'(' + str(rows) + ',)' if with_bias else 'no bias'}")
+        raise TaskArithError(
+            f"task vector entry '{bias_name}' has shape {tuple(bias.shape)}; the K-FAC factors "
+            f"expect {'(' + str(rows) + ',)' if with_bias else 'no bias'}"
+        )
     if not with_bias:
         return weight
     bias = bias if bias is not None else reference.new_zeros(rows)

@@ -58,8 +58,12 @@ def jvp_safe_kernels() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
-def hidden_and_tangent(encoder: nn.Module, theta0: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
-                       batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def hidden_and_tangent(
+    encoder: nn.Module,
+    theta0: Mapping[str, torch.Tensor],
+    delta: Mapping[str, torch.Tensor],
+    batch: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(x; theta0), J_theta0 f(x) . delta) for token states, by one JVP. Gradients flow into delta."""
 
     def token_states(params: Params) -> torch.Tensor:
@@ -83,7 +87,9 @@ class LinearizedEncoder(nn.Module):
     classifiers, evaluation and fine-tuning use it unchanged.
     """
 
-    def __init__(self, encoder: nn.Module, delta: Mapping[str, torch.Tensor] | None = None, *, trainable: bool = False) -> None:
+    def __init__(
+        self, encoder: nn.Module, delta: Mapping[str, torch.Tensor] | None = None, *, trainable: bool = False
+    ) -> None:
         super().__init__()
         _check_attention(encoder)
         self.base = encoder.requires_grad_(False)
@@ -93,14 +99,19 @@ class LinearizedEncoder(nn.Module):
         if unknown:
             raise TaskArithError(f"the encoder has no parameters named {unknown[:5]} that the task vector changes")
         params = dict(encoder.named_parameters())
-        self.delta = nn.ParameterDict({
-            _slot(name): nn.Parameter(
-                (delta[name].to(params[name].device, params[name].dtype).clone() if delta and name in delta
-                 else torch.zeros_like(params[name])),
-                requires_grad=trainable,
-            )
-            for name in self.names
-        })
+        self.delta = nn.ParameterDict(
+            {
+                _slot(name): nn.Parameter(
+                    (
+                        delta[name].to(params[name].device, params[name].dtype).clone()
+                        if delta and name in delta
+                        else torch.zeros_like(params[name])
+                    ),
+                    requires_grad=trainable,
+                )
+                for name in self.names
+            }
+        )
 
     def deltas(self) -> dict[str, torch.Tensor]:
         return {name: self.delta[_slot(name)] for name in self.names}

@@ -44,8 +44,13 @@ def ntk_cost(model: Pretrained, inputs: Sequence[Any]) -> dict[str, float]:
     parameters = sum(p.numel() for p in model.encoder.parameters())
     outputs = _output_dim(model, inputs)
     count = len(inputs)
-    return {"examples": count, "outputs": outputs, "parameters": parameters,
-            "backward_passes": count * outputs, "contraction_macs": float(count) ** 2 * outputs * parameters}
+    return {
+        "examples": count,
+        "outputs": outputs,
+        "parameters": parameters,
+        "backward_passes": count * outputs,
+        "contraction_macs": float(count) ** 2 * outputs * parameters,
+    }
 
 
 @torch.no_grad()
@@ -53,8 +58,14 @@ def _output_dim(model: Pretrained, inputs: Sequence[Any]) -> int:
     return int(model.encoder(**model.tokenize(list(inputs[:1]))).last_hidden_state.shape[-1])
 
 
-def empirical_ntk(model: Pretrained, inputs: Sequence[Any], *, memory_gb: float = DEFAULT_MEMORY_GB,
-                  progress: bool = True, vectorize: bool | None = None) -> torch.Tensor:
+def empirical_ntk(
+    model: Pretrained,
+    inputs: Sequence[Any],
+    *,
+    memory_gb: float = DEFAULT_MEMORY_GB,
+    progress: bool = True,
+    vectorize: bool | None = None,
+) -> torch.Tensor:
     """The (N, N) trace NTK of the pooled encoder output on ``inputs``, in float64, rows in input order.
 
     ``memory_gb`` bounds the per-example Jacobian block held at once (N x outputs per chunk x P floats).
@@ -82,23 +93,31 @@ def empirical_ntk(model: Pretrained, inputs: Sequence[Any], *, memory_gb: float 
         hidden = functional_call(encoder, (dict(theta), buffers), args=(), kwargs=dict(batch)).last_hidden_state
         return mean_pool(hidden, batch["attention_mask"])[0, lo:hi]
 
+    def pooled_one(
+        theta: Mapping[str, torch.Tensor], example: Mapping[str, torch.Tensor], lo: int, hi: int
+    ) -> torch.Tensor:
+        return pooled(theta, {key: value.unsqueeze(0) for key, value in example.items()}, lo, hi)
+
     kernel = torch.zeros(count, count, dtype=torch.float64, device=model.device)
-    bar = tqdm(total=outputs, desc=f"NTK of {shown(model.name, 60)} ({count} inputs)", unit="output",
-               leave=False, disable=not progress)
+    bar = tqdm(
+        total=outputs,
+        desc=f"NTK of {shown(model.name, 60)} ({count} inputs)",
+        unit="output",
+        leave=False,
+        disable=not progress,
+    )
     with jvp_safe_kernels(), bar:
         for lo in range(0, outputs, chunk):
             hi = min(outputs, lo + chunk)
             if vectorize:
-                def one(theta: Mapping[str, torch.Tensor], example: Mapping[str, torch.Tensor]) -> torch.Tensor:
-                    return pooled(theta, {key: value.unsqueeze(0) for key, value in example.items()}, lo, hi)
-
-                blocks = {name: block.reshape(count, -1)
-                          for name, block in vmap(jacrev(one), in_dims=(None, 0))(params, stacked).items()}
+                jacobians = vmap(jacrev(pooled_one), in_dims=(None, 0, None, None))(params, stacked, lo, hi)
+                blocks = {name: block.reshape(count, -1) for name, block in jacobians.items()}
             else:
-                blocks = {name: torch.empty(count, (hi - lo) * p.numel(), device=model.device)
-                          for name, p in params.items()}
+                blocks = {
+                    name: torch.empty(count, (hi - lo) * p.numel(), device=model.device) for name, p in params.items()
+                }
                 for i, batch in enumerate(batches):
-                    for name, block in jacrev(lambda theta: pooled(theta, batch, lo, hi))(params).items():
+                    for name, block in jacrev(pooled)(params, batch, lo, hi).items():
                         blocks[name][i] = block.reshape(-1)
             # One parameter tensor at a time, summed over the chunk's outputs: float32 products over one
             # tensor's entries, float64 across tensors and chunks (no N x P concatenation, and the float32
@@ -122,16 +141,21 @@ def localization(kernel: torch.Tensor, task_sizes: Mapping[str, int], top: int =
     energy = vectors.pow(2)
     shares, start = {}, 0
     for name, size in task_sizes.items():
-        shares[name] = energy[start:start + size].sum(dim=0).tolist()
+        shares[name] = energy[start : start + size].sum(dim=0).tolist()
         start += size
     largest = [max(shares[name][i] for name in shares) for i in range(len(order))]
     trace = float(torch.diagonal(kernel).sum())
     if not trace > 0:
         raise TaskArithError("the NTK is zero on these inputs (the output does not depend on the parameters)")
-    return {"eigenvalues": values.tolist(), "eigenvalue_fraction": [float(v) / trace for v in values],
-            "shares": shares, "largest_share": largest, "mean_top_share": sum(largest) / len(largest),
-            # Equal task sizes: an eigenvector spread evenly has largest share 1 / (number of tasks).
-            "uniform_share": max(sizes) / sum(sizes)}
+    return {
+        "eigenvalues": values.tolist(),
+        "eigenvalue_fraction": [float(v) / trace for v in values],
+        "shares": shares,
+        "largest_share": largest,
+        "mean_top_share": sum(largest) / len(largest),
+        # Equal task sizes: an eigenvector spread evenly has largest share 1 / (number of tasks).
+        "uniform_share": max(sizes) / sum(sizes),
+    }
 
 
 def _inputs_of(tasks: Sequence[Task], examples: int, split: str) -> dict[str, list[Any]]:
@@ -148,8 +172,14 @@ def _inputs_of(tasks: Sequence[Task], examples: int, split: str) -> dict[str, li
     return chosen
 
 
-def check_ntk_study(models: Mapping[str, Pretrained], tasks: Sequence[Task], *, examples: int = 32,
-                    split: str = "test", memory_gb: float = DEFAULT_MEMORY_GB) -> None:
+def check_ntk_study(
+    models: Mapping[str, Pretrained],
+    tasks: Sequence[Task],
+    *,
+    examples: int = 32,
+    split: str = "test",
+    memory_gb: float = DEFAULT_MEMORY_GB,
+) -> None:
     """Refuse, before any expensive work, a study whose inputs are missing or whose Jacobian block exceeds the budget."""
     count = len(tasks) * examples
     _inputs_of(tasks, examples, split)
@@ -162,15 +192,25 @@ def _check_budget(model: Pretrained, count: int, memory_gb: float) -> int:
     total = sum(p.numel() for p in model.encoder.parameters())
     per_output = count * total * 4
     if per_output > memory_gb * 2**30:
-        raise TaskArithError(f"an exact NTK of {count} inputs of '{model.name}' needs {per_output / 2**30:.1f} GiB "
-                             f"per output dimension ({total:,} parameters); allowed {memory_gb:g} GiB: use fewer "
-                             "examples or a larger memory budget")
+        raise TaskArithError(
+            f"an exact NTK of {count} inputs of '{model.name}' needs {per_output / 2**30:.1f} GiB "
+            f"per output dimension ({total:,} parameters); allowed {memory_gb:g} GiB: use fewer "
+            "examples or a larger memory budget"
+        )
     return per_output
 
 
-def ntk_study(models: Mapping[str, Pretrained], tasks: Sequence[Task], *, examples: int = 32, split: str = "test",
-              top: int = 20, memory_gb: float = DEFAULT_MEMORY_GB, progress: bool = True,
-              on_stage: Callable[[str], None] = lambda stage: None) -> dict[str, Any]:
+def ntk_study(
+    models: Mapping[str, Pretrained],
+    tasks: Sequence[Task],
+    *,
+    examples: int = 32,
+    split: str = "test",
+    top: int = 20,
+    memory_gb: float = DEFAULT_MEMORY_GB,
+    progress: bool = True,
+    on_stage: Callable[[str], None] = lambda stage: None,
+) -> dict[str, Any]:
     """The NTK of each model (e.g. ``{"pretrained": ..., "random_init": ...}``) on the first ``examples``
     inputs of each task's ``split``, its localization, and what it cost."""
     chosen = _inputs_of(tasks, examples, split)
@@ -178,19 +218,31 @@ def ntk_study(models: Mapping[str, Pretrained], tasks: Sequence[Task], *, exampl
         _check_budget(model, len(tasks) * examples, memory_gb)
     inputs = [item for items in chosen.values() for item in items]
     sizes = {name: len(items) for name, items in chosen.items()}
-    result: dict[str, Any] = {"format": NTK_FORMAT, "tasks": list(sizes), "examples_per_task": examples,
-                              "split": split, "top": min(top, len(inputs)),
-                              "definition": "K(x, x') = sum_k grad f_k(x) . grad f_k(x'), f the pooled encoder output; "
-                                            "share of task t in eigenvector u (unit norm) = sum over t's inputs of u(x)^2"}
+    result: dict[str, Any] = {
+        "format": NTK_FORMAT,
+        "tasks": list(sizes),
+        "examples_per_task": examples,
+        "split": split,
+        "top": min(top, len(inputs)),
+        "definition": "K(x, x') = sum_k grad f_k(x) . grad f_k(x'), f the pooled encoder output; "
+        "share of task t in eigenvector u (unit norm) = sum over t's inputs of u(x)^2",
+    }
     for label, model in models.items():
         cost = ntk_cost(model, inputs)
-        on_stage(f"NTK of the {label} model: {len(inputs)} inputs x {cost['outputs']} outputs, "
-                 f"{cost['parameters']:,} parameters ({cost['contraction_macs']:.2g} multiply-adds)")
+        on_stage(
+            f"NTK of the {label} model: {len(inputs)} inputs x {cost['outputs']} outputs, "
+            f"{cost['parameters']:,} parameters ({cost['contraction_macs']:.2g} multiply-adds)"
+        )
         started = time.perf_counter()
         kernel = empirical_ntk(model, inputs, memory_gb=memory_gb, progress=progress)
         seconds = time.perf_counter() - started
-        result[label] = {"model": model.name, "hash": model.base_hash, "seconds": round(seconds, 1), "cost": cost,
-                         **localization(kernel, sizes, top)}
+        result[label] = {
+            "model": model.name,
+            "hash": model.base_hash,
+            "seconds": round(seconds, 1),
+            "cost": cost,
+            **localization(kernel, sizes, top),
+        }
         if not all(math.isfinite(v) for v in result[label]["eigenvalues"]):
             raise TaskArithError(f"the NTK of the {label} model has non-finite eigenvalues")
     return result

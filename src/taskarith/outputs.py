@@ -38,8 +38,17 @@ from safetensors import SafetensorError, safe_open
 from taskarith.errors import TaskArithError
 from taskarith.io import atomic_path, rename_no_replace, sync_folder, write_json
 
-__all__ = ["LOCK", "MARKER", "MERGED_MODEL_FORMAT", "RunLock", "check_output", "claim_results_folder", "commit",
-           "output_file", "write_marker"]
+__all__ = [
+    "LOCK",
+    "MARKER",
+    "MERGED_MODEL_FORMAT",
+    "RunLock",
+    "check_output",
+    "claim_results_folder",
+    "commit",
+    "output_file",
+    "write_marker",
+]
 
 # The file a taskarith output folder carries, and the format of a merged model folder.
 MARKER = "taskarith-output.json"
@@ -77,12 +86,17 @@ def claim_results_folder(folder: str | os.PathLike, format: str, names: Sequence
         except (OSError, ValueError, AttributeError):
             pass
     if target.is_dir():
-        present = sorted(entry.name for entry in target.iterdir() if any(
-            entry.name == name or (name.startswith("*") and entry.name.endswith(name[1:])) for name in names))
+        present = sorted(
+            entry.name
+            for entry in target.iterdir()
+            if any(entry.name == name or (name.startswith("*") and entry.name.endswith(name[1:])) for name in names)
+        )
         if present or marker.exists():
             what = ", ".join(present) if present else f"{MARKER} of another kind"
-            raise TaskArithError(f"{target} holds {what}, not written by this command; taskarith does not write "
-                                 "over them: choose another --out or remove them")
+            raise TaskArithError(
+                f"{target} holds {what}, not written by this command; taskarith does not write "
+                "over them: choose another --out or remove them"
+            )
     try:
         target.mkdir(parents=True, exist_ok=True)
         write_json(marker, {"format": format, "written_by": "taskarith", "files": list(names)})
@@ -91,8 +105,7 @@ def claim_results_folder(folder: str | os.PathLike, format: str, names: Sequence
     return target
 
 
-def check_output(out: str | os.PathLike, inputs: Inputs, *, overwrite: bool, format: str,
-                 folder: bool) -> Path:
+def check_output(out: str | os.PathLike, inputs: Inputs, *, overwrite: bool, format: str, folder: bool) -> Path:
     """Refuse an output that would touch an input or something taskarith did not write; return its path.
 
     ``inputs`` are ``(role, path)`` pairs ("base model", "model", "task vector", "recipe"); ``format`` is the
@@ -105,30 +118,38 @@ def check_output(out: str | os.PathLike, inputs: Inputs, *, overwrite: bool, for
     target = _entry(out)
     named = os.fspath(out) if os.fspath(out) == str(target) else f"{os.fspath(out)} ({target})"
     if os.path.islink(target):
-        raise TaskArithError(f"{named} is a symbolic link (to {os.readlink(target)}); taskarith neither replaces "
-                             "links nor writes through them: give the link's target itself, or remove the link")
+        raise TaskArithError(
+            f"{named} is a symbolic link (to {os.readlink(target)}); taskarith neither replaces "
+            "links nor writes through them: give the link's target itself, or remove the link"
+        )
     for role, path in inputs:
         relation = _relation(target, path)
         if relation:
-            raise TaskArithError(f"{named} {relation} the {role} {path}, an input of this command; "
-                                 "write the output somewhere else")
+            raise TaskArithError(
+                f"{named} {relation} the {role} {path}, an input of this command; write the output somewhere else"
+            )
     here = _relation(target, os.getcwd())
     if here in ("is", "contains"):  # replacing it would leave the shell in a deleted folder
         raise TaskArithError(f"{named} {here} the current folder {os.getcwd()}; write the output somewhere else")
     if not os.path.lexists(target):
         return target
     if not overwrite:
-        raise TaskArithError(f"{named} already exists; choose another output or allow overwriting (--overwrite), "
-                             "which replaces only a previous taskarith output")
+        raise TaskArithError(
+            f"{named} already exists; choose another output or allow overwriting (--overwrite), "
+            "which replaces only a previous taskarith output"
+        )
     problem = _not_replaceable(target, format, folder)
     if problem:
-        raise TaskArithError(f"{named} {problem}; --overwrite replaces only a previous taskarith output, so nothing "
-                             "was touched: remove it yourself or choose another output")
+        raise TaskArithError(
+            f"{named} {problem}; --overwrite replaces only a previous taskarith output, so nothing "
+            "was touched: remove it yourself or choose another output"
+        )
     return target
 
 
-def commit(built: str | os.PathLike, out: str | os.PathLike, inputs: Inputs, *, overwrite: bool, format: str,
-           folder: bool) -> None:
+def commit(
+    built: str | os.PathLike, out: str | os.PathLike, inputs: Inputs, *, overwrite: bool, format: str, folder: bool
+) -> None:
     """Move the finished output ``built`` (beside ``out``) to ``out`` under the rules of :func:`check_output`.
 
     Decided at the rename: without ``overwrite`` the rename fails if anything appeared at ``out``; with it,
@@ -142,8 +163,10 @@ def commit(built: str | os.PathLike, out: str | os.PathLike, inputs: Inputs, *, 
         rename_no_replace(built, target)
     except FileExistsError:
         if not overwrite:
-            raise TaskArithError(f"{target} appeared while this command ran; nothing was replaced and the new "
-                                 "output was discarded: choose another output or allow overwriting (--overwrite)") from None
+            raise TaskArithError(
+                f"{target} appeared while this command ran; nothing was replaced and the new "
+                "output was discarded: choose another output or allow overwriting (--overwrite)"
+            ) from None
     else:
         sync_folder(target.parent)
         return
@@ -157,19 +180,25 @@ def commit(built: str | os.PathLike, out: str | os.PathLike, inputs: Inputs, *, 
     if problem:
         rename_no_replace(aside, target)
         sync_folder(target.parent)
-        raise TaskArithError(f"{target} {problem} (it appeared while this command ran); --overwrite replaces only "
-                             "a previous taskarith output, so nothing was replaced and the new output was discarded")
+        raise TaskArithError(
+            f"{target} {problem} (it appeared while this command ran); --overwrite replaces only "
+            "a previous taskarith output, so nothing was replaced and the new output was discarded"
+        )
     try:
         rename_no_replace(built, target)
     except FileExistsError:
-        raise TaskArithError(f"something appeared at {target} while its previous output was being replaced; the "
-                             f"new output was discarded and the previous one lies at {aside}") from None
+        raise TaskArithError(
+            f"something appeared at {target} while its previous output was being replaced; the "
+            f"new output was discarded and the previous one lies at {aside}"
+        ) from None
     sync_folder(target.parent)
     try:
         shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
     except OSError as exc:
-        raise TaskArithError(f"wrote {target}, but the output it replaced, moved aside to {aside}, could not be "
-                             f"removed ({exc.strerror or exc}); delete it") from exc
+        raise TaskArithError(
+            f"wrote {target}, but the output it replaced, moved aside to {aside}, could not be "
+            f"removed ({exc.strerror or exc}); delete it"
+        ) from exc
 
 
 @contextmanager
@@ -213,15 +242,19 @@ class RunLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             handle = open(self.folder / LOCK, "a+", encoding="utf-8")
         except OSError as exc:
-            raise TaskArithError(f"{self.folder}: cannot create the run folder's lock ({exc.strerror or exc})") from None
+            raise TaskArithError(
+                f"{self.folder}: cannot create the run folder's lock ({exc.strerror or exc})"
+            ) from None
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
             holder = handle.read(200).strip() or "another process"
             handle.close()
-            raise TaskArithError(f"{self.folder} is in use by another taskarith run ({holder}); wait for it to end "
-                                 "or choose another output folder") from None
+            raise TaskArithError(
+                f"{self.folder} is in use by another taskarith run ({holder}); wait for it to end "
+                "or choose another output folder"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {os.uname().nodename if hasattr(os, 'uname') else 'this machine'}\n")
@@ -273,8 +306,11 @@ def _not_replaceable(target: Path, format: str, folder: bool) -> str | None:
     listed = marker.get("files") if isinstance(marker, dict) else None
     if not isinstance(listed, list) or marker.get("format") != format:
         return f"is a folder taskarith did not write (no {MARKER} naming {format})"
-    strangers = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in target.iterdir()
-                       if entry.name not in listed or entry.is_symlink() or not entry.is_file())
+    strangers = sorted(
+        entry.name + ("/" if entry.is_dir() else "")
+        for entry in target.iterdir()
+        if entry.name not in listed or entry.is_symlink() or not entry.is_file()
+    )
     if strangers:
         shown = ", ".join(strangers[:3]) + (f" and {len(strangers) - 3} more" if len(strangers) > 3 else "")
         return f"holds {shown}, which the previous taskarith output did not write"

@@ -186,7 +186,7 @@ def stacked_shares(
     figure, _ = _figure(4.0 * len(panels), 3.6)
     figure.clear()
     axes_row = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
-    for axes, (name, parts) in zip(axes_row, panels.items()):
+    for axes, (name, parts) in zip(axes_row, panels.items(), strict=True):
         bottom = np.zeros(len(next(iter(parts.values()))))
         for part, values in parts.items():
             heights = np.asarray(values, dtype=float)

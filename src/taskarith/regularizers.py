@@ -68,7 +68,7 @@ def _per_task_mean(inputs: PenaltyInputs, per_example: Callable[[torch.Tensor], 
     counts = list(inputs.counts) or [t.shape[0] for t in inputs.tangents]
     if len(counts) != len(inputs.tangents):
         raise TaskArithError(f"tau-Jp got {len(inputs.tangents)} tangent batches but {len(counts)} batch sizes")
-    terms = [per_example(t).sum() / count for t, count in zip(inputs.tangents, counts) if count > 0]
+    terms = [per_example(t).sum() / count for t, count in zip(inputs.tangents, counts, strict=True) if count > 0]
     return torch.stack(terms).mean()
 
 

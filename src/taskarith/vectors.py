@@ -33,7 +33,7 @@ DELTA_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.fl
 LEGACY_PENALTY_FORMS = {
     "taujp": "taujp/1:mean_pooled(||J delta||_2^2), before taskarith 0.2 (today's taujp_sq with reg_sampling='pooled')",
     "kfac": "kfac, before taskarith 0.2: unrecorded form (the factor files in reg_factors say which: kfac/1, "
-            "averaged K-FAC-reduce factors of the unnormalized embedding, or kfac/2, TAK's)",
+    "averaged K-FAC-reduce factors of the unnormalized embedding, or kfac/2, TAK's)",
 }
 MODES = ("standard", "linear")
 
@@ -124,9 +124,9 @@ class TaskVector:
         ensure_finite(state, str(finetuned))
         names = {name for name, _ in base.named_parameters()}
         prefixes = [""] + sorted({key.split(".", 1)[0] + "." for key in state if "." in key})
-        coverage = {p: len(names & {k[len(p):] for k in state if k.startswith(p)}) for p in prefixes}
+        coverage = {p: len(names & {k[len(p) :] for k in state if k.startswith(p)}) for p in prefixes}
         prefix = max(prefixes, key=lambda p: coverage[p])
-        aligned = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        aligned = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
         missing = sorted(names - set(aligned))
         if missing:
             raise TaskArithError(
@@ -145,8 +145,10 @@ class TaskVector:
         """Refuse to write a vector holding NaN or Inf (what overflowing coefficients make) to ``destination``."""
         for name, delta in self.deltas.items():
             if delta.is_floating_point() and not torch.isfinite(delta).all():
-                raise TaskArithError(f"refusing to write {destination}: tensor '{name}' of task vector "
-                                     f"{self.task or '?'} is NaN or Inf (a coefficient too large for its dtype?)")
+                raise TaskArithError(
+                    f"refusing to write {destination}: tensor '{name}' of task vector "
+                    f"{self.task or '?'} is NaN or Inf (a coefficient too large for its dtype?)"
+                )
 
     def save(self, path: str | PathLike) -> None:
         self.check_finite(path)
@@ -177,12 +179,16 @@ class TaskVector:
             # Deltas of integer or complex tensors are not directions in weight space (a U16 "vector" composed
             # to norm 6.5e18), and float8 values mean nothing without the scales stored beside them.
             if tensor.dtype not in DELTA_DTYPES:
-                raise TaskArithError(f"{path}: tensor {quoted(name)} is {tensor.dtype}; a task vector holds "
-                                     "float16, bfloat16, float32 or float64 deltas")
+                raise TaskArithError(
+                    f"{path}: tensor {quoted(name)} is {tensor.dtype}; a task vector holds "
+                    "float16, bfloat16, float32 or float64 deltas"
+                )
         ensure_finite(tensors, str(path))
         if isinstance(config, dict) and config.get("regularizer") and not config.get("penalty_form"):
             # Made before penalty forms were versioned: say what it was trained with, never pass it off as today's.
-            config["penalty_form"] = LEGACY_PENALTY_FORMS.get(str(config["regularizer"]), "unknown (before taskarith 0.2)")
+            config["penalty_form"] = LEGACY_PENALTY_FORMS.get(
+                str(config["regularizer"]), "unknown (before taskarith 0.2)"
+            )
         try:
             return cls(
                 deltas=dict(sorted(tensors.items())),
@@ -207,7 +213,9 @@ class TaskVector:
                 f"cannot combine a {self.mode}-mode task vector ({self.task or '?'}) with a {other.mode}-mode one "
                 f"({other.task or '?'}): they edit different functions"
             )
-        _check_same_keys(self.deltas, other.deltas, f"task vector {self.task or '?'}", f"task vector {other.task or '?'}")
+        _check_same_keys(
+            self.deltas, other.deltas, f"task vector {self.task or '?'}", f"task vector {other.task or '?'}"
+        )
         return {"base_hash": self.base_hash or other.base_hash, "mode": self.mode}
 
     def __add__(self, other: object) -> TaskVector:
@@ -247,7 +255,9 @@ class TaskVector:
     def scale(self, alpha: float, label: str | None = None) -> TaskVector:
         if not math.isfinite(alpha):
             raise TaskArithError(f"scaling coefficient must be finite, got {alpha}")
-        return replace(self, deltas={k: alpha * v for k, v in self.deltas.items()}, task=label or f"{alpha:g}*{self.task}")
+        return replace(
+            self, deltas={k: alpha * v for k, v in self.deltas.items()}, task=label or f"{alpha:g}*{self.task}"
+        )
 
     # measurements ---------------------------------------------------------------------------------
 
@@ -333,7 +343,7 @@ def combine(vectors: Sequence[TaskVector], alphas: Sequence[float] | float = 1.0
     coefficients = [float(alphas)] * len(vectors) if isinstance(alphas, (int, float)) else [float(a) for a in alphas]
     if len(coefficients) != len(vectors):
         raise TaskArithError(f"{len(vectors)} task vectors but {len(coefficients)} coefficients")
-    return sum((a * tau for a, tau in zip(coefficients, vectors)), start=0)  # type: ignore[return-value]
+    return sum((a * tau for a, tau in zip(coefficients, vectors, strict=True)), start=0)  # type: ignore[return-value]
 
 
 def cosine_similarity_matrix(vectors: Sequence[TaskVector]) -> torch.Tensor:

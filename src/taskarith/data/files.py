@@ -17,17 +17,22 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from taskarith.display import quoted
 from taskarith.data.tasks import SPLITS, Examples, Task, split_examples
+from taskarith.display import quoted
 from taskarith.errors import TaskArithError
 
 __all__ = ["task_from_file"]
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("{}",)
 SPLIT_ALIASES: dict[str, str] = {
-    "train": "train", "training": "train",
-    "val": "val", "valid": "val", "validation": "val", "dev": "val",
-    "test": "test", "testing": "test",
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
 }
 _WS = re.compile(r"\s+")
 _INT = re.compile(r"[+-]?\d+")
@@ -62,14 +67,19 @@ def task_from_file(
             templates = (templates,)
         templates = tuple(str(t) for t in templates)
     stat = p.stat()
-    return _cached(str(p.resolve()), stat.st_mtime_ns, stat.st_size, text_key, label_key, name,
-                   templates, split_key)
+    return _cached(str(p.resolve()), stat.st_mtime_ns, stat.st_size, text_key, label_key, name, templates, split_key)
 
 
 @functools.lru_cache(maxsize=64)
 def _cached(
-    path: str, _mtime: int, _size: int, text_key: str, label_key: str, name: str | None,
-    templates: tuple[str, ...] | None, split_key: str,
+    path: str,
+    _mtime: int,
+    _size: int,
+    text_key: str,
+    label_key: str,
+    name: str | None,
+    templates: tuple[str, ...] | None,
+    split_key: str,
 ) -> Task:
     p = Path(path)
     suffix = p.suffix.lower()
@@ -110,8 +120,10 @@ def _norm_label(value: object, path: str, line: int, label_key: str) -> str:
     if not label:
         raise TaskArithError(f"{path}, line {line}: '{label_key}' is empty; give every example a label.")
     if len(label) > MAX_LABEL_CHARACTERS:
-        raise TaskArithError(f"{path}, line {line}: '{label_key}' is {len(label)} characters long; a class label "
-                             f"is a name of at most {MAX_LABEL_CHARACTERS} characters.")
+        raise TaskArithError(
+            f"{path}, line {line}: '{label_key}' is {len(label)} characters long; a class label "
+            f"is a name of at most {MAX_LABEL_CHARACTERS} characters."
+        )
     _refuse_surrogates(label, path, line, label_key)
     return label
 
@@ -121,8 +133,10 @@ def _refuse_surrogates(text: str, path: str, line: int, key: str) -> None:
     # cannot be encoded, so hashing the task or writing its record would fail long after loading.
     match = _SURROGATE.search(text)
     if match:
-        raise TaskArithError(f"{path}, line {line}: '{key}' holds a lone surrogate (\\u{ord(match.group()):04x}), "
-                             "which is not a character; fix the escape in the file.")
+        raise TaskArithError(
+            f"{path}, line {line}: '{key}' holds a lone surrogate (\\u{ord(match.group()):04x}), "
+            "which is not a character; fix the escape in the file."
+        )
 
 
 def _norm_text(value: object, path: str, line: int, text_key: str) -> str:
@@ -138,9 +152,7 @@ def _norm_text(value: object, path: str, line: int, text_key: str) -> str:
 def _norm_split(value: object, path: str, line: int, split_key: str) -> str:
     key = str(value).strip().lower() if isinstance(value, (str, int)) else None
     if key not in SPLIT_ALIASES:
-        raise TaskArithError(
-            f"{path}, line {line}: '{split_key}' is {value!r}; use one of {', '.join(SPLITS)}."
-        )
+        raise TaskArithError(f"{path}, line {line}: '{split_key}' is {value!r}; use one of {', '.join(SPLITS)}.")
     return SPLIT_ALIASES[key]
 
 
@@ -171,8 +183,7 @@ def _csv_records(path: str, text: str, text_key: str, label_key: str, split_key:
                     f"{path}, line {line}: {len(row)} field(s) but the header has {len(columns)} ({columns})."
                 )
             split = _norm_split(row[si], path, line, split_key) if si is not None else None
-            yield (line, _norm_text(row[ti], path, line, text_key),
-                   _norm_label(row[li], path, line, label_key), split)
+            yield (line, _norm_text(row[ti], path, line, text_key), _norm_label(row[li], path, line, label_key), split)
     except csv.Error as exc:
         raise TaskArithError(f"{path}, line {reader.line_num}: malformed CSV ({exc}).") from exc
 
@@ -206,9 +217,7 @@ def _json_records(path: str, text: str, text_key: str, label_key: str, split_key
             raise TaskArithError(f"{path}, {where} {n}: expected a JSON object, got {type(obj).__name__}.")
         for key in (text_key, label_key) + ((split_key,) if has_split else ()):
             if key not in obj:
-                raise TaskArithError(
-                    f"{path}, {where} {n}: no '{key}' field; fields present: {sorted(map(str, obj))}."
-                )
+                raise TaskArithError(f"{path}, {where} {n}: no '{key}' field; fields present: {sorted(map(str, obj))}.")
         split = _norm_split(obj[split_key], path, n, split_key) if has_split else None
         yield (n, _norm_text(obj[text_key], path, n, text_key), _norm_label(obj[label_key], path, n, label_key), split)
 
@@ -228,8 +237,9 @@ def _build(
         first[text] = rec
     kept = [rec for text, rec in first.items() if text not in conflicted]
 
-    labels = sorted({rec[2] for rec in kept},
-                    key=(lambda s: (int(s), s)) if all(_INT.fullmatch(r[2]) for r in kept) else None)
+    labels = sorted(
+        {rec[2] for rec in kept}, key=(lambda s: (int(s), s)) if all(_INT.fullmatch(r[2]) for r in kept) else None
+    )
     if len(labels) < 2:
         raise TaskArithError(
             f"Task file {path!r} has fewer than 2 classes in column '{label_key}' (found: {labels}); "
@@ -257,11 +267,17 @@ def _build(
         hint = "add more examples per class (at least 3 each) or a '" + split_key + "' column for {}"
     for s in SPLITS:
         if not len(examples[s]):
-            raise TaskArithError(
-                f"Task file {path!r}: the {s} split has no examples; {hint.format(s)}."
-            )
+            raise TaskArithError(f"Task file {path!r}: the {s} split has no examples; {hint.format(s)}.")
     for t in templates:
         if "{}" not in t:
             raise TaskArithError(f"Template {t!r} for task {name!r} has no '{{}}' placeholder for the class name.")
-    return Task(name=name, classes=classes, templates=templates, train=examples["train"], val=examples["val"],
-                test=examples["test"], domain=f"user file {p.name}", source=path)
+    return Task(
+        name=name,
+        classes=classes,
+        templates=templates,
+        train=examples["train"],
+        val=examples["val"],
+        test=examples["test"],
+        domain=f"user file {p.name}",
+        source=path,
+    )

@@ -24,11 +24,43 @@ FORTUNES_HINT = "apt-get install fortunes fortunes-min"
 # (fortunes-it) and the Portuguese 'brasil' file, so it cannot be globbed.
 # Left out: ascii-art (pictures), perl (mostly code), translate-me (a handful of stubs).
 ENGLISH_FORTUNES: tuple[str, ...] = (
-    "art", "computers", "cookie", "debian", "definitions", "disclaimer", "drugs", "education",
-    "ethnic", "food", "goedel", "humorists", "kids", "knghtbrd", "law", "linux", "linuxcookie",
-    "love", "magic", "medicine", "men-women", "miscellaneous", "news", "paradoxum", "people",
-    "pets", "platitudes", "politics", "pratchett", "science", "songs-poems", "sports", "startrek",
-    "tao", "wisdom", "work", "zippy",
+    "art",
+    "computers",
+    "cookie",
+    "debian",
+    "definitions",
+    "disclaimer",
+    "drugs",
+    "education",
+    "ethnic",
+    "food",
+    "goedel",
+    "humorists",
+    "kids",
+    "knghtbrd",
+    "law",
+    "linux",
+    "linuxcookie",
+    "love",
+    "magic",
+    "medicine",
+    "men-women",
+    "miscellaneous",
+    "news",
+    "paradoxum",
+    "people",
+    "pets",
+    "platitudes",
+    "politics",
+    "pratchett",
+    "science",
+    "songs-poems",
+    "sports",
+    "startrek",
+    "tao",
+    "wisdom",
+    "work",
+    "zippy",
 )
 # English files of 'fortunes-min', used when present ('fortunes' depends on it, but be lenient).
 ENGLISH_FORTUNES_MIN: tuple[str, ...] = ("fortunes", "literature", "riddles")
@@ -60,7 +92,7 @@ def _decode(data: bytes) -> str:
         return data.decode("latin-1")  # the pre-UTF-8 fortune files are latin-1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fortune_records(path: Path) -> tuple[str, ...]:
     """Records of one fortune file: '%'-separated, attribution lines and overstrikes removed."""
     # Prefer the UTF-8 twin, but some packages (fortunes-pl) ship it empty.
@@ -94,7 +126,8 @@ def _fortune_files(language: str) -> list[Path]:
     package, sub = FOREIGN_FORTUNES[language]
     folder = _require(base / sub, f"apt-get install {package}")
     files = [
-        p for p in sorted(folder.iterdir())
+        p
+        for p in sorted(folder.iterdir())
         if p.is_file() and not p.name.endswith((".dat", ".u8")) and f"{sub}/{p.name}" not in FORTUNE_SKIP
     ]
     if not files:
@@ -109,21 +142,28 @@ def fortune_language() -> Task:
     """Fortune cookie -> language (non-offensive files of the fortunes-* packages)."""
     items = (
         (record, language, "")
-        for language in FORTUNE_LANGUAGES for path in _fortune_files(language)
+        for language in FORTUNE_LANGUAGES
+        for path in _fortune_files(language)
         for record in _fortune_records(path)
     )
     return _make_task(
-        "fortune_language", FORTUNE_LANGUAGES,
+        "fortune_language",
+        FORTUNE_LANGUAGES,
         ("a fortune cookie written in {}.", "a saying in {}."),
-        items, domain="fortune cookies",
+        items,
+        domain="fortune cookies",
         source="fortunes, fortunes-min, fortunes-de, -es, -it, -pl, -br (apt) /usr/share/games/fortunes",
     )
 
 
 # topic class name -> English fortune file; the six largest clearly distinct topic files.
 FORTUNE_TOPICS: dict[str, str] = {
-    "computers": "computers", "food": "food", "law": "law", "politics": "politics",
-    "science": "science", "education": "education",
+    "computers": "computers",
+    "food": "food",
+    "law": "law",
+    "politics": "politics",
+    "science": "science",
+    "education": "education",
 }
 
 
@@ -136,8 +176,10 @@ def fortune_topic() -> Task:
         for record in _fortune_records(_require(base / name, FORTUNES_HINT))
     )
     return _make_task(
-        "fortune_topic", tuple(FORTUNE_TOPICS),
+        "fortune_topic",
+        tuple(FORTUNE_TOPICS),
         ("a fortune cookie about {}.", "a joke about {}."),
-        items, domain="fortune cookies",
+        items,
+        domain="fortune cookies",
         source="fortunes (apt) /usr/share/games/fortunes/{" + ",".join(FORTUNE_TOPICS.values()) + "}",
     )

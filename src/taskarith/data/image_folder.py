@@ -16,8 +16,15 @@ __all__ = ["DEFAULT_IMAGE_TEMPLATES", "task_from_image_folder"]
 DEFAULT_IMAGE_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.")
 
 _SPLIT_ORDER = ("train", "val", "test")
-_SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-               "test": "test", "testing": "test"}
+_SPLIT_DIRS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
@@ -65,9 +72,11 @@ def _images_under(folder: Path, root: Path, seen: set[str]) -> list[Path]:
 def _check_inside(path: Path, real: str, root: Path, home: str | None = None) -> bool:
     """Whether ``real`` (``path`` with links resolved) lies inside ``home``; refused if it leaves ``root``."""
     if not Path(real).is_relative_to(root):
-        raise TaskArithError(f"Image folder {shown(root)}: {shown(path)} leads through a link to {shown(real)}, "
-                             "outside the folder; taskarith reads only files inside an image folder: copy them in, or remove "
-                             "the link")
+        raise TaskArithError(
+            f"Image folder {shown(root)}: {shown(path)} leads through a link to {shown(real)}, "
+            "outside the folder; taskarith reads only files inside an image folder: copy them in, or remove "
+            "the link"
+        )
     return home is None or Path(real).is_relative_to(home)
 
 
@@ -108,8 +117,16 @@ def task_from_image_folder(
         layout = {"train": base}
     # The source is what load_task reloads the task from: the path, with the rule when it is not the default.
     source = str(base) if splits == "paper" else f"{base}?splits={splits}"
-    return _folder_task(base, layout, name=name or base.name, templates=templates, domain=domain, splits=splits,
-                        class_names=class_names, source=source)
+    return _folder_task(
+        base,
+        layout,
+        name=name or base.name,
+        templates=templates,
+        domain=domain,
+        splits=splits,
+        class_names=class_names,
+        source=source,
+    )
 
 
 def _folder_task(
@@ -130,8 +147,9 @@ def _folder_task(
     return _build_task(name, classes, templates, pools, domain=domain, source=source, balance=False, splits=splits)
 
 
-def _folder_pools(base: Path, layout: dict[str, Path], class_names: Mapping[str, str] | None = None
-                  ) -> tuple[list[str], dict[str, _Pool]]:
+def _folder_pools(
+    base: Path, layout: dict[str, Path], class_names: Mapping[str, str] | None = None
+) -> tuple[list[str], dict[str, _Pool]]:
     """Class names and one pool per split folder; keys are paths relative to ``base``."""
     folder_names: dict[str, set[str]] = {}
     for split, folder in layout.items():
@@ -147,8 +165,10 @@ def _folder_pools(base: Path, layout: dict[str, Path], class_names: Mapping[str,
     for folder_name in all_names:
         if class_names is not None:
             if folder_name not in class_names:
-                raise TaskArithError(f"Image folder {str(base)!r}: class folder {folder_name!r} has no class name "
-                                     "in the given names; remove the folder or name its class.")
+                raise TaskArithError(
+                    f"Image folder {str(base)!r}: class folder {folder_name!r} has no class name "
+                    "in the given names; remove the folder or name its class."
+                )
             label = str(class_names[folder_name])
         else:
             label = " ".join(folder_name.replace("_", " ").split())

@@ -26,10 +26,21 @@ _NUMPY_GLOBALS = {
     ("numpy", "dtype"): "dtype",
 }
 _NUMPY_CODES = frozenset({"b1", "u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f2", "f4", "f8"})
-_PUSH_ARG_OPS = frozenset({
-    "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "BININT", "BININT1", "BININT2", "LONG1",
-    "SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8",
-})
+_PUSH_ARG_OPS = frozenset(
+    {
+        "SHORT_BINUNICODE",
+        "BINUNICODE",
+        "BINUNICODE8",
+        "BININT",
+        "BININT1",
+        "BININT2",
+        "LONG1",
+        "SHORT_BINBYTES",
+        "BINBYTES",
+        "BINBYTES8",
+        "BYTEARRAY8",
+    }
+)
 _CONSTANT_OPS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False, "EMPTY_TUPLE": ()}
 
 
@@ -102,7 +113,7 @@ def _numpy_from_pickle(data: bytes, where: str) -> np.ndarray:
                 if _MARK not in stack:
                     raise bad(f"TUPLE without MARK at byte {pos}")
                 k = len(stack) - 1 - stack[::-1].index(_MARK)
-                items = tuple(stack[k + 1:])
+                items = tuple(stack[k + 1 :])
                 del stack[k:]
                 stack.append(items)
             elif name in ("STACK_GLOBAL", "GLOBAL"):
@@ -140,8 +151,11 @@ def _numpy_from_pickle(data: bytes, where: str) -> np.ndarray:
     if result is _MARK:
         raise bad("no STOP opcode")
 
-    if (isinstance(result, _Built) and result.obj.func == _Global("reconstruct")
-            and result.obj.args == (_Global("ndarray"), (0,), b"b")):
+    if (
+        isinstance(result, _Built)
+        and result.obj.func == _Global("reconstruct")
+        and result.obj.args == (_Global("ndarray"), (0,), b"b")
+    ):
         state = result.state
         if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
             raise bad(f"unexpected array state {_short(state)}")
@@ -180,8 +194,13 @@ def _numpy_dtype(desc: Any, bad: Any) -> np.dtype:
     if not (isinstance(args, tuple) and len(args) == 3 and args[0] in _NUMPY_CODES and args[1:] == (False, True)):
         raise bad(f"dtype arguments {_short(args)} are not a plain numeric type")
     # State: (version, byte order, subarray, names, fields, itemsize, alignment, flags[, metadata]).
-    if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)
-            and state[1] in ("<", ">", "|", "=") and state[2:5] == (None, None, None)):
+    if not (
+        isinstance(state, tuple)
+        and len(state) in (8, 9)
+        and state[0] in (3, 4)
+        and state[1] in ("<", ">", "|", "=")
+        and state[2:5] == (None, None, None)
+    ):
         raise bad(f"dtype state {_short(state)} is not a plain numeric type")
     dtype = np.dtype(args[0])
     return dtype.newbyteorder(state[1]) if state[1] in "<>" else dtype

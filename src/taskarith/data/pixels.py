@@ -98,9 +98,11 @@ MAX_IMAGE_PIXELS = 25_000_000
 
 def _check_image_size(width: int, height: int, where: object) -> None:
     if width * height > MAX_IMAGE_PIXELS:
-        raise TaskArithError(f"Image file {shown(where)} is {width} x {height} pixels, more than the "
-                             f"{MAX_IMAGE_PIXELS:,} taskarith decodes (taskarith.data.pixels.MAX_IMAGE_PIXELS); "
-                             "a decompression bomb, or an image to shrink before use")
+        raise TaskArithError(
+            f"Image file {shown(where)} is {width} x {height} pixels, more than the "
+            f"{MAX_IMAGE_PIXELS:,} taskarith decodes (taskarith.data.pixels.MAX_IMAGE_PIXELS); "
+            "a decompression bomb, or an image to shrink before use"
+        )
 
 
 def _read_image_file(path: Path) -> np.ndarray:
@@ -146,8 +148,12 @@ def _read_bytes(path: Path) -> bytes:
 
 # IDX type byte -> element type; IDX stores multi-byte numbers big-endian.
 _IDX_TYPES: dict[int, np.dtype] = {
-    0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8"),
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
 }
 
 
@@ -170,7 +176,7 @@ def read_idx(path: str | os.PathLike[str], *, ndim: int | None = None) -> np.nda
     header = 4 + 4 * dims
     if len(data) < header:
         raise TaskArithError(f"{p}: IDX header is truncated ({len(data)} bytes, needs {header}).")
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
     expected = header + math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise TaskArithError(
@@ -181,6 +187,7 @@ def read_idx(path: str | os.PathLike[str], *, ndim: int | None = None) -> np.nda
         array = array.astype(dtype.newbyteorder("="))
         array.setflags(write=False)
     return array
+
 
 # ---------------------------------------------------------------------------------------------
 # From arrays or files to a Task
@@ -215,8 +222,9 @@ def _digest(image: np.ndarray) -> str:
     return hashlib.blake2b(image.tobytes(), digest_size=12, person=b"taskarith-img").hexdigest()
 
 
-def _array_pool(images: np.ndarray, labels: np.ndarray, exclude: set[str] | frozenset[str] = frozenset(),
-                *, dedupe: bool = True) -> tuple[_Pool, set[str]]:
+def _array_pool(
+    images: np.ndarray, labels: np.ndarray, exclude: set[str] | frozenset[str] = frozenset(), *, dedupe: bool = True
+) -> tuple[_Pool, set[str]]:
     """Pool of distinct images: an image given two labels is dropped, as is any whose digest is in ``exclude``.
 
     Returns the pool and the digests of every image seen (for excluding them from a later split).
@@ -259,8 +267,16 @@ def _build_task(
     """
     if check_split_rule(splits) == "paper":
         out = {split: _examples(pool) for split, pool in _paper_splits(pools).items()}
-        return Task(name=name, classes=tuple(classes), templates=tuple(templates), train=out["train"],
-                    val=out["val"], test=out["test"], domain=domain, source=source)
+        return Task(
+            name=name,
+            classes=tuple(classes),
+            templates=tuple(templates),
+            train=out["train"],
+            val=out["val"],
+            test=out["test"],
+            domain=domain,
+            source=source,
+        )
     train = pools["train"]
     counts = Counter(train.labels)
     smallest = min(counts.values(), default=1)
@@ -272,15 +288,23 @@ def _build_task(
 
     val_fraction = carve(DEFAULT_VAL_FRACTION, DEFAULT_MAX_VAL) if "val" not in pools else 0.0
     test_fraction = carve(DEFAULT_TEST_FRACTION, DEFAULT_MAX_TEST) if "test" not in pools else 0.0
-    tr, va, te = split_examples(train.keys, train.labels, val_fraction=val_fraction,
-                                test_fraction=test_fraction, max_train=DEFAULT_MAX_TRAIN,
-                                max_val=DEFAULT_MAX_VAL, max_test=DEFAULT_MAX_TEST, balance=balance)
+    tr, va, te = split_examples(
+        train.keys,
+        train.labels,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        max_train=DEFAULT_MAX_TRAIN,
+        max_val=DEFAULT_MAX_VAL,
+        max_test=DEFAULT_MAX_TEST,
+        balance=balance,
+    )
     chosen = {"train": (train, tr), "val": (train, va), "test": (train, te)}
     for split, cap in (("val", DEFAULT_MAX_VAL), ("test", DEFAULT_MAX_TEST)):
         if split in pools:
             pool = pools[split]
-            given, _, _ = split_examples(pool.keys, pool.labels, val_fraction=0.0, test_fraction=0.0,
-                                         max_train=cap, balance=balance)
+            given, _, _ = split_examples(
+                pool.keys, pool.labels, val_fraction=0.0, test_fraction=0.0, max_train=cap, balance=balance
+            )
             chosen[split] = (pool, given)
     out: dict[str, Examples] = {}
     for split, (pool, keyed) in chosen.items():
@@ -292,8 +316,16 @@ def _build_task(
         else:
             inputs = tuple(pool.items[i] for i in positions)
         out[split] = Examples(inputs, keyed.labels)
-    return Task(name=name, classes=tuple(classes), templates=tuple(templates), train=out["train"],
-                val=out["val"], test=out["test"], domain=domain, source=source)
+    return Task(
+        name=name,
+        classes=tuple(classes),
+        templates=tuple(templates),
+        train=out["train"],
+        val=out["val"],
+        test=out["test"],
+        domain=domain,
+        source=source,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,8 +341,10 @@ CARVED_TEST_FRACTION = DEFAULT_TEST_FRACTION
 
 def check_split_rule(splits: str) -> str:
     if splits not in SPLIT_RULES:
-        raise TaskArithError(f"Unknown split rule {splits!r}; use one of {', '.join(SPLIT_RULES)} "
-                             "(paper: the papers' splits, full sets; taskarith: capped at 4000/300/500).")
+        raise TaskArithError(
+            f"Unknown split rule {splits!r}; use one of {', '.join(SPLIT_RULES)} "
+            "(paper: the papers' splits, full sets; taskarith: capped at 4000/300/500)."
+        )
     return splits
 
 
@@ -330,7 +364,7 @@ def paper_split(n: int) -> tuple[list[int], list[int]]:
     if n_val == 0 and n >= 2:
         n_val = 1  # the official code refuses fewer than 10 examples; a tiny set still gets one to validate on
     order = torch.randperm(n, generator=torch.Generator().manual_seed(PAPER_SPLIT_SEED)).tolist()
-    return order[:n - n_val], order[n - n_val:]
+    return order[: n - n_val], order[n - n_val :]
 
 
 def _carve(pool: _Pool, fraction: float) -> tuple[list[int], list[int]]:
@@ -361,7 +395,7 @@ def _hash_partition(pool: _Pool, shares: dict[str, float | int], rest: str) -> d
         start = 0
         for part, share in shares.items():
             count = share if isinstance(share, int) else round(len(members) * share)
-            for i in ordered[start:start + count]:
+            for i in ordered[start : start + count]:
                 part_of[i] = part
             start += count
         for i in ordered[start:]:
@@ -412,8 +446,7 @@ def _check_labels(labels: np.ndarray, n_classes: int, where: str, *, offset: int
     low, high = offset, offset + n_classes - 1
     if labels.size and (labels.min() < low or labels.max() > high):
         raise TaskArithError(
-            f"{where}: labels span {labels.min()}..{labels.max()}, expected {low}..{high} "
-            f"for {n_classes} classes."
+            f"{where}: labels span {labels.min()}..{labels.max()}, expected {low}..{high} for {n_classes} classes."
         )
     return labels.astype(np.int64) - offset
 
@@ -431,8 +464,9 @@ def _require(path: Path, install: str) -> Path:
     return path
 
 
-def _idx_pair(folder: Path, prefix: str, n_classes: int, install: str, *, offset: int = 0
-              ) -> tuple[np.ndarray, np.ndarray]:
+def _idx_pair(
+    folder: Path, prefix: str, n_classes: int, install: str, *, offset: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of ``<prefix>-images-idx3-ubyte[.gz]`` / ``<prefix>-labels-idx1-ubyte[.gz]``."""
     paths = []
     for stem in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):

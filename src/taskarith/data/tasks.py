@@ -18,9 +18,9 @@ from typing import Any
 from taskarith.errors import TaskArithError
 
 __all__ = [
+    "SPLITS",
     "Examples",
     "Task",
-    "SPLITS",
     "split_examples",
     "stable_hash",
 ]
@@ -64,8 +64,7 @@ class Examples:
         object.__setattr__(self, "labels", tuple(int(label) for label in self.labels))
         if len(self.inputs) != len(self.labels):
             raise TaskArithError(
-                f"Examples: {len(self.inputs)} inputs but {len(self.labels)} labels; "
-                "pass one label per input."
+                f"Examples: {len(self.inputs)} inputs but {len(self.labels)} labels; pass one label per input."
             )
 
     def __len__(self) -> int:
@@ -148,8 +147,9 @@ class Task:
 
 def stable_hash(text: str, salt: str = "") -> bytes:
     """A process-independent hash (Python's ``hash()`` is salted per process)."""
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, person=b"taskarith",
-                           salt=salt.encode("utf-8")[:16]).digest()
+    return hashlib.blake2b(
+        text.encode("utf-8", "surrogatepass"), digest_size=8, person=b"taskarith", salt=salt.encode("utf-8")[:16]
+    ).digest()
 
 
 def _hash_order(items: Sequence[str], salt: str = "") -> list[int]:
@@ -241,8 +241,8 @@ def split_examples(
         if groups is None:
             ordered = [members[k] for k in _hash_order([texts[i] for i in members])]
             parts["test"][c] = ordered[:n_test]
-            parts["val"][c] = ordered[n_test:n_test + n_val]
-            parts["train"][c] = ordered[n_test + n_val:]
+            parts["val"][c] = ordered[n_test : n_test + n_val]
+            parts["train"][c] = ordered[n_test + n_val :]
         else:
             _assign_groups(members, texts, groups, n_val, n_test, parts, c)
 
@@ -254,7 +254,7 @@ def split_examples(
             smallest = min(len(p) for p in per_class)
             per_class = [p[:smallest] for p in per_class]
         alloc = _water_fill([len(p) for p in per_class], caps[split])
-        chosen = [i for p, k in zip(per_class, alloc) for i in p[:k]]
+        chosen = [i for p, k in zip(per_class, alloc, strict=True) for i in p[:k]]
         # Mix classes in a stable order so a split never arrives sorted by label.
         chosen.sort(key=lambda i: (stable_hash(texts[i], "mix"), texts[i], i))
         out.append(Examples(tuple(texts[i] for i in chosen), tuple(labels[i] for i in chosen)))

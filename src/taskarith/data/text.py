@@ -51,8 +51,9 @@ def _make_task(
     index = {c: i for i, c in enumerate(classes)}
     ys = [index[y] for y in labels]
     train, val, test = split_examples(texts, ys, groups=groups if grouped else None, balance=True)
-    return Task(name=name, classes=classes, templates=templates, train=train, val=val, test=test,
-                domain=domain, source=source)
+    return Task(
+        name=name, classes=classes, templates=templates, train=train, val=val, test=test, domain=domain, source=source
+    )
 
 
 _SENT_BOUNDARY = re.compile(

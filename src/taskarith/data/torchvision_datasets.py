@@ -43,40 +43,62 @@ __all__ = ["EMNIST_CLASSES", "EUROSAT_CLASSES", "GTSRB_CLASSES", "TORCHVISION_DA
 TORCHVISION_HINT = "pip install torchvision (the build matching your torch)"
 
 GTSRB_CLASSES: tuple[str, ...] = (
-    "red and white circle 20 kph speed limit", "red and white circle 30 kph speed limit",
-    "red and white circle 50 kph speed limit", "red and white circle 60 kph speed limit",
-    "red and white circle 70 kph speed limit", "red and white circle 80 kph speed limit",
-    "end / de-restriction of 80 kph speed limit", "red and white circle 100 kph speed limit",
-    "red and white circle 120 kph speed limit", "red and white circle red car and black car no passing",
-    "red and white circle red truck and black car no passing", "red and white triangle road intersection warning",
-    "white and yellow diamond priority road", "red and white upside down triangle yield right-of-way", "stop",
-    "empty red and white circle", "red and white circle no truck entry",
-    "red circle with white horizonal stripe no entry", "red and white triangle with exclamation mark warning",
+    "red and white circle 20 kph speed limit",
+    "red and white circle 30 kph speed limit",
+    "red and white circle 50 kph speed limit",
+    "red and white circle 60 kph speed limit",
+    "red and white circle 70 kph speed limit",
+    "red and white circle 80 kph speed limit",
+    "end / de-restriction of 80 kph speed limit",
+    "red and white circle 100 kph speed limit",
+    "red and white circle 120 kph speed limit",
+    "red and white circle red car and black car no passing",
+    "red and white circle red truck and black car no passing",
+    "red and white triangle road intersection warning",
+    "white and yellow diamond priority road",
+    "red and white upside down triangle yield right-of-way",
+    "stop",
+    "empty red and white circle",
+    "red and white circle no truck entry",
+    "red circle with white horizonal stripe no entry",
+    "red and white triangle with exclamation mark warning",
     "red and white triangle with black left curve approaching warning",
     "red and white triangle with black right curve approaching warning",
     "red and white triangle with black double curve approaching warning",
-    "red and white triangle rough / bumpy road warning", "red and white triangle car skidding / slipping warning",
+    "red and white triangle rough / bumpy road warning",
+    "red and white triangle car skidding / slipping warning",
     "red and white triangle with merging / narrow lanes warning",
     "red and white triangle with person digging / construction / road work warning",
     "red and white triangle with traffic light approaching warning",
     "red and white triangle with person walking warning",
-    "red and white triangle with child and person walking warning", "red and white triangle with bicyle warning",
-    "red and white triangle with snowflake / ice warning", "red and white triangle with deer warning",
-    "white circle with gray strike bar no speed limit", "blue circle with white right turn arrow mandatory",
-    "blue circle with white left turn arrow mandatory", "blue circle with white forward arrow mandatory",
+    "red and white triangle with child and person walking warning",
+    "red and white triangle with bicyle warning",
+    "red and white triangle with snowflake / ice warning",
+    "red and white triangle with deer warning",
+    "white circle with gray strike bar no speed limit",
+    "blue circle with white right turn arrow mandatory",
+    "blue circle with white left turn arrow mandatory",
+    "blue circle with white forward arrow mandatory",
     "blue circle with white forward or right turn arrow mandatory",
     "blue circle with white forward or left turn arrow mandatory",
-    "blue circle with white keep right arrow mandatory", "blue circle with white keep left arrow mandatory",
+    "blue circle with white keep right arrow mandatory",
+    "blue circle with white keep left arrow mandatory",
     "blue circle with white arrows indicating a traffic circle",
     "white circle with gray strike bar indicating no passing for cars has ended",
     "white circle with gray strike bar indicating no passing for trucks has ended",
 )
 # torchvision's EuroSAT classes are folder names (AnnualCrop, ...); these read better in a prompt.
 EUROSAT_CLASSES: dict[str, str] = {
-    "AnnualCrop": "annual crop land", "Forest": "forest", "HerbaceousVegetation": "brushland or shrubland",
-    "Highway": "highway or road", "Industrial": "industrial buildings or commercial buildings",
-    "Pasture": "pasture land", "PermanentCrop": "permanent crop land",
-    "Residential": "residential buildings or homes or apartments", "River": "river", "SeaLake": "lake or sea",
+    "AnnualCrop": "annual crop land",
+    "Forest": "forest",
+    "HerbaceousVegetation": "brushland or shrubland",
+    "Highway": "highway or road",
+    "Industrial": "industrial buildings or commercial buildings",
+    "Pasture": "pasture land",
+    "PermanentCrop": "permanent crop land",
+    "Residential": "residential buildings or homes or apartments",
+    "River": "river",
+    "SeaLake": "lake or sea",
 }
 # torchvision's EMNIST class lists, per split (labels index into them).
 _EMNIST_MERGED = set("cijklmopsuvwxyz")
@@ -109,8 +131,14 @@ _CLIP = CLIP_TEMPLATES  # OpenAI CLIP's templates (see taskarith.data.clip_promp
 TORCHVISION_DATASETS: dict[str, _TV] = {
     "MNIST": _TV("MNIST", _FLAG, _CLIP["MNIST"], "digits", DIGIT_CLASSES, "MNIST"),
     "FashionMNIST": _TV("FashionMNIST", _FLAG, FASHION_TEMPLATES, "objects", FASHION_CLASSES, "FashionMNIST"),
-    "KMNIST": _TV("KMNIST", _FLAG, ("a photo of the character {}.", "a handwritten character {}."), "characters",
-                  ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"), "KMNIST"),
+    "KMNIST": _TV(
+        "KMNIST",
+        _FLAG,
+        ("a photo of the character {}.", "a handwritten character {}."),
+        "characters",
+        ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+        "KMNIST",
+    ),
     "EMNIST": _TV("EMNIST", _FLAG, DIGIT_TEMPLATES, "digits", None, "EMNIST"),
     "SVHN": _TV("SVHN", _TRAIN_TEST, _CLIP["SVHN"], "digits", DIGIT_CLASSES),
     "GTSRB": _TV("GTSRB", _TRAIN_TEST, _CLIP["GTSRB"], "traffic signs", GTSRB_CLASSES),
@@ -123,19 +151,40 @@ TORCHVISION_DATASETS: dict[str, _TV] = {
     "CIFAR10": _TV("CIFAR10", _FLAG, _CLIP["CIFAR10"], "objects"),
     "CIFAR100": _TV("CIFAR100", _FLAG, _CLIP["CIFAR100"], "objects"),
     "STL10": _TV("STL10", _TRAIN_TEST, _CLIP["STL10"], "objects"),
-    "OxfordIIITPet": _TV("OxfordIIITPet", {"train": {"split": "trainval"}, "test": {"split": "test"}},
-                         ("a photo of a {}, a type of pet.",), "pets"),
+    "OxfordIIITPet": _TV(
+        "OxfordIIITPet",
+        {"train": {"split": "trainval"}, "test": {"split": "test"}},
+        ("a photo of a {}, a type of pet.",),
+        "pets",
+    ),
     "Flowers102": _TV("Flowers102", _THREE, ("a photo of a {}, a type of flower.",), "flowers"),
     "Food101": _TV("Food101", _TRAIN_TEST, _CLIP["Food101"], "food"),
-    "FER2013": _TV("FER2013", _TRAIN_TEST, ("a photo of a {} looking face.", "a photo of a face looking {}."),
-                   "faces", ("angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral")),
-    "PCAM": _TV("PCAM", _THREE, ("this is a photo of {}.",), "medical",
-                ("lymph node", "lymph node containing metastatic tumor tissue")),
+    "FER2013": _TV(
+        "FER2013",
+        _TRAIN_TEST,
+        ("a photo of a {} looking face.", "a photo of a face looking {}."),
+        "faces",
+        ("angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral"),
+    ),
+    "PCAM": _TV(
+        "PCAM",
+        _THREE,
+        ("this is a photo of {}.",),
+        "medical",
+        ("lymph node", "lymph node containing metastatic tumor tissue"),
+    ),
     "RenderedSST2": _TV("RenderedSST2", _THREE, ("a {} review of a movie.",), "rendered text"),
 }
 _TV_ALIASES = {re.sub(r"[^a-z0-9]", "", key.lower()): key for key in TORCHVISION_DATASETS}
-_TV_ALIASES.update({"cars": "StanfordCars", "pets": "OxfordIIITPet", "nwpuresisc45": "RESISC45",
-                    "imagenet1k": "ImageNet", "ilsvrc2012": "ImageNet"})
+_TV_ALIASES.update(
+    {
+        "cars": "StanfordCars",
+        "pets": "OxfordIIITPet",
+        "nwpuresisc45": "RESISC45",
+        "imagenet1k": "ImageNet",
+        "ilsvrc2012": "ImageNet",
+    }
+)
 
 # Under the "paper" rule, datasets whose official splits are files this package cannot ship or find are split
 # like those files, by a stable hash (see pixels._hash_partition); the sizes follow the official files.
@@ -210,15 +259,17 @@ def _task_from_torchvision(
     task_name = task_name or default_name
     chosen_templates = tuple(templates) if templates is not None else spec.templates
     if variant == "letters":
-        chosen_templates = tuple(templates) if templates is not None else (
-            "a photo of the letter {}.", "a handwritten letter {}.")
+        chosen_templates = (
+            tuple(templates) if templates is not None else ("a photo of the letter {}.", "a handwritten letter {}.")
+        )
     common = dict(name=task_name, templates=chosen_templates, domain=spec.domain, splits=splits)
 
     prepared = _prepared_layout(key, folder)
     if prepared is not None:
         base_folder, layout, class_names = prepared
-        return _folder_task(base_folder, layout, source=f"{key} folders in {base_folder}", class_names=class_names,
-                            **common)
+        return _folder_task(
+            base_folder, layout, source=f"{key} folders in {base_folder}", class_names=class_names, **common
+        )
     if key == "RESISC45":
         return _resisc45(folder, splits, common)
     if key == "ImageNet":
@@ -255,6 +306,7 @@ def _prepared_layout(key: str, folder: Path) -> tuple[Path, dict[str, Path], dic
     three splits; dtd and sun397 hold train and val, and the papers test on val (DTD's official test split,
     SUN397's Testing_01); ImageNet tests on val (or val_in_folder).
     """
+
     def has_classes(path: Path) -> bool:
         return path.is_dir() and bool(_visible_dirs(path))
 
@@ -292,12 +344,17 @@ def _prepared_layout(key: str, folder: Path) -> tuple[Path, dict[str, Path], dic
 # zero-shot head rows in the papers' code; a Task needs distinct names, so one class of each pair takes its
 # ILSVRC synset's own word (projectile, sunglass). This changes 2 of the 1,000 class names.
 IMAGENET_RENAMED: dict[str, str] = {"n04008634": "projectile", "n04355933": "sunglass"}
-_IMAGENET_NAME: dict[str, str] = {**dict(zip(IMAGENET_WNIDS, IMAGENET_CLASSES)), **IMAGENET_RENAMED}
+_IMAGENET_NAME: dict[str, str] = {**dict(zip(IMAGENET_WNIDS, IMAGENET_CLASSES, strict=True)), **IMAGENET_RENAMED}
 
 
 def _resisc45(folder: Path, splits: str, common: dict[str, Any]) -> Task:
-    for candidate in (folder / "NWPU-RESISC45", folder / "resisc45" / "NWPU-RESISC45", folder / "resisc45",
-                      folder / "RESISC45", folder):
+    for candidate in (
+        folder / "NWPU-RESISC45",
+        folder / "resisc45" / "NWPU-RESISC45",
+        folder / "resisc45",
+        folder / "RESISC45",
+        folder,
+    ):
         if candidate.is_dir() and any(d.name == "airplane" for d in _visible_dirs(candidate)):
             break
     else:
@@ -306,8 +363,9 @@ def _resisc45(folder: Path, splits: str, common: dict[str, Any]) -> Task:
             "(torchvision has no RESISC45 class; any folder per class works with task_from_image_folder)."
         )
     if splits == "taskarith":
-        return task_from_image_folder(candidate, name=common["name"], templates=common["templates"],
-                                      domain=common["domain"], splits="taskarith")
+        return task_from_image_folder(
+            candidate, name=common["name"], templates=common["templates"], domain=common["domain"], splits="taskarith"
+        )
     classes, pools = _folder_pools(candidate, {"train": candidate})
     pool = pools["train"]
     # The split files of "In-domain representation learning for remote sensing" (Neumann et al.), as task_vectors
@@ -322,8 +380,16 @@ def _resisc45(folder: Path, splits: str, common: dict[str, Any]) -> Task:
     else:
         parts = _hash_partition(pool, RESISC45_SHARES, rest="train")
         source = f"RESISC45 folder {candidate}, split by hash like the official split files (none found)"
-    return _build_task(common["name"], classes, common["templates"], {"train": parts["train"], "test": parts["test"]},
-                       domain=common["domain"], source=source, balance=False, splits=splits)
+    return _build_task(
+        common["name"],
+        classes,
+        common["templates"],
+        {"train": parts["train"], "test": parts["test"]},
+        domain=common["domain"],
+        source=source,
+        balance=False,
+        splits=splits,
+    )
 
 
 def _sun397_partitions(folder: Path, common: dict[str, Any]) -> Task | None:
@@ -338,8 +404,14 @@ def _sun397_partitions(folder: Path, common: dict[str, Any]) -> Task | None:
     # '/b/bakery/shop' -> 'bakery shop', as task_vectors' folder 'b_bakery_shop' names it; order as torchvision's.
     classes = [" ".join(c[3:].replace("/", " ").replace("_", " ").split()) for c in lines]
     index = {c: i for i, c in enumerate(lines)}
-    lists = next((d for d in (data / "Partitions", folder / "Partitions", data, folder)
-                  if (d / "Training_01.txt").is_file() and (d / "Testing_01.txt").is_file()), None)
+    lists = next(
+        (
+            d
+            for d in (data / "Partitions", folder / "Partitions", data, folder)
+            if (d / "Training_01.txt").is_file() and (d / "Testing_01.txt").is_file()
+        ),
+        None,
+    )
     pools: dict[str, _Pool] = {}
     if lists is not None:
         for split, file in (("train", "Training_01.txt"), ("test", "Testing_01.txt")):
@@ -347,19 +419,29 @@ def _sun397_partitions(folder: Path, common: dict[str, Any]) -> Task | None:
             # task_vectors' prepared folders list a class's images under '<letter>_<class path>' in name order.
             listed.sort(key=lambda line: (line.rsplit("/", 1)[0][1:].replace("/", "_"), line.rsplit("/", 1)[1]))
             keys = [f"SUN397{line}" for line in listed]
-            pools[split] = _Pool(keys, [index[line.rsplit("/", 1)[0]] for line in listed],
-                                 [folder / key for key in keys])
+            pools[split] = _Pool(
+                keys, [index[line.rsplit("/", 1)[0]] for line in listed], [folder / key for key in keys]
+            )
         source = f"SUN397 at {data}, partitions {lists}/Training_01.txt and Testing_01.txt"
     else:
-        found = sorted(data.rglob("sun_*.jpg"), key=lambda p: (p.parent.relative_to(data).as_posix().replace("/", "_"),
-                                                               p.name))
+        found = sorted(
+            data.rglob("sun_*.jpg"), key=lambda p: (p.parent.relative_to(data).as_posix().replace("/", "_"), p.name)
+        )
         labels = [index["/" + p.parent.relative_to(data).as_posix()] for p in found]
         pool = _Pool([p.relative_to(folder).as_posix() for p in found], labels, found)
         parts = _hash_partition(pool, SUN397_SHARES, rest="unused")
         pools = {"train": parts["train"], "test": parts["test"]}
         source = f"SUN397 at {data}, 50 + 50 images a class by hash (no Training_01.txt / Testing_01.txt found)"
-    return _build_task(common["name"], classes, common["templates"], pools, domain=common["domain"], source=source,
-                       balance=False, splits="paper")
+    return _build_task(
+        common["name"],
+        classes,
+        common["templates"],
+        pools,
+        domain=common["domain"],
+        source=source,
+        balance=False,
+        splits="paper",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,8 +453,9 @@ def _emnist_classes(variant: str) -> tuple[tuple[str, ...], int]:
     return EMNIST_CLASSES[variant], 1 if variant == "letters" else 0
 
 
-def _idx_dataset(folder: Path, key: str, variant: str, task_name: str, templates: tuple[str, ...],
-                 spec: _TV, splits: str) -> Task:
+def _idx_dataset(
+    folder: Path, key: str, variant: str, task_name: str, templates: tuple[str, ...], spec: _TV, splits: str
+) -> Task:
     raw = folder / str(spec.idx_folder) / "raw"
     if key == "EMNIST":
         classes, offset = _emnist_classes(variant)
@@ -380,8 +463,10 @@ def _idx_dataset(folder: Path, key: str, variant: str, task_name: str, templates
     else:
         classes, offset = tuple(spec.classes or ()), 0
         prefixes = {"train": "train", "test": "t10k"}
-    hint = (f"torchvision.datasets.{key}(root, download=True) on a machine with internet access, then copy "
-            f"root/{spec.idx_folder} to {folder}")
+    hint = (
+        f"torchvision.datasets.{key}(root, download=True) on a machine with internet access, then copy "
+        f"root/{spec.idx_folder} to {folder}"
+    )
     arrays = {}
     for split, prefix in prefixes.items():
         images, labels = _idx_pair(raw, prefix, len(classes), hint, offset=offset)
@@ -392,8 +477,16 @@ def _idx_dataset(folder: Path, key: str, variant: str, task_name: str, templates
     dedupe = splits == "taskarith"
     train, seen = _array_pool(*arrays["train"], dedupe=dedupe)
     test, _ = _array_pool(*arrays["test"], exclude=seen, dedupe=dedupe)
-    return _build_task(task_name, classes, templates, {"train": train, "test": test}, domain=spec.domain,
-                       source=f"{key} IDX files in {raw}", balance=False, splits=splits)
+    return _build_task(
+        task_name,
+        classes,
+        templates,
+        {"train": train, "test": test},
+        domain=spec.domain,
+        source=f"{key} IDX files in {raw}",
+        balance=False,
+        splits=splits,
+    )
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -455,9 +548,17 @@ def _tv_pool(dataset: Any, folder: Path, where: str) -> tuple[Any, np.ndarray]:
     raise TaskArithError(f"{where}: images have different sizes {sorted(shapes)[:3]}; cannot stack them.")
 
 
-def _tv_source_pool(items: Any, labels: np.ndarray, folder: Path, n_classes: int, offset: int, where: str,
-                    exclude: set[str] | frozenset[str] = frozenset(), *, dedupe: bool = True
-                    ) -> tuple[_Pool, set[str]]:
+def _tv_source_pool(
+    items: Any,
+    labels: np.ndarray,
+    folder: Path,
+    n_classes: int,
+    offset: int,
+    where: str,
+    exclude: set[str] | frozenset[str] = frozenset(),
+    *,
+    dedupe: bool = True,
+) -> tuple[_Pool, set[str]]:
     labels = _check_labels(np.asarray(labels).astype(np.int64), n_classes, where, offset=offset)
     if isinstance(items, np.ndarray):
         if items.dtype != np.uint8:
@@ -473,8 +574,16 @@ def _tv_source_pool(items: Any, labels: np.ndarray, folder: Path, n_classes: int
     return _Pool([keys[i] for i in fresh], [int(labels[i]) for i in fresh], [items[i] for i in fresh]), set(keys)
 
 
-def _torchvision_dataset(datasets: Any, folder: Path, key: str, variant: str, task_name: str,
-                         templates: tuple[str, ...], spec: _TV, splits: str) -> Task:
+def _torchvision_dataset(
+    datasets: Any,
+    folder: Path,
+    key: str,
+    variant: str,
+    task_name: str,
+    templates: tuple[str, ...],
+    spec: _TV,
+    splits: str,
+) -> Task:
     cls = getattr(datasets, spec.cls, None)
     if cls is None:
         raise TaskArithError(f"This torchvision has no datasets.{spec.cls}; upgrade it: {TORCHVISION_HINT}")
@@ -503,25 +612,32 @@ def _torchvision_dataset(datasets: Any, folder: Path, key: str, variant: str, ta
         if key == "EMNIST" and isinstance(items, np.ndarray):
             items = np.ascontiguousarray(items.transpose(0, 2, 1))
         # The "paper" rule keeps every image where the dataset has it; "taskarith" drops repeats across splits.
-        pools[split], keys = _tv_source_pool(items, labels, folder, len(classes), offset, where,
-                                             exclude=frozenset() if paper else seen, dedupe=not paper)
+        pools[split], keys = _tv_source_pool(
+            items, labels, folder, len(classes), offset, where, exclude=frozenset() if paper else seen, dedupe=not paper
+        )
         seen |= keys
     source = f"torchvision.datasets.{spec.cls} at {folder}"
     if paper and key == "DTD":
         # task_vectors (after PAINT) merges DTD's train and val of partition 1 and draws its own val from them;
         # in its folders' order (class, then file name), so the draw picks the same images.
-        merged = _Pool(pools["train"].keys + pools["val"].keys, pools["train"].labels + pools["val"].labels,
-                       list(pools["train"].items) + list(pools["val"].items))
-        pools = {"train": merged.subset(sorted(range(len(merged)), key=lambda i: _dtd_order(merged.keys[i]))),
-                 "test": pools["test"]}
+        merged = _Pool(
+            pools["train"].keys + pools["val"].keys,
+            pools["train"].labels + pools["val"].labels,
+            list(pools["train"].items) + list(pools["val"].items),
+        )
+        pools = {
+            "train": merged.subset(sorted(range(len(merged)), key=lambda i: _dtd_order(merged.keys[i]))),
+            "test": pools["test"],
+        }
     elif paper and not spec.splits:
         # One pool: split as the official split files are (their sizes; the images are chosen by hash).
         shares, rest = (SUN397_SHARES, "unused") if key == "SUN397" else (EUROSAT_SHARES, "train")
         parts = _hash_partition(pools["train"], shares, rest)
         pools = {split: parts[split] for split in ("train", "val", "test") if split in parts}
         source += ", split by hash like the official split files"
-    return _build_task(task_name, classes, templates, pools, domain=spec.domain, source=source, balance=False,
-                       splits=splits)
+    return _build_task(
+        task_name, classes, templates, pools, domain=spec.domain, source=source, balance=False, splits=splits
+    )
 
 
 def _dtd_order(key: str) -> tuple[str, str]:

@@ -20,14 +20,51 @@ WORDNET_HINT = "apt-get install wordnet-base"
 
 # lexnames(5WN): lexicographer file names, indexed by the lex_filenum field of data.* lines.
 LEXNAMES: tuple[str, ...] = (
-    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
-    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event",
-    "noun.feeling", "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object",
-    "noun.person", "noun.phenomenon", "noun.plant", "noun.possession", "noun.process",
-    "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time",
-    "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition",
-    "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion",
-    "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather", "adj.ppl",
+    "adj.all",
+    "adj.pert",
+    "adv.all",
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
+    "verb.body",
+    "verb.change",
+    "verb.cognition",
+    "verb.communication",
+    "verb.competition",
+    "verb.consumption",
+    "verb.contact",
+    "verb.creation",
+    "verb.emotion",
+    "verb.motion",
+    "verb.perception",
+    "verb.possession",
+    "verb.social",
+    "verb.stative",
+    "verb.weather",
+    "adj.ppl",
 )
 
 
@@ -46,7 +83,7 @@ def _wordnet_glosses(pos: str) -> tuple[tuple[str, str], ...]:
     return _read_wordnet(_require(_wordnet_dir() / f"data.{pos}", WORDNET_HINT))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _read_wordnet(path: Path) -> tuple[tuple[str, str], ...]:
     out = []
     with open(path, encoding="utf-8", errors="replace") as fh:
@@ -69,8 +106,13 @@ _WN_SOURCE = "wordnet-base (apt) /usr/share/wordnet"
 
 # Clearly distinct, large lexicographer files (smallest, noun.body, has ~2k synsets).
 WORDNET_TOPICS: dict[str, str] = {
-    "noun.animal": "animal", "noun.plant": "plant", "noun.food": "food", "noun.artifact": "artifact",
-    "noun.person": "person", "noun.location": "location", "noun.body": "body part",
+    "noun.animal": "animal",
+    "noun.plant": "plant",
+    "noun.food": "food",
+    "noun.artifact": "artifact",
+    "noun.person": "person",
+    "noun.location": "location",
+    "noun.body": "body part",
     "noun.substance": "substance",
 }
 
@@ -78,13 +120,15 @@ WORDNET_TOPICS: dict[str, str] = {
 def wordnet_topic() -> Task:
     """WordNet noun gloss -> semantic category (lexicographer file)."""
     items = (
-        (definition, WORDNET_TOPICS[lex], "")
-        for lex, definition in _wordnet_glosses("noun") if lex in WORDNET_TOPICS
+        (definition, WORDNET_TOPICS[lex], "") for lex, definition in _wordnet_glosses("noun") if lex in WORDNET_TOPICS
     )
     return _make_task(
-        "wordnet_topic", tuple(WORDNET_TOPICS.values()),
+        "wordnet_topic",
+        tuple(WORDNET_TOPICS.values()),
         ("a dictionary definition of a kind of {}.", "the definition of a word for a {}."),
-        items, domain="dictionary glosses", source=f"{_WN_SOURCE}/data.noun (lex_filenum)",
+        items,
+        domain="dictionary glosses",
+        source=f"{_WN_SOURCE}/data.noun (lex_filenum)",
     )
 
 
@@ -93,12 +137,12 @@ WORDNET_POS: dict[str, str] = {"noun": "noun", "verb": "verb", "adj": "adjective
 
 def wordnet_pos() -> Task:
     """WordNet gloss -> part of speech of the word it defines."""
-    items = (
-        (definition, cls, "")
-        for pos, cls in WORDNET_POS.items() for _, definition in _wordnet_glosses(pos)
-    )
+    items = ((definition, cls, "") for pos, cls in WORDNET_POS.items() for _, definition in _wordnet_glosses(pos))
     return _make_task(
-        "wordnet_pos", tuple(WORDNET_POS.values()),
+        "wordnet_pos",
+        tuple(WORDNET_POS.values()),
         ("a dictionary definition of a {}.", "the meaning of a {}."),
-        items, domain="dictionary glosses", source=f"{_WN_SOURCE}/data.{{noun,verb,adj,adv}}",
+        items,
+        domain="dictionary glosses",
+        source=f"{_WN_SOURCE}/data.{{noun,verb,adj,adv}}",
     )

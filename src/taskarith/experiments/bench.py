@@ -32,10 +32,10 @@ from taskarith.evaluate import (
 from taskarith.experiments.claims import ledger
 from taskarith.experiments.stats import correlation, off_diagonal
 from taskarith.finetune import FinetuneConfig, finetune_cached, run_key
-from taskarith.regularizers import PUBLISHED_STRENGTH
 from taskarith.merging.hyperparameters import check_method
 from taskarith.merging.methods import merge_task_vectors
 from taskarith.models import Pretrained
+from taskarith.regularizers import PUBLISHED_STRENGTH
 from taskarith.vectors import TaskVector
 
 # A method is how a task vector is fine-tuned: FinetuneConfig fields on top of the profile's, plus
@@ -54,8 +54,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "linear_taujp_sq": {"mode": "linear", "regularizer": "taujp_sq"},
 }
 DEFAULT_METHODS = ("standard", "linear", "posthoc", "linear_taujp", "linear_kfac")
-LAMBDA_CRITERION = ("mean validation accuracy of the sum at alpha = 1, each task over its unregularized vector's "
-                    "(taskarith's criterion; the papers do not say how they chose lambda)")
+LAMBDA_CRITERION = (
+    "mean validation accuracy of the sum at alpha = 1, each task over its unregularized vector's "
+    "(taskarith's criterion; the papers do not say how they chose lambda)"
+)
 
 
 def _published_strengths() -> dict[str, tuple[float, ...]]:
@@ -86,7 +88,9 @@ class BenchProfile:
     negation_grid: tuple[float, ...] = PUBLISHED_ALPHA_GRID
     xi_grid: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)
     eval_limit: int | None = 500  # examples per test split (and val split, unless val_limit says otherwise)
-    val_limit: int | None = None  # examples per val split, where alpha, lambda and negation are chosen (None: eval_limit)
+    val_limit: int | None = (
+        None  # examples per val split, where alpha, lambda and negation are chosen (None: eval_limit)
+    )
     xi_limit: int = 200
     xi_pairs: int | None = None  # how many task pairs get a xi grid (None: all pairs)
     xi_seeds: int | None = None  # how many seeds (the first ones) get xi grids (None: all); xi is a diagnostic
@@ -116,19 +120,26 @@ class BenchProfile:
         for name, limit in (("eval_limit", self.eval_limit), ("val_limit", self.val_limit)):
             if limit is not None and limit < 1:
                 raise TaskArithError(f"bench option {name}={limit}: must be at least 1 (None: every example)")
-        for name, grid in (("alpha_grid", self.alpha_grid), ("negation_grid", self.negation_grid),
-                           ("xi_grid", self.xi_grid)):
+        for name, grid in (
+            ("alpha_grid", self.alpha_grid),
+            ("negation_grid", self.negation_grid),
+            ("xi_grid", self.xi_grid),
+        ):
             if not grid or not all(isinstance(a, (int, float)) and math.isfinite(a) for a in grid):
                 raise TaskArithError(f"bench option {name}={list(grid)} must be a non-empty list of finite numbers")
         if any(a < 0 for a in self.negation_grid):
-            raise TaskArithError(f"bench option negation_grid={list(self.negation_grid)}: the grid holds the magnitudes "
-                                 "subtracted (pre - alpha * tau), so no value may be negative")
+            raise TaskArithError(
+                f"bench option negation_grid={list(self.negation_grid)}: the grid holds the magnitudes "
+                "subtracted (pre - alpha * tau), so no value may be negative"
+            )
         for method in {*self.methods, *self.incremental_methods, self.checkpoint_method}:
             regularizer = METHODS[method].get("regularizer")
             grid = self.reg_strengths.get(regularizer, ()) if regularizer else (1.0,)
             if not grid or not all(math.isfinite(v) and v > 0 for v in grid):
-                raise TaskArithError(f"method {method!r} needs positive strengths for regularizer {regularizer!r} "
-                                     f"(reg_strengths has {list(grid)})")
+                raise TaskArithError(
+                    f"method {method!r} needs positive strengths for regularizer {regularizer!r} "
+                    f"(reg_strengths has {list(grid)})"
+                )
 
 
 # Deviations of the embedded profiles from the published protocol (each a row of docs/protocol.md): CPU-sized
@@ -138,29 +149,70 @@ _QUICK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 _TEXT_QUICK = BenchProfile(
     # The demo's few minutes on 2 CPU cores: two tasks from different domains, one seed, 20 steps of batch 8,
     # 50 examples per split; it shows the machinery, not effect sizes.
-    tasks=("rt_sentiment", "wordnet_topic"), control="fortune_topic", steps=20, batch_size=8, lr=2e-4,
-    eval_limit=50, xi_limit=50, xi_grid=(-1.0, 0.0, 1.0), alpha_grid=_QUICK_GRID, negation_grid=_QUICK_GRID,
-    reg_strengths={"taujp": (1.0,), "taujp_sq": (1.0,), "kfac": (500.0,)}, reg_batch_size=8)
+    tasks=("rt_sentiment", "wordnet_topic"),
+    control="fortune_topic",
+    steps=20,
+    batch_size=8,
+    lr=2e-4,
+    eval_limit=50,
+    xi_limit=50,
+    xi_grid=(-1.0, 0.0, 1.0),
+    alpha_grid=_QUICK_GRID,
+    negation_grid=_QUICK_GRID,
+    reg_strengths={"taujp": (1.0,), "taujp_sq": (1.0,), "kfac": (500.0,)},
+    reg_batch_size=8,
+)
 _TEXT_FULL = BenchProfile(
     # Meant to fit an hour on 2 CPU cores: three tasks, two of them from one domain (movie reviews), three seeds,
     # 16 steps (20 before the published strict tau-Jp, whose 3 x 16 protected inputs per step made it 70 min),
     # choices made on 60 validation examples per task and tested on 100 (val 150 / test 150 took 78 min and
     # val 100 / test 150 was projected at 65-78 min with the published 21-point grids: evaluation dominates).
-    tasks=("rt_sentiment", "rt_subjectivity", "wordnet_topic"), control="fortune_topic", steps=16, batch_size=16,
-    lr=2e-4, seeds=(0, 1, 2), eval_limit=100, val_limit=60, xi_limit=100, xi_grid=(-1.0, -0.5, 0.0, 0.5, 1.0), xi_seeds=1,
-    xi_pairs=1, reg_strengths={"taujp": (0.1, 1.0, 10.0), "taujp_sq": (0.1, 1.0, 10.0), "kfac": (50.0, 500.0, 5000.0)})
+    tasks=("rt_sentiment", "rt_subjectivity", "wordnet_topic"),
+    control="fortune_topic",
+    steps=16,
+    batch_size=16,
+    lr=2e-4,
+    seeds=(0, 1, 2),
+    eval_limit=100,
+    val_limit=60,
+    xi_limit=100,
+    xi_grid=(-1.0, -0.5, 0.0, 0.5, 1.0),
+    xi_seeds=1,
+    xi_pairs=1,
+    reg_strengths={"taujp": (0.1, 1.0, 10.0), "taujp_sq": (0.1, 1.0, 10.0), "kfac": (50.0, 500.0, 5000.0)},
+)
 # The embedded vision suite: EfficientNet-Lite0 (ImageNet) at 32 px under frozen linear-probe heads, on
 # real image tasks from packages; sklearn's 8x8 digits is the control. Above lr 1e-4 fine-tuning collapses.
 # 60 steps a vector (100 before the published strict tau-Jp and the lambda grids); choices made on 150
 # validation examples per task and tested on 300 (choosing on 300 as well took 61 min, just over the hour).
 _VISION_FULL = BenchProfile(
-    tasks=("fashion_mnist", "mnist", "animal_shapes"), control="digits", model="efficientnet-lite0", steps=60,
-    batch_size=32, lr=1e-4, seeds=(0, 1, 2), eval_limit=300, val_limit=150, xi_limit=200, xi_grid=(-1.0, -0.5, 0.0, 0.5, 1.0),
-    xi_seeds=1, xi_pairs=1,
-    reg_strengths={"taujp": (0.1, 1.0, 10.0), "taujp_sq": (0.1, 1.0, 10.0), "kfac": (50.0, 500.0, 5000.0)})
-_VISION_QUICK = replace(_VISION_FULL, tasks=("fashion_mnist", "animal_shapes"), steps=60, seeds=(0,), eval_limit=200,
-                        xi_limit=100, xi_grid=(-1.0, 0.0, 1.0), alpha_grid=_QUICK_GRID, negation_grid=_QUICK_GRID,
-                        reg_strengths={"taujp": (1.0,), "taujp_sq": (1.0,), "kfac": (500.0,)})
+    tasks=("fashion_mnist", "mnist", "animal_shapes"),
+    control="digits",
+    model="efficientnet-lite0",
+    steps=60,
+    batch_size=32,
+    lr=1e-4,
+    seeds=(0, 1, 2),
+    eval_limit=300,
+    val_limit=150,
+    xi_limit=200,
+    xi_grid=(-1.0, -0.5, 0.0, 0.5, 1.0),
+    xi_seeds=1,
+    xi_pairs=1,
+    reg_strengths={"taujp": (0.1, 1.0, 10.0), "taujp_sq": (0.1, 1.0, 10.0), "kfac": (50.0, 500.0, 5000.0)},
+)
+_VISION_QUICK = replace(
+    _VISION_FULL,
+    tasks=("fashion_mnist", "animal_shapes"),
+    steps=60,
+    seeds=(0,),
+    eval_limit=200,
+    xi_limit=100,
+    xi_grid=(-1.0, 0.0, 1.0),
+    alpha_grid=_QUICK_GRID,
+    negation_grid=_QUICK_GRID,
+    reg_strengths={"taujp": (1.0,), "taujp_sq": (1.0,), "kfac": (500.0,)},
+)
 
 # (suite, size) -> profile; the CLI picks one with --suite and --quick/--full.
 PROFILES: dict[tuple[str, str], BenchProfile] = {
@@ -206,11 +258,16 @@ class Suite:
         from taskarith.kfac import FORMAT, compute_kfac_factors
 
         version = FORMAT.rsplit("/", 1)[-1]
-        path = (self.cache_dir / "kfac" /
-                f"{task.name}-{self.pretrained.base_hash[:12]}-{self.profile.kfac_examples}-v{version}.safetensors")
+        path = (
+            self.cache_dir
+            / "kfac"
+            / f"{task.name}-{self.pretrained.base_hash[:12]}-{self.profile.kfac_examples}-v{version}.safetensors"
+        )
         if not path.is_file():
             self.on_stage(f"K-FAC factors of {task.name}")
-            compute_kfac_factors(self.pretrained, task, num_examples=self.profile.kfac_examples, progress=False).save(path)
+            compute_kfac_factors(self.pretrained, task, num_examples=self.profile.kfac_examples, progress=False).save(
+                path
+            )
         return path
 
     def protected(self, method: str, task: Task, seen: Sequence[Task]) -> list[Task]:
@@ -222,8 +279,9 @@ class Suite:
             others.append(self.control)
         return others
 
-    def config(self, method: str, task: Task, protected: Sequence[Task], seed: int,
-               strength: float | None = None) -> FinetuneConfig:
+    def config(
+        self, method: str, task: Task, protected: Sequence[Task], seed: int, strength: float | None = None
+    ) -> FinetuneConfig:
         settings = {k: v for k, v in METHODS[method].items() if k != "evaluate_as"}
         regularizer = settings.get("regularizer")
         p = self.profile
@@ -234,10 +292,22 @@ class Suite:
             if regularizer == "kfac":
                 settings["reg_factors"] = tuple(str(self.kfac_file(t)) for t in protected)
             else:
-                settings.update(reg_tasks=tuple(_spec(t) for t in protected), reg_batch_size=p.reg_batch_size,
-                                reg_sampling=p.reg_sampling)
-        return FinetuneConfig(task=task.name, model=self.pretrained.name, steps=p.steps, batch_size=p.batch_size,
-                              lr=p.lr, warmup_steps=p.warmup_steps, seed=seed, checkpoint_every=0, **settings)
+                settings.update(
+                    reg_tasks=tuple(_spec(t) for t in protected),
+                    reg_batch_size=p.reg_batch_size,
+                    reg_sampling=p.reg_sampling,
+                )
+        return FinetuneConfig(
+            task=task.name,
+            model=self.pretrained.name,
+            steps=p.steps,
+            batch_size=p.batch_size,
+            lr=p.lr,
+            warmup_steps=p.warmup_steps,
+            seed=seed,
+            checkpoint_every=0,
+            **settings,
+        )
 
     def strength(self, method: str) -> float:
         regularizer = METHODS[method]["regularizer"]
@@ -248,15 +318,18 @@ class Suite:
             raise TaskArithError(f"lambda of {method} has not been chosen from {list(grid)} yet")
         return grid[0]
 
-    def vector(self, method: str, task: Task, protected: Sequence[Task], seed: int,
-               strength: float | None = None) -> TaskVector:
+    def vector(
+        self, method: str, task: Task, protected: Sequence[Task], seed: int, strength: float | None = None
+    ) -> TaskVector:
         config = self.config(method, task, protected, seed, strength)
-        label = f"{method}, {task.name}" + (f", protecting {len(protected)}, lambda {config.reg_strength:g}"
-                                            if config.regularizer else "")
+        label = f"{method}, {task.name}" + (
+            f", protecting {len(protected)}, lambda {config.reg_strength:g}" if config.regularizer else ""
+        )
         self.on_stage(f"fine-tuning ({label}, seed {seed})")
         # K-FAC factor paths live in the cache folder: key the run on their content, not their location.
-        key = run_key(replace(config, reg_factors=tuple(Path(f).name for f in config.reg_factors)),
-                      self.pretrained.base_hash)
+        key = run_key(
+            replace(config, reg_factors=tuple(Path(f).name for f in config.reg_factors)), self.pretrained.base_hash
+        )
         result = finetune_cached(config, self.pretrained, task, self.cache_dir / "vectors", progress=False, key=key)
         self.finetune_seconds[f"{method}/{task.name}/{key}"] = result.record["train_seconds"]
         evaluate_as = METHODS[method].get("evaluate_as")
@@ -264,8 +337,9 @@ class Suite:
 
     def vectors(self, method: str, seed: int, strength: float | None = None) -> dict[str, TaskVector]:
         """One vector per suite task, each protecting the others (and the control, for tau-Jp)."""
-        return {t.name: self.vector(method, t, self.protected(method, t, self.tasks), seed, strength)
-                for t in self.tasks}
+        return {
+            t.name: self.vector(method, t, self.protected(method, t, self.tasks), seed, strength) for t in self.tasks
+        }
 
     def choose_strength(self, method: str, seed: int) -> dict[str, Any]:
         """lambda for ``method``, chosen with no alpha tuning: the grid value whose vectors, summed at alpha = 1,
@@ -293,8 +367,14 @@ class Suite:
             scores[strength] = mean(normalized_accuracy(merged, reference).values())
         chosen = best_normalized_alpha(grid, lambda v: scores[v])
         self.strengths[method] = chosen
-        return {"grid": list(grid), "val_normalized_alpha_1": {str(k): v for k, v in scores.items()},
-                "unregularized_val": reference, "chosen": chosen, "seed": seed, "criterion": LAMBDA_CRITERION}
+        return {
+            "grid": list(grid),
+            "val_normalized_alpha_1": {str(k): v for k, v in scores.items()},
+            "unregularized_val": reference,
+            "chosen": chosen,
+            "seed": seed,
+            "criterion": LAMBDA_CRITERION,
+        }
 
 
 # -------------------------------------------------------------------------------------------------
@@ -305,29 +385,52 @@ def _edit(names: Sequence[str], alpha: float) -> tuple[tuple[str, float], ...]:
     return tuple((name, alpha) for name in names)
 
 
-def _addition(outputs: EditedOutputs, tasks: Sequence[Task], finetuned: Mapping[str, float], names: Sequence[str],
-              alpha: float, limit: int | None) -> dict[str, Any]:
+def _addition(
+    outputs: EditedOutputs,
+    tasks: Sequence[Task],
+    finetuned: Mapping[str, float],
+    names: Sequence[str],
+    alpha: float,
+    limit: int | None,
+) -> dict[str, Any]:
     """Test accuracy of pre + alpha * (sum of the vectors ``names``), absolute and normalized by fine-tuned."""
     accuracy = {t.name: outputs.accuracy(t, "test", _edit(names, alpha), limit) for t in tasks}
     normalized = normalized_accuracy(accuracy, finetuned)
-    return {"alpha": alpha, "accuracy": accuracy, "normalized": normalized,
-            "mean_accuracy": mean(accuracy.values()), "mean_normalized": mean(normalized.values())}
+    return {
+        "alpha": alpha,
+        "accuracy": accuracy,
+        "normalized": normalized,
+        "mean_accuracy": mean(accuracy.values()),
+        "mean_normalized": mean(normalized.values()),
+    }
 
 
-def _addition_with_search(outputs: EditedOutputs, tasks: Sequence[Task], finetuned: Mapping[str, float],
-                          finetuned_val: Mapping[str, float], names: Sequence[str], grid: Sequence[float],
-                          limit: int | None, val_limit: int | None) -> dict[str, Any]:
+def _addition_with_search(
+    outputs: EditedOutputs,
+    tasks: Sequence[Task],
+    finetuned: Mapping[str, float],
+    finetuned_val: Mapping[str, float],
+    names: Sequence[str],
+    grid: Sequence[float],
+    limit: int | None,
+    val_limit: int | None,
+) -> dict[str, Any]:
     """Addition at alpha = 1 (untuned) and at the alpha of ``grid`` chosen as published: the best mean
     normalized validation accuracy (each task over its own vector's validation accuracy), ties to the smallest."""
     check_reference(finetuned_val, "the accuracy of its own vector")
-    val_curve = {alpha: {t.name: outputs.accuracy(t, "val", _edit(names, alpha), val_limit) for t in tasks}
-                 for alpha in grid}
-    normalized_curve = {alpha: mean(normalized_accuracy(acc, finetuned_val).values()) for alpha, acc in val_curve.items()}
+    val_curve = {
+        alpha: {t.name: outputs.accuracy(t, "val", _edit(names, alpha), val_limit) for t in tasks} for alpha in grid
+    }
+    normalized_curve = {
+        alpha: mean(normalized_accuracy(acc, finetuned_val).values()) for alpha, acc in val_curve.items()
+    }
     chosen = best_normalized_alpha(grid, lambda a: normalized_curve[a])
-    return {"alpha_1": _addition(outputs, tasks, finetuned, names, 1.0, limit),
-            "alpha_searched": _addition(outputs, tasks, finetuned, names, chosen, limit),
-            "val_curve": {str(a): mean(v.values()) for a, v in val_curve.items()},
-            "val_normalized_curve": {str(a): v for a, v in normalized_curve.items()}}
+    return {
+        "alpha_1": _addition(outputs, tasks, finetuned, names, 1.0, limit),
+        "alpha_searched": _addition(outputs, tasks, finetuned, names, chosen, limit),
+        "val_curve": {str(a): mean(v.values()) for a, v in val_curve.items()},
+        "val_normalized_curve": {str(a): v for a, v in normalized_curve.items()},
+    }
 
 
 def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: bool = True) -> dict[str, Any]:
@@ -343,9 +446,12 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
     finetuned_val = {t.name: outputs.accuracy(t, "val", ((t.name, 1.0),), val_limit) for t in tasks}
     # Task addition: one alpha for the sum, chosen on validation, and alpha = 1 untuned.
     addition = _addition_with_search(outputs, tasks, finetuned, finetuned_val, names, p.alpha_grid, limit, val_limit)
-    merging = {method: _addition_with_search(outputs, tasks, finetuned, finetuned_val, [f"{method}()"],
-                                             p.alpha_grid, limit, val_limit)
-               for method in p.merge_methods}
+    merging = {
+        method: _addition_with_search(
+            outputs, tasks, finetuned, finetuned_val, [f"{method}()"], p.alpha_grid, limit, val_limit
+        )
+        for method in p.merge_methods
+    }
 
     # Task negation: the largest drop on the target that keeps control >= 95% of its pre-trained accuracy
     # (validation); alpha = 0 always qualifies, so every seed has an answer.
@@ -353,23 +459,38 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
     negation = {}
     for t in tasks:
         best = control_constrained_alpha(
-            p.negation_grid, lambda a, t=t: outputs.accuracy(t, "val", ((t.name, -a),), val_limit),
-            lambda a, t=t: outputs.accuracy(control, "val", ((t.name, -a),), val_limit), control_floor)
-        negation[t.name] = {label: {"alpha": alpha,
-                                    "target": outputs.accuracy(t, "test", ((t.name, -alpha),), limit),
-                                    "control": outputs.accuracy(control, "test", ((t.name, -alpha),), limit)}
-                            for label, alpha in (("alpha_1", 1.0), ("alpha_searched", best))}
+            p.negation_grid,
+            lambda a, t=t: outputs.accuracy(t, "val", ((t.name, -a),), val_limit),
+            lambda a, t=t: outputs.accuracy(control, "val", ((t.name, -a),), val_limit),
+            control_floor,
+        )
+        negation[t.name] = {
+            label: {
+                "alpha": alpha,
+                "target": outputs.accuracy(t, "test", ((t.name, -alpha),), limit),
+                "control": outputs.accuracy(control, "test", ((t.name, -alpha),), limit),
+            }
+            for label, alpha in (("alpha_1", 1.0), ("alpha_searched", best))
+        }
 
     # Pairwise interference: the drop of task j's accuracy when task i's vector joins its own.
-    drops = [[math.nan if i == j else finetuned[tj.name] - outputs.accuracy(tj, "test", ((tj.name, 1.0), (ti.name, 1.0)), limit)
-              for j, tj in enumerate(tasks)] for i, ti in enumerate(tasks)]
+    drops = [
+        [
+            math.nan
+            if i == j
+            else finetuned[tj.name] - outputs.accuracy(tj, "test", ((tj.name, 1.0), (ti.name, 1.0)), limit)
+            for j, tj in enumerate(tasks)
+        ]
+        for i, ti in enumerate(tasks)
+    ]
 
     # Weight disentanglement error over a grid, for every pair of tasks.
     xi = {}
     pairs = [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))][: p.xi_pairs] if with_xi else []
     for i, j in pairs:
-        xi[f"{names[i]}+{names[j]}"] = disentanglement_error(outputs, (tasks[i], tasks[j]), (names[i], names[j]),
-                                                             p.xi_grid, "test", p.xi_limit)
+        xi[f"{names[i]}+{names[j]}"] = disentanglement_error(
+            outputs, (tasks[i], tasks[j]), (names[i], names[j]), p.xi_grid, "test", p.xi_limit
+        )
 
     # The same quantities as `taskarith interference` (validation inputs), from the cached JVPs: tau-Jp as
     # published (mean unsquared norm) and its square.
@@ -399,8 +520,10 @@ def incremental(suite: Suite, method: str, seed: int) -> dict[str, Any]:
     tasks, limit = suite.tasks, suite.profile.eval_limit
     # Vector k never depends on the accuracies after earlier arrivals, so all are fine-tuned first and one
     # EditedOutputs scores every prefix: each (vector, task) JVP is computed once, not once per arrival.
-    vectors = {task.name: suite.vector(method, task, suite.protected(method, task, tasks[:k]), seed)
-               for k, task in enumerate(tasks)}
+    vectors = {
+        task.name: suite.vector(method, task, suite.protected(method, task, tasks[:k]), seed)
+        for k, task in enumerate(tasks)
+    }
     outputs = suite.outputs(vectors)
     after = []
     for k, task in enumerate(tasks):
@@ -425,24 +548,39 @@ def random_init_study(suite: Suite, seed: int) -> dict[str, Any]:
     first asks whether fine-tuning learnt the tasks at all: below chance + 10 points on any task, addition
     and negation numbers measure nothing, and the study says it is not applicable.
     """
-    methods = {method: evaluate_vectors(suite, suite.vectors(method, seed), with_xi=False)
-               for method in RANDOM_INIT_METHODS}
+    methods = {
+        method: evaluate_vectors(suite, suite.vectors(method, seed), with_xi=False) for method in RANDOM_INIT_METHODS
+    }
     chance = {t.name: 1 / len(t.classes) for t in suite.tasks}
-    unlearnt = sorted(f"{name} {100 * accuracy:.1f}% (chance {100 * chance[name]:.1f}%)"
-                      for name, accuracy in methods["linear"]["finetuned"].items()
-                      if accuracy < chance[name] + LEARNT_ABOVE_CHANCE)
-    why = (f"linear fine-tuning from random init stays within {100 * LEARNT_ABOVE_CHANCE:.0f} points of chance on "
-           + ", ".join(unlearnt)) if unlearnt else ""
-    return {"model": suite.pretrained.name, "methods": methods, "chance": chance, "applicable": not unlearnt,
-            "why": why}
+    unlearnt = sorted(
+        f"{name} {100 * accuracy:.1f}% (chance {100 * chance[name]:.1f}%)"
+        for name, accuracy in methods["linear"]["finetuned"].items()
+        if accuracy < chance[name] + LEARNT_ABOVE_CHANCE
+    )
+    why = (
+        (
+            f"linear fine-tuning from random init stays within {100 * LEARNT_ABOVE_CHANCE:.0f} points of chance on "
+            + ", ".join(unlearnt)
+        )
+        if unlearnt
+        else ""
+    )
+    return {
+        "model": suite.pretrained.name,
+        "methods": methods,
+        "chance": chance,
+        "applicable": not unlearnt,
+        "why": why,
+    }
 
 
 # -------------------------------------------------------------------------------------------------
 # Fine-tuned checkpoints made elsewhere
 
 
-def existing_checkpoints(suite: Suite, checkpoints: Sequence[tuple[Task, str | Path]], new_task: Task,
-                         seed: int = 0) -> dict[str, Any]:
+def existing_checkpoints(
+    suite: Suite, checkpoints: Sequence[tuple[Task, str | Path]], new_task: Task, seed: int = 0
+) -> dict[str, Any]:
     """Vectors of public checkpoints ((task, model folder) pairs), their tau-Jp, and a new task added to them.
 
     The new task is fine-tuned twice with the profile's ``checkpoint_method`` (by default the published one,
@@ -456,15 +594,22 @@ def existing_checkpoints(suite: Suite, checkpoints: Sequence[tuple[Task, str | P
         raise TaskArithError(f"the new task {new_task.name!r} already has a checkpoint")
     method = suite.profile.checkpoint_method
     mode = METHODS[method]["mode"]
-    vectors = {task.name: TaskVector.from_finetuned_checkpoint(suite.pretrained.encoder, path, task=task.name)
-               .with_mode(mode) for task, path in checkpoints}
-    new = {"plain": suite.vector(mode, new_task, [], seed),
-           "taujp": suite.vector(method, new_task, suite.protected(method, new_task, tasks), seed)}
+    vectors = {
+        task.name: TaskVector.from_finetuned_checkpoint(suite.pretrained.encoder, path, task=task.name).with_mode(mode)
+        for task, path in checkpoints
+    }
+    new = {
+        "plain": suite.vector(mode, new_task, [], seed),
+        "taujp": suite.vector(method, new_task, suite.protected(method, new_task, tasks), seed),
+    }
     limit = suite.profile.eval_limit
     everyone = [*tasks, new_task]
-    result: dict[str, Any] = {"checkpoints": {task.name: str(path) for task, path in checkpoints},
-                              "new_task": new_task.name, "method": method,
-                              "checkpoints_read_as": "post-hoc linearized" if mode == "linear" else "weights"}
+    result: dict[str, Any] = {
+        "checkpoints": {task.name: str(path) for task, path in checkpoints},
+        "new_task": new_task.name,
+        "method": method,
+        "checkpoints_read_as": "post-hoc linearized" if mode == "linear" else "weights",
+    }
     existing = suite.outputs(vectors)
     val_limit = suite.profile.choice_limit
     result["taujp"] = [[existing.taujp(ti.name, tj, "val", val_limit) for tj in tasks] for ti in tasks]
@@ -491,7 +636,11 @@ def _spread(values: Sequence[float]) -> dict[str, float]:
     finite = [v for v in values if v is not None and not math.isnan(v)]
     if not finite:
         return {"mean": math.nan, "std": math.nan, "n": 0}
-    return {"mean": statistics.fmean(finite), "std": statistics.stdev(finite) if len(finite) > 1 else 0.0, "n": len(finite)}
+    return {
+        "mean": statistics.fmean(finite),
+        "std": statistics.stdev(finite) if len(finite) > 1 else 0.0,
+        "n": len(finite),
+    }
 
 
 def summarize(per_seed: Mapping[int, Mapping[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
@@ -507,16 +656,26 @@ def summarize(per_seed: Mapping[int, Mapping[str, Any]], methods: Sequence[str])
         for label in ("alpha_1", "alpha_searched"):
             entry[f"addition_{label}_accuracy"] = _spread([r["addition"][label]["mean_accuracy"] for r in runs])
             entry[f"addition_{label}_normalized"] = _spread([r["addition"][label]["mean_normalized"] for r in runs])
-            entry[f"negation_{label}_target"] = _spread([mean(n[label]["target"] for n in r["negation"].values()) for r in runs])
-            entry[f"negation_{label}_control"] = _spread([mean(n[label]["control"] for n in r["negation"].values()) for r in runs])
+            entry[f"negation_{label}_target"] = _spread(
+                [mean(n[label]["target"] for n in r["negation"].values()) for r in runs]
+            )
+            entry[f"negation_{label}_control"] = _spread(
+                [mean(n[label]["control"] for n in r["negation"].values()) for r in runs]
+            )
         entry["addition_alpha_chosen"] = [r["addition"]["alpha_searched"]["alpha"] for r in runs]
-        entry["negation_alpha_chosen"] = [{t: n["alpha_searched"]["alpha"] for t, n in r["negation"].items()}
-                                          for r in runs]
-        entry["merging"] = {merge: {
-            **{f"{label}_normalized": _spread([r["merging"][merge][label]["mean_normalized"] for r in runs])
-               for label in ("alpha_1", "alpha_searched")},
-            "alpha_chosen": [r["merging"][merge]["alpha_searched"]["alpha"] for r in runs],
-        } for merge in runs[0].get("merging", {})}
+        entry["negation_alpha_chosen"] = [
+            {t: n["alpha_searched"]["alpha"] for t, n in r["negation"].items()} for r in runs
+        ]
+        entry["merging"] = {
+            merge: {
+                **{
+                    f"{label}_normalized": _spread([r["merging"][merge][label]["mean_normalized"] for r in runs])
+                    for label in ("alpha_1", "alpha_searched")
+                },
+                "alpha_chosen": [r["merging"][merge]["alpha_searched"]["alpha"] for r in runs],
+            }
+            for merge in runs[0].get("merging", {})
+        }
         xs = [x for r in runs for x in off_diagonal(r["taujp"])]
         ys = [y for r in runs for y in off_diagonal(r["interference_drop"])]
         entry["taujp_vs_drop"] = correlation(xs, ys)
@@ -554,8 +713,10 @@ def run_bench(
         from taskarith.models import reinitialized
         from taskarith.ntk import check_ntk_study
 
-        ntk_models = {"pretrained": pretrained,
-                      "random_init": random_model or reinitialized(pretrained, profile.seeds[0])}
+        ntk_models = {
+            "pretrained": pretrained,
+            "random_init": random_model or reinitialized(pretrained, profile.seeds[0]),
+        }
         check_ntk_study(ntk_models, list(tasks[:2]), examples=ntk_examples)
     started = time.perf_counter()
     zero_shot_outputs = suite.outputs({})
@@ -564,42 +725,46 @@ def run_bench(
     # Where the time goes (fine-tuning includes the cache's loads), so a profile can be sized to a budget.
     stage_seconds: dict[str, float] = {}
 
-    def timed(stage: str, work: Callable[[], Any]) -> Any:
+    def timed(stage: str, work: Callable[..., Any], *args: Any) -> Any:
         begun = time.perf_counter()
-        value = work()
+        value = work(*args)
         stage_seconds[stage] = round(stage_seconds.get(stage, 0.0) + time.perf_counter() - begun, 1)
         return value
 
     # lambda of each regularized method, chosen once on the first seed (or fixed by the profile).
-    regularized = [m for m in dict.fromkeys((*profile.methods, *profile.incremental_methods,
-                                             *((profile.checkpoint_method,) if checkpoints else ())))
-                   if METHODS[m].get("regularizer")]
+    regularized = [
+        m
+        for m in dict.fromkeys(
+            (*profile.methods, *profile.incremental_methods, *((profile.checkpoint_method,) if checkpoints else ()))
+        )
+        if METHODS[m].get("regularizer")
+    ]
     strength_selection = {}
     for method in regularized:
         on_stage(f"choosing lambda of {method} on validation")
-        strength_selection[method] = timed(f"choosing lambda {method}",
-                                           lambda: suite.choose_strength(method, profile.seeds[0]))
+        strength_selection[method] = timed(f"choosing lambda {method}", suite.choose_strength, method, profile.seeds[0])
     for position, seed in enumerate(profile.seeds):
         if position:  # no vector is shared across seeds: let the previous seed's JVPs go
             suite.store = TangentStore()
         with_xi = profile.xi_seeds is None or position < profile.xi_seeds
         methods = {}
         for method in profile.methods:
-            vectors = timed(f"fine-tuning {method}", lambda: suite.vectors(method, seed))
+            vectors = timed(f"fine-tuning {method}", suite.vectors, method, seed)
             on_stage(f"evaluating {method} (seed {seed})")
-            methods[method] = timed(f"evaluating {method}", lambda: evaluate_vectors(suite, vectors, with_xi))
-        runs = {method: timed("incremental", lambda: incremental(suite, method, seed))
-                for method in profile.incremental_methods}
+            methods[method] = timed(f"evaluating {method}", evaluate_vectors, suite, vectors, with_xi)
+        runs = {
+            method: timed("incremental", incremental, suite, method, seed) for method in profile.incremental_methods
+        }
         # The unregularized counterpart: the same method's mode without a regularizer.
         for method in profile.incremental_methods:
             plain = METHODS[method]["mode"]
             if plain not in runs:
-                runs[plain] = timed("incremental", lambda: incremental(suite, plain, seed))
+                runs[plain] = timed("incremental", incremental, suite, plain, seed)
         per_seed[seed] = {"methods": methods, "incremental": runs}
         if random_model is not None:
             on_stage(f"random-initialization control (seed {seed})")
             random_suite = Suite(random_model, list(tasks), control, profile, Path(cache_dir), on_stage)
-            per_seed[seed]["random_init"] = timed("random init", lambda: random_init_study(random_suite, seed))
+            per_seed[seed]["random_init"] = timed("random init", random_init_study, random_suite, seed)
     studies = {}
     if checkpoints:
         covered = {task.name for task, _ in checkpoints}
@@ -612,8 +777,10 @@ def run_bench(
     if ntk_models:
         from taskarith.ntk import ntk_study
 
-        studies["ntk"] = timed("ntk", lambda: ntk_study(ntk_models, list(tasks[:2]), examples=ntk_examples,
-                                                        progress=False, on_stage=on_stage))
+        studies["ntk"] = timed(
+            "ntk",
+            lambda: ntk_study(ntk_models, list(tasks[:2]), examples=ntk_examples, progress=False, on_stage=on_stage),
+        )
     result = {
         **studies,
         "model": {"name": pretrained.name, "hash": pretrained.base_hash},

@@ -38,11 +38,18 @@ class DemoConfig:
     negate: tuple[str, ...] = ("rt_sentiment",)
 
 
-def _addition(pretrained: Pretrained, tasks: Sequence[Task], vectors, alpha: float, finetuned: dict[str, float]) -> dict[str, Any]:
+def _addition(
+    pretrained: Pretrained, tasks: Sequence[Task], vectors, alpha: float, finetuned: dict[str, float]
+) -> dict[str, Any]:
     merged = accuracies(pretrained, tasks, "test", edited_encoder(pretrained, vectors, alpha))
     normalized = normalized_accuracy(merged, finetuned)
-    return {"alpha": alpha, "accuracy": merged, "normalized": normalized,
-            "mean_accuracy": mean(merged.values()), "mean_normalized": mean(normalized.values())}
+    return {
+        "alpha": alpha,
+        "accuracy": merged,
+        "normalized": normalized,
+        "mean_accuracy": mean(merged.values()),
+        "mean_normalized": mean(normalized.values()),
+    }
 
 
 def run_demo(
@@ -57,24 +64,34 @@ def run_demo(
     vectors, records = [], {}
     for task in tasks:
         on_stage(f"fine-tuning {task.name}")
-        ft_config = FinetuneConfig(task=task.name, model=pretrained.name, steps=config.steps,
-                                   batch_size=config.batch_size, lr=config.lr, seed=config.seed)
+        ft_config = FinetuneConfig(
+            task=task.name,
+            model=pretrained.name,
+            steps=config.steps,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            seed=config.seed,
+        )
         result = finetune_cached(ft_config, pretrained, task, cache_dir)
         vectors.append(result.task_vector)
         records[task.name] = result.record
 
     on_stage("evaluating zero-shot and fine-tuned models")
     zero_shot = accuracies(pretrained, [*tasks, control], "test")
-    finetuned = {task.name: accuracy(pretrained, task, "test", edited_encoder(pretrained, [tau]))
-                 for task, tau in zip(tasks, vectors)}
+    finetuned = {
+        task.name: accuracy(pretrained, task, "test", edited_encoder(pretrained, [tau]))
+        for task, tau in zip(tasks, vectors, strict=True)
+    }
 
     on_stage("task addition: choosing alpha on validation")
     choice = choose_addition_alpha(pretrained, vectors, tasks, config.alpha_grid)
-    addition = {"alpha_1": _addition(pretrained, tasks, vectors, 1.0, finetuned),
-                "alpha_searched": _addition(pretrained, tasks, vectors, choice.alpha, finetuned)}
+    addition = {
+        "alpha_1": _addition(pretrained, tasks, vectors, 1.0, finetuned),
+        "alpha_searched": _addition(pretrained, tasks, vectors, choice.alpha, finetuned),
+    }
 
     negation = {}
-    for task, tau in zip(tasks, vectors):
+    for task, tau in zip(tasks, vectors, strict=True):
         if task.name not in config.negate:
             continue
         on_stage(f"task negation: forgetting {task.name}")

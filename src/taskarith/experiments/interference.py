@@ -45,14 +45,15 @@ def _vector_names(vectors: Sequence[TaskVector]) -> list[str]:
     """Row names: the task, then the mode where two vectors share a task, then the position if still ambiguous."""
     names = [vector.task or f"vector {i}" for i, vector in enumerate(vectors)]
     if len(set(names)) < len(names):
-        names = [f"{name} ({vector.mode})" for name, vector in zip(names, vectors)]
+        names = [f"{name} ({vector.mode})" for name, vector in zip(names, vectors, strict=True)]
     if len(set(names)) < len(names):
         names = [f"{name} #{i}" for i, name in enumerate(names)]
     return names
 
 
-def _checked_deltas(pretrained: Pretrained, vector: TaskVector, name: str,
-                    state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _checked_deltas(
+    pretrained: Pretrained, vector: TaskVector, name: str, state: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The vector's deltas on the model's device and dtype, after refusing vectors of another model."""
     unknown = sorted(set(vector.deltas) - set(state))
     if unknown:
@@ -107,7 +108,7 @@ def taujp_matrix(
     state = encoder.state_dict()
     names = _vector_names(vectors)
     # Check every vector before any compute, so a bad one fails fast rather than after minutes.
-    deltas = [_checked_deltas(pretrained, vector, name, state) for vector, name in zip(vectors, names)]
+    deltas = [_checked_deltas(pretrained, vector, name, state) for vector, name in zip(vectors, names, strict=True)]
     theta0 = _theta0(encoder, set().union(*(d.keys() for d in deltas)))
 
     squared = torch.zeros(len(vectors), len(tasks), dtype=torch.float64)
@@ -144,10 +145,10 @@ def taujp_matrix(
         "taujp": norms.tolist(),
         "normalized": normalized.tolist(),
         "taujp_sq": squared.tolist(),
-        "output_norm": {task.name: float(e) for task, e in zip(tasks, energy)},
+        "output_norm": {task.name: float(e) for task, e in zip(tasks, energy, strict=True)},
         "split": split,
         "examples_per_task": counts,
-        "modes": {name: vector.mode for name, vector in zip(names, vectors)},
+        "modes": {name: vector.mode for name, vector in zip(names, vectors, strict=True)},
         "model": pretrained.name,
         "base_hash": pretrained.base_hash,
         "definition": DEFINITION.format(split=split),
@@ -159,10 +160,11 @@ def _cell(text: str) -> str:
 
 
 def _table(matrix: Sequence[Sequence[float]], rows: Sequence[str], columns: Sequence[str]) -> list[str]:
-    lines = ["| vector \\ task | " + " | ".join(_cell(c) for c in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
-    lines += ["| " + _cell(row) + " | " + " | ".join(f"{value:.3g}" for value in values) + " |"
-              for row, values in zip(rows, matrix)]
+    lines = ["| vector \\ task | " + " | ".join(_cell(c) for c in columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [
+        "| " + _cell(row) + " | " + " | ".join(f"{value:.3g}" for value in values) + " |"
+        for row, values in zip(rows, matrix, strict=True)
+    ]
     return lines
 
 

@@ -67,8 +67,9 @@ HYPERPARAMETERS: dict[str, dict[str, Hyperparameter]] = {
     },
     "breadcrumbs": {
         "density": _density(0.15, "fraction of each delta's entries kept (below the outliers)"),
-        "gamma": Hyperparameter(0.01, low=0.0, high=1.0, high_open=True,
-                                meaning="fraction of largest-magnitude entries removed as outliers"),
+        "gamma": Hyperparameter(
+            0.01, low=0.0, high=1.0, high_open=True, meaning="fraction of largest-magnitude entries removed as outliers"
+        ),
         "scaling": _SCALING,
     },
     "consensus": {
@@ -128,6 +129,8 @@ def check_hyperparameters(name: str, params: Mapping[str, object], *, models: in
         )
     if name == "consensus" and models is not None and checked["k"] > models:
         # No entry can be kept by more masks than there are models: the merge would silently be the base.
-        raise TaskArithError(f"consensus 'k' = {checked['k']:g} is more than the {models} models merged; an entry "
-                             f"kept by at least k of them cannot exist: use k <= {models}")
+        raise TaskArithError(
+            f"consensus 'k' = {checked['k']:g} is more than the {models} models merged; an entry "
+            f"kept by at least k of them cannot exist: use k <= {models}"
+        )
     return checked

@@ -362,8 +362,6 @@ MERGE_METHODS: dict[str, MergeMethod] = {
 }
 
 
-
-
 def get_merge_method(name: str) -> MergeMethod:
     return MERGE_METHODS[check_method(name)]
 
@@ -415,15 +413,19 @@ def merge_task_vectors(
     for key in anchor.deltas:
         inputs = [v.deltas[key] for v in vectors]
         # A vector scaled past its dtype's range holds Inf, which TIES's sign election turns into a finite 0.
-        for vector, delta in zip(vectors, inputs):
+        for vector, delta in zip(vectors, inputs, strict=True):
             if delta.is_floating_point() and not torch.isfinite(delta).all():
-                raise TaskArithError(f"task vector {vector.task or '?'}: tensor '{key}' is NaN or Inf (a weight "
-                                     "too large for its dtype?); nothing was merged")
+                raise TaskArithError(
+                    f"task vector {vector.task or '?'}: tensor '{key}' is NaN or Inf (a weight "
+                    "too large for its dtype?); nothing was merged"
+                )
         deltas[key] = merged_delta(key, inputs, method, params, seed)
         if deltas[key].is_floating_point() and not torch.isfinite(deltas[key]).all():
             settings = ", ".join(f"{name}={value:g}" for name, value in params.items())
-            raise TaskArithError(f"merged tensor '{key}' ({method}, {settings}) is NaN or Inf in "
-                                 f"{deltas[key].dtype}; nothing was written: lower the weights or the scaling")
+            raise TaskArithError(
+                f"merged tensor '{key}' ({method}, {settings}) is NaN or Inf in "
+                f"{deltas[key].dtype}; nothing was written: lower the weights or the scaling"
+            )
     tasks = [v.task for v in vectors]
     config = {"merge_method": method, "hyperparameters": params, "seed": seed, "merged_tasks": tasks}
     label = f"{method}({'+'.join(t or '?' for t in tasks)})"

@@ -43,8 +43,22 @@ from taskarith.outputs import check_output, output_file
 __all__ = ["MergeRecipe", "load_recipe", "parse_size", "run_recipe"]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "MB": 1000**2, "MIB": 1024**2,
-          "G": 1000**3, "GB": 1000**3, "GIB": 1024**3, "T": 1000**4, "TB": 1000**4, "TIB": 1024**4}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1000,
+    "KB": 1000,
+    "KIB": 1024,
+    "M": 1000**2,
+    "MB": 1000**2,
+    "MIB": 1024**2,
+    "G": 1000**3,
+    "GB": 1000**3,
+    "GIB": 1024**3,
+    "T": 1000**4,
+    "TB": 1000**4,
+    "TIB": 1024**4,
+}
 _KEYS = {"merge_method", "method", "base_model", "models", "task_vectors", "parameters", "seed", "out", "shard_size"}
 
 
@@ -70,8 +84,10 @@ class MergeRecipe:
 
     def validated(self, where: str = "recipe") -> MergeRecipe:
         if bool(self.models) == bool(self.task_vectors):
-            raise TaskArithError(f"{where}: give either 'models' (with 'base_model') or 'task_vectors', not "
-                                 f"{'both' if self.models else 'neither'}")
+            raise TaskArithError(
+                f"{where}: give either 'models' (with 'base_model') or 'task_vectors', not "
+                f"{'both' if self.models else 'neither'}"
+            )
         if self.models and not self.base_model:
             raise TaskArithError(f"{where}: 'models' need a 'base_model' to take deltas from")
         if not self.out:
@@ -79,8 +95,9 @@ class MergeRecipe:
         if self.shard_size < 1:
             raise TaskArithError(f"{where}: 'shard_size' must be positive, got {self.shard_size}")
         try:
-            check_hyperparameters(self.method, self.parameters,
-                                  models=len(self.models) + len(self.task_vectors) or None)
+            check_hyperparameters(
+                self.method, self.parameters, models=len(self.models) + len(self.task_vectors) or None
+            )
         except TaskArithError as exc:
             raise TaskArithError(f"{where}: {exc}") from None
         return self
@@ -153,14 +170,16 @@ class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise TaskArithError(f"line {event.start_mark.line + 1}: YAML aliases (*{quoted(event.anchor)[1:-1]}) "
-                                 "are not allowed in recipes; write the value out")
+            raise TaskArithError(
+                f"line {event.start_mark.line + 1}: YAML aliases (*{quoted(event.anchor)[1:-1]}) "
+                "are not allowed in recipes; write the value out"
+            )
         return super().compose_node(parent, index)
 
 
 def safe_yaml(text: str) -> Any:
     """``yaml.safe_load`` refusing aliases (see :class:`_NoAliasLoader`); the one YAML reader of recipes and --set."""
-    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(text, Loader=_NoAliasLoader)
 
 
 def load_recipe(path: str | os.PathLike) -> MergeRecipe:
@@ -211,26 +230,43 @@ def with_overrides(recipe: MergeRecipe, parameters: Mapping[str, Any] | None = N
     return replace(recipe, parameters=merged_parameters, **changes).validated("command line")
 
 
-def run_recipe(recipe: MergeRecipe, *, overwrite: bool = False,
-               on_tensor: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_recipe(
+    recipe: MergeRecipe, *, overwrite: bool = False, on_tensor: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Carry out a recipe: a streamed model merge, or an in-memory merge of task vectors."""
     recipe = recipe.validated()
     recipe_file = [("recipe", recipe.recipe)] if recipe.recipe else []
     if recipe.models:
-        return merge_checkpoints(recipe.base_model, [m.path for m in recipe.models], recipe.out, recipe.method,
-                                 weights=[m.weight for m in recipe.models], seed=recipe.seed,
-                                 shard_bytes=recipe.shard_size, overwrite=overwrite, on_tensor=on_tensor,
-                                 other_inputs=recipe_file, **recipe.parameters)
+        return merge_checkpoints(
+            recipe.base_model,
+            [m.path for m in recipe.models],
+            recipe.out,
+            recipe.method,
+            weights=[m.weight for m in recipe.models],
+            seed=recipe.seed,
+            shard_bytes=recipe.shard_size,
+            overwrite=overwrite,
+            on_tensor=on_tensor,
+            other_inputs=recipe_file,
+            **recipe.parameters,
+        )
     from taskarith.merging.methods import merge_task_vectors  # torch, needed for task vectors only
     from taskarith.vectors import FORMAT, TaskVector
 
     out = Path(recipe.out)
     inputs = [*recipe_file, *(("task vector", v.path) for v in recipe.task_vectors)]
     check_output(out, inputs, overwrite=overwrite, format=FORMAT, folder=False)
-    vectors = [TaskVector.load(v.path) * v.weight if v.weight != 1.0 else TaskVector.load(v.path)
-               for v in recipe.task_vectors]
+    vectors = [
+        TaskVector.load(v.path) * v.weight if v.weight != 1.0 else TaskVector.load(v.path) for v in recipe.task_vectors
+    ]
     merged = merge_task_vectors(vectors, recipe.method, seed=recipe.seed, **recipe.parameters)
     with output_file(out, inputs, overwrite=overwrite, format=FORMAT) as tmp:
         merged.save(tmp)
-    return {"method": recipe.method, "hyperparameters": check_hyperparameters(recipe.method, recipe.parameters),
-            "seed": recipe.seed, "out": str(out), "vectors": len(vectors), "norm": merged.norm()}
+    return {
+        "method": recipe.method,
+        "hyperparameters": check_hyperparameters(recipe.method, recipe.parameters),
+        "seed": recipe.seed,
+        "out": str(out),
+        "vectors": len(vectors),
+        "norm": merged.norm(),
+    }

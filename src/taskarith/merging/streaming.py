@@ -31,8 +31,15 @@ from safetensors import SafetensorError, safe_open
 
 from taskarith.display import shown
 from taskarith.errors import TaskArithError
-from taskarith.io import (SAFETENSORS_ITEMSIZE, layout_bytes, shard_files, stream_safetensors, sync_folder,
-                          temporary_beside, write_json)
+from taskarith.io import (
+    SAFETENSORS_ITEMSIZE,
+    layout_bytes,
+    shard_files,
+    stream_safetensors,
+    sync_folder,
+    temporary_beside,
+    write_json,
+)
 from taskarith.merging import kernels
 from taskarith.merging.hyperparameters import check_hyperparameters
 from taskarith.outputs import MARKER, MERGED_MODEL_FORMAT, check_output, commit, write_marker
@@ -128,8 +135,10 @@ class CheckpointIndex:
 
 
 def _changed(file: Path) -> TaskArithError:
-    return TaskArithError(f"{file}: the file was replaced or changed during the merge (was it still being "
-                          "saved?); nothing was written: merge again once it is complete")
+    return TaskArithError(
+        f"{file}: the file was replaced or changed during the merge (was it still being "
+        "saved?); nothing was written: merge again once it is complete"
+    )
 
 
 def _shard_entries(shard: Path) -> dict[str, TensorEntry]:
@@ -156,8 +165,9 @@ def _shard_entries(shard: Path) -> dict[str, TensorEntry]:
         start, end = info["data_offsets"]
         if end - start != layout_bytes(info["dtype"], tuple(info["shape"])):
             raise TaskArithError(f"{shard}: the file changed while its header was being read")
-        entries[name] = TensorEntry(shard, info["dtype"], tuple(info["shape"]), 8 + header_size + start,
-                                    8 + header_size + end, identity)
+        entries[name] = TensorEntry(
+            shard, info["dtype"], tuple(info["shape"]), 8 + header_size + start, 8 + header_size + end, identity
+        )
     return entries
 
 
@@ -176,13 +186,17 @@ def _shards_of_index(index_path: Path) -> list[Path]:
 def _check_compatible(base: CheckpointIndex, other: CheckpointIndex) -> None:
     only_base, only_other = sorted(set(base.layout) - set(other.layout)), sorted(set(other.layout) - set(base.layout))
     if only_base or only_other:
-        raise TaskArithError(f"{other.source} does not have the tensors of base {base.source}: "
-                             f"missing {only_base[:3]}, extra {only_other[:3]}")
+        raise TaskArithError(
+            f"{other.source} does not have the tensors of base {base.source}: "
+            f"missing {only_base[:3]}, extra {only_other[:3]}"
+        )
     for name, (dtype, shape) in base.layout.items():
         if other.layout[name] != (dtype, shape):
             theirs = other.layout[name]
-            raise TaskArithError(f"tensor '{name}' is {dtype} {list(shape)} in base {base.source} "
-                                 f"but {theirs[0]} {list(theirs[1])} in {other.source}")
+            raise TaskArithError(
+                f"tensor '{name}' is {dtype} {list(shape)} in base {base.source} "
+                f"but {theirs[0]} {list(theirs[1])} in {other.source}"
+            )
 
 
 def read_bytes(entry: TensorEntry, buffer: np.ndarray | None = None) -> np.ndarray:
@@ -200,8 +214,10 @@ def read_bytes(entry: TensorEntry, buffer: np.ndarray | None = None) -> np.ndarr
             while done < len(data):
                 got = fh.readinto(view[done:])
                 if not got:
-                    raise TaskArithError(f"{entry.file}: ends before the bytes its header announces; "
-                                         "was it truncated or replaced during the merge?")
+                    raise TaskArithError(
+                        f"{entry.file}: ends before the bytes its header announces; "
+                        "was it truncated or replaced during the merge?"
+                    )
                 done += got
     except OSError as exc:
         raise TaskArithError(f"{entry.file}: could not be read ({exc.strerror or exc})") from None
@@ -250,8 +266,10 @@ def _check_weighted(delta: np.ndarray, bound: float, weight: float, entry: Tenso
     if bound * abs(weight) <= np.finfo(delta.dtype).max:
         return
     if delta.size and not (np.isfinite(delta.min()) and np.isfinite(delta.max())):
-        raise TaskArithError(f"tensor '{name}' of {entry.file} times its weight {weight:g} overflows "
-                             f"{delta.dtype}; nothing was written: use a smaller weight")
+        raise TaskArithError(
+            f"tensor '{name}' of {entry.file} times its weight {weight:g} overflows "
+            f"{delta.dtype}; nothing was written: use a smaller weight"
+        )
 
 
 def _check_merged(merged: np.ndarray, dtype: str, name: str, method: str, params: Mapping[str, Any]) -> None:
@@ -266,9 +284,11 @@ def _check_merged(merged: np.ndarray, dtype: str, name: str, method: str, params
     stored = to_working(from_working(extremes, dtype).reshape(-1).view(np.uint8), dtype)
     if not np.isfinite(extremes).all() or not np.isfinite(stored).all():
         settings = ", ".join(f"{key}={value:g}" for key, value in params.items())
-        raise TaskArithError(f"merged tensor '{name}' ({method}, {settings}) is NaN or Inf in {dtype} "
-                             f"(extremes {extremes[0]:g}, {extremes[1]:g}); nothing was written: "
-                             "lower the weights or the scaling")
+        raise TaskArithError(
+            f"merged tensor '{name}' ({method}, {settings}) is NaN or Inf in {dtype} "
+            f"(extremes {extremes[0]:g}, {extremes[1]:g}); nothing was written: "
+            "lower the weights or the scaling"
+        )
 
 
 def plan_shards(layout: Mapping[str, tuple[str, tuple[int, ...]]], shard_bytes: int) -> list[list[str]]:
@@ -285,8 +305,9 @@ def plan_shards(layout: Mapping[str, tuple[str, tuple[int, ...]]], shard_bytes: 
     return shards
 
 
-def merged_array(name: str, deltas: Sequence[np.ndarray], method: str, params: Mapping[str, Any],
-                 seed: int) -> np.ndarray:
+def merged_array(
+    name: str, deltas: Sequence[np.ndarray], method: str, params: Mapping[str, Any], seed: int
+) -> np.ndarray:
     """One parameter's merged delta: in NumPy where the method allows, else through torch (zero-copy)."""
     if method in _NUMPY_METHODS:
         return _NUMPY_METHODS[method](deltas, **params)
@@ -331,7 +352,7 @@ def merge_checkpoints(
     weights = [1.0] * len(finetuned) if weights is None else [float(w) for w in weights]
     if len(weights) != len(finetuned):
         raise TaskArithError(f"{len(weights)} weights for {len(finetuned)} fine-tuned checkpoints")
-    for path, weight in zip(finetuned, weights):
+    for path, weight in zip(finetuned, weights, strict=True):
         if not math.isfinite(weight):
             raise TaskArithError(f"the weight of {path} is {weight}; weights must be finite numbers")
     if shard_bytes < 1:
@@ -343,18 +364,32 @@ def merge_checkpoints(
         _check_compatible(base_index, other)
     float8 = sorted(name for name, entry in base_index.entries.items() if entry.dtype.startswith("F8"))
     if float8:
-        raise TaskArithError(f"{base_index.source}: tensor '{float8[0]}' is {base_index.entries[float8[0]].dtype}; "
-                             "dequantize float8 checkpoints before merging them")
-    inputs = [("base model", base), *(("model", path) for path in finetuned), *other_inputs,
-              *(("weights file", file) for index in (base_index, *others)
-                for file in sorted({entry.file for entry in index.entries.values()}))]
+        raise TaskArithError(
+            f"{base_index.source}: tensor '{float8[0]}' is {base_index.entries[float8[0]].dtype}; "
+            "dequantize float8 checkpoints before merging them"
+        )
+    inputs = [
+        ("base model", base),
+        *(("model", path) for path in finetuned),
+        *other_inputs,
+        *(
+            ("weights file", file)
+            for index in (base_index, *others)
+            for file in sorted({entry.file for entry in index.entries.values()})
+        ),
+    ]
     companions = companion_files(base_index.folder)
     target = Path(out_dir)
     destination = check_output(out_dir, inputs, overwrite=overwrite, format=MERGED_MODEL_FORMAT, folder=True)
 
     shards = plan_shards(base_index.layout, shard_bytes)
-    metadata = {"format": "pt", "merged_by": "taskarith", "method": method,
-                "hyperparameters": json.dumps(params, sort_keys=True), "seed": str(seed)}
+    metadata = {
+        "format": "pt",
+        "merged_by": "taskarith",
+        "method": method,
+        "hyperparameters": json.dumps(params, sort_keys=True),
+        "seed": str(seed),
+    }
 
     # One read buffer per model, reused from tensor to tensor: a fresh array per read would page-fault its
     # way through every byte again, which made reading three times slower. A result that lives in a read
@@ -385,7 +420,7 @@ def merge_checkpoints(
         base_values = to_working(stored, entry.dtype).reshape(entry.shape)
         base_bound = _ensure_finite(base_values, entry, name)
         deltas = []
-        for other, weight, buffer in zip(others, weights, buffers[1:]):
+        for other, weight, buffer in zip(others, weights, buffers[1:], strict=True):
             delta = to_working(read_bytes(other.entries[name], buffer), entry.dtype).reshape(entry.shape)
             bound = _ensure_finite(delta, other.entries[name], name) + base_bound
             delta -= base_values  # in place: the array is this loop's own
@@ -398,8 +433,11 @@ def merge_checkpoints(
         _check_merged(merged, entry.dtype, name, method, params)
         return hand_over(from_working(merged, entry.dtype).reshape(-1).view(np.uint8))
 
-    file_names = ([SAFETENSORS_SINGLE] if len(shards) == 1 else
-                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    file_names = (
+        [SAFETENSORS_SINGLE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     total = sum(layout_bytes(dtype, shape) for dtype, shape in base_index.layout.values())
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
@@ -407,13 +445,15 @@ def merge_checkpoints(
     except OSError as exc:
         raise TaskArithError(f"could not write the merged model to {target}: {exc.strerror or exc}") from None
     try:
-        for file_name, shard in zip(file_names, shards):
+        for file_name, shard in zip(file_names, shards, strict=True):
             with open(building / file_name, "wb") as fh:
                 stream_safetensors(fh, {name: base_index.layout[name] for name in shard}, produce, metadata)
                 fh.flush()
                 os.fsync(fh.fileno())
         if len(shards) > 1:
-            weight_map = {name: file_name for file_name, shard in zip(file_names, shards) for name in shard}
+            weight_map = {
+                name: file_name for file_name, shard in zip(file_names, shards, strict=True) for name in shard
+            }
             write_json(building / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         for companion in companions:
             shutil.copy2(companion, building / companion.name)
@@ -421,20 +461,28 @@ def merge_checkpoints(
         # read, is caught only here.
         for index in (base_index, *others):
             index.check_unchanged()
-        write_marker(building, MERGED_MODEL_FORMAT, method=method, hyperparameters=params, seed=seed,
-                     weights=weights)
+        write_marker(building, MERGED_MODEL_FORMAT, method=method, hyperparameters=params, seed=seed, weights=weights)
         sync_folder(building)
         # Decided again at the rename: the merge may have taken hours, and something may have appeared at the output.
         commit(building, out_dir, inputs, overwrite=overwrite, format=MERGED_MODEL_FORMAT, folder=True)
     except OSError as exc:
         shutil.rmtree(building, ignore_errors=True)
-        raise TaskArithError(f"could not write the merged model to {target} (nothing was replaced): "
-                             f"{exc.strerror or exc}") from exc
+        raise TaskArithError(
+            f"could not write the merged model to {target} (nothing was replaced): {exc.strerror or exc}"
+        ) from exc
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    return {"method": method, "hyperparameters": params, "seed": seed, "tensors": len(base_index.entries),
-            "bytes": total, "shards": len(shards), "out": str(target), "models": len(others)}
+    return {
+        "method": method,
+        "hyperparameters": params,
+        "seed": seed,
+        "tensors": len(base_index.entries),
+        "bytes": total,
+        "shards": len(shards),
+        "out": str(target),
+        "models": len(others),
+    }
 
 
 def companion_files(folder: Path | None) -> list[Path]:
@@ -449,16 +497,24 @@ def companion_files(folder: Path | None) -> list[Path]:
         return []
     real = Path(os.path.realpath(folder))
     allowed = [real]
-    if real.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<revision>/config.json -> ../../blobs/<hash>
+    if (
+        real.parent.name == "snapshots"
+    ):  # <cache>/models--org--name/snapshots/<revision>/config.json -> ../../blobs/<hash>
         allowed.append(real.parent.parent / "blobs")
     found = []
     for path in sorted(folder.iterdir()):
-        if (not path.is_file() or path.name.endswith(_WEIGHT_SUFFIXES) or path.name in _WEIGHT_INDEXES
-                or path.name == MARKER):  # a base that is itself a merge: the new marker is the merge's own
+        if (
+            not path.is_file()
+            or path.name.endswith(_WEIGHT_SUFFIXES)
+            or path.name in _WEIGHT_INDEXES
+            or path.name == MARKER
+        ):  # a base that is itself a merge: the new marker is the merge's own
             continue
         target = Path(os.path.realpath(path))
         if not any(target.is_relative_to(place) for place in allowed):
-            raise TaskArithError(f"{shown(path)} is a link to {shown(target)}, outside the model folder; it would be "
-                                 "copied into the merged model: copy the file into the folder, or remove the link")
+            raise TaskArithError(
+                f"{shown(path)} is a link to {shown(target)}, outside the model folder; it would be "
+                "copied into the merged model: copy the file into the folder, or remove the link"
+            )
         found.append(path)
     return found

@@ -15,18 +15,18 @@ from transformers import PreTrainedTokenizerBase
 
 from taskarith.errors import TaskArithError
 from taskarith.io import state_hash
+from taskarith.models.clip import is_clip_folder
 from taskarith.models.hf import (
     DEFAULT_MODEL,
+    JVP_SAFE_ATTENTION,
     check_local_model,
     check_max_length,
-    hub_model_type,
-    JVP_SAFE_ATTENTION,
     embedded_model_dir,
+    hub_model_type,
     is_default_model,
     load_hf_encoder,
     resolve_model,
 )
-from taskarith.models.clip import is_clip_folder
 from taskarith.models.vision import EMBEDDED_VISION_MODEL, linear_probe_head, load_efficientnet_lite0
 from taskarith.models.zero_shot import DEFAULT_LOGIT_SCALE, ZeroShotClassifier, embed, tokenize, zero_shot_head
 
@@ -112,13 +112,16 @@ class Pretrained:
                 self._heads[key] = self.build_head(self, task)
             else:
                 assert self.tokenizer is not None
-                self._heads[key] = zero_shot_head(self.encoder, self.tokenizer, task.classes, task.templates,
-                                                  self.max_length)
+                self._heads[key] = zero_shot_head(
+                    self.encoder, self.tokenizer, task.classes, task.templates, self.max_length
+                )
         return self._heads[key]
 
     def classifier(self, task: Task, encoder: nn.Module | None = None) -> ZeroShotClassifier:
         """The task's classifier on ``encoder`` (default: the pre-trained one, shared, not copied)."""
-        return ZeroShotClassifier(encoder if encoder is not None else self.encoder, self.head(task), self.logit_scale).eval()
+        return ZeroShotClassifier(
+            encoder if encoder is not None else self.encoder, self.head(task), self.logit_scale
+        ).eval()
 
     def trainable_copy(self) -> nn.Module:
         return copy.deepcopy(self.encoder).requires_grad_(True)
@@ -140,10 +143,12 @@ class Pretrained:
             hint = " (image files are given as pathlib.Path, not str)" if not text else ""
             raise TaskArithError(
                 f"model '{self.name}' takes {self.modality} inputs, got {type(wrong).__name__}: "
-                f"use a {self.modality} task with it{hint}")
+                f"use a {self.modality} task with it{hint}"
+            )
 
-    def tokenize(self, inputs: Sequence[Any], train: bool = False, *,
-                 seeds: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    def tokenize(
+        self, inputs: Sequence[Any], train: bool = False, *, seeds: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
         """A batch on the model's device (padded token ids, or preprocessed pixels).
 
         ``train=True`` uses ``train_preprocess`` when the model has one (else the eval preprocessing).
@@ -153,8 +158,11 @@ class Pretrained:
         """
         self._check_inputs(inputs)
         if train and self.train_preprocess is not None:
-            batch = (self.train_preprocess(list(inputs)) if seeds is None
-                     else self.train_preprocess(list(inputs), seeds=list(seeds)))
+            batch = (
+                self.train_preprocess(list(inputs))
+                if seeds is None
+                else self.train_preprocess(list(inputs), seeds=list(seeds))
+            )
         elif self.preprocess is not None:
             batch = self.preprocess(list(inputs))
         else:
@@ -186,9 +194,11 @@ def reinitialized(pretrained: Pretrained, seed: int = 0) -> Pretrained:
     from transformers import PreTrainedModel
 
     if pretrained.modality == "image" and pretrained.build_head is not linear_probe_head:
-        raise TaskArithError(f"model '{pretrained.name}': its zero-shot heads come from a pre-trained text tower, "
-                             "so a random-initialization control of it would not be random; use a text encoder or "
-                             "an image backbone with linear-probe heads")
+        raise TaskArithError(
+            f"model '{pretrained.name}': its zero-shot heads come from a pre-trained text tower, "
+            "so a random-initialization control of it would not be random; use a text encoder or "
+            "an image backbone with linear-probe heads"
+        )
     # torch.manual_seed also seeds CUDA: fork those generators too, so the caller's streams are untouched.
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=cuda):
@@ -204,14 +214,22 @@ def reinitialized(pretrained: Pretrained, seed: int = 0) -> Pretrained:
             before = dict(pretrained.encoder.named_parameters())
             kept = [name for name, p in encoder.named_parameters() if torch.equal(p, before[name].cpu())]
             if kept:  # parameters held outside any layer with reset_parameters (e.g. a bare positional table)
-                raise TaskArithError(f"model '{pretrained.name}': no layer re-initializes {', '.join(kept[:5])}"
-                                     f"{' and more' if len(kept) > 5 else ''}, so a random-initialization "
-                                     "control would keep them pre-trained")
-    return Pretrained(name=f"{pretrained.name}@random-init-{seed}", encoder=encoder.to(pretrained.device),
-                      tokenizer=pretrained.tokenizer, max_length=pretrained.max_length,
-                      logit_scale=pretrained.logit_scale, preprocess=pretrained.preprocess,
-                      build_head=pretrained.build_head, modality=pretrained.modality,
-                      train_preprocess=pretrained.train_preprocess)
+                raise TaskArithError(
+                    f"model '{pretrained.name}': no layer re-initializes {', '.join(kept[:5])}"
+                    f"{' and more' if len(kept) > 5 else ''}, so a random-initialization "
+                    "control would keep them pre-trained"
+                )
+    return Pretrained(
+        name=f"{pretrained.name}@random-init-{seed}",
+        encoder=encoder.to(pretrained.device),
+        tokenizer=pretrained.tokenizer,
+        max_length=pretrained.max_length,
+        logit_scale=pretrained.logit_scale,
+        preprocess=pretrained.preprocess,
+        build_head=pretrained.build_head,
+        modality=pretrained.modality,
+        train_preprocess=pretrained.train_preprocess,
+    )
 
 
 def _family(spec: str) -> tuple[str, str, str | None]:
@@ -253,8 +271,10 @@ def load_pretrained(
         from taskarith.models.clip import load_open_clip
 
         if weights is None:
-            raise TaskArithError(f"model '{spec}': name the weights, open_clip:{name}@FILE or @TAG (e.g. @openai); "
-                                 "without them the model would be randomly initialised")
+            raise TaskArithError(
+                f"model '{spec}': name the weights, open_clip:{name}@FILE or @TAG (e.g. @openai); "
+                "without them the model would be randomly initialised"
+            )
         pretrained = load_open_clip(name, weights)
     elif family == "timm":
         from taskarith.models.timm import load_timm
@@ -272,6 +292,7 @@ def load_pretrained(
         encoder, tokenizer = load_hf_encoder(spec, attn_implementation=attn_implementation)
         check_max_length(spec, max_length, encoder.config.to_dict())  # a hub model not in the cache before
         label = DEFAULT_MODEL if is_default_model(spec) else str(spec)
-        pretrained = Pretrained(name=label, encoder=encoder, tokenizer=tokenizer, max_length=max_length,
-                                logit_scale=logit_scale)
+        pretrained = Pretrained(
+            name=label, encoder=encoder, tokenizer=tokenizer, max_length=max_length, logit_scale=logit_scale
+        )
     return pretrained.to(target)

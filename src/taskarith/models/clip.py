@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+
 def is_clip_folder(path: str | Path) -> bool:
     config = Path(path) / "config.json"
     if not config.is_file():
@@ -96,8 +97,10 @@ def load_hf_clip(spec: str | Path, *, attn_implementation: str = "eager") -> Pre
         model = CLIPModel.from_pretrained(source, attn_implementation=attn_implementation, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
-        raise TaskArithError(f"could not load CLIP model '{spec}': {exc}. Without network access, pass a local "
-                             "folder with config.json, weights and tokenizer files") from None
+        raise TaskArithError(
+            f"could not load CLIP model '{spec}': {exc}. Without network access, pass a local "
+            "folder with config.json, weights and tokenizer files"
+        ) from None
     size = model.config.vision_config.image_size
     mean, std = _preprocessing_from_folder(Path(source)) if Path(source).is_dir() else (CLIP_MEAN, CLIP_STD)
     context = model.config.text_config.max_position_embeddings
@@ -112,10 +115,15 @@ def load_hf_clip(spec: str | Path, *, attn_implementation: str = "eager") -> Pre
         return out if isinstance(out, torch.Tensor) else out.pooler_output
 
     encoder = ClipImageEncoder(model.vision_model, model.visual_projection)
-    return Pretrained(name=source, encoder=encoder, logit_scale=float(model.logit_scale.exp()),
-                      preprocess=image_preprocess(size, mean, std, center_crop=True, interpolation="bicubic"),
-                      train_preprocess=image_train_preprocess(size, mean, std),
-                      build_head=_zero_shot_head(embed_texts), modality="image")
+    return Pretrained(
+        name=source,
+        encoder=encoder,
+        logit_scale=float(model.logit_scale.exp()),
+        preprocess=image_preprocess(size, mean, std, center_crop=True, interpolation="bicubic"),
+        train_preprocess=image_train_preprocess(size, mean, std),
+        build_head=_zero_shot_head(embed_texts),
+        modality="image",
+    )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -144,8 +152,10 @@ def load_open_clip(name: str, pretrained: str | Path | None = None) -> Pretraine
     from taskarith.models import Pretrained
 
     if importlib.util.find_spec("open_clip") is None:
-        raise TaskArithError("open_clip models need the package open_clip_torch (and a torchvision matching "
-                             "your torch): pip install open_clip_torch")
+        raise TaskArithError(
+            "open_clip models need the package open_clip_torch (and a torchvision matching "
+            "your torch): pip install open_clip_torch"
+        )
     import open_clip
 
     try:
@@ -164,8 +174,12 @@ def load_open_clip(name: str, pretrained: str | Path | None = None) -> Pretraine
         device = next(p for n, p in model.named_parameters() if not n.startswith("visual.")).device
         return model.encode_text(tokenizer(prompts).to(device))
 
-    return Pretrained(name=f"open_clip:{name}" + (f"@{pretrained}" if pretrained else ""),
-                      encoder=OpenClipImageEncoder(model.visual), logit_scale=float(model.logit_scale.exp()),
-                      preprocess=image_preprocess(size, mean, std, center_crop=True, interpolation="bicubic"),
-                      train_preprocess=image_train_preprocess(size, mean, std),
-                      build_head=_zero_shot_head(embed_texts), modality="image")
+    return Pretrained(
+        name=f"open_clip:{name}" + (f"@{pretrained}" if pretrained else ""),
+        encoder=OpenClipImageEncoder(model.visual),
+        logit_scale=float(model.logit_scale.exp()),
+        preprocess=image_preprocess(size, mean, std, center_crop=True, interpolation="bicubic"),
+        train_preprocess=image_train_preprocess(size, mean, std),
+        build_head=_zero_shot_head(embed_texts),
+        modality="image",
+    )

@@ -51,8 +51,13 @@ def embedded_model_dir() -> Path:
 def looks_like_path(spec: str) -> bool:
     """Whether a model spec can only be a local path: a hub id is ``name`` or ``org/name``, so anything
     starting with '/', '.' or '~', holding a second '/' or a backslash, or ending in '/' is not one."""
-    return (spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or spec.endswith("/")
-            or "\\" in spec or (os.sep != "/" and os.sep in spec))
+    return (
+        spec.startswith(("/", ".", "~"))
+        or spec.count("/") > 1
+        or spec.endswith("/")
+        or "\\" in spec
+        or (os.sep != "/" and os.sep in spec)
+    )
 
 
 def check_local_model(spec: str) -> None:
@@ -77,8 +82,16 @@ def resolve_model(spec: str | Path) -> str:
 
 # Models that number positions from pad_token_id + 1 (fairseq's convention): two of their position
 # embeddings never hold a token.
-_POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2, "mpnet": 2, "data2vec-text": 2,
-                    "xmod": 2, "roberta-prelayernorm": 2}
+_POSITION_OFFSET = {
+    "roberta": 2,
+    "xlm-roberta": 2,
+    "camembert": 2,
+    "longformer": 2,
+    "mpnet": 2,
+    "data2vec-text": 2,
+    "xmod": 2,
+    "roberta-prelayernorm": 2,
+}
 
 
 def token_positions(config: dict) -> int | None:
@@ -103,8 +116,10 @@ def check_max_length(spec: str | Path, max_length: int, config: dict | None = No
             return
     positions = token_positions(config)
     if positions is not None and max_length > positions:
-        raise TaskArithError(f"max_length={max_length} is more than the {positions} token positions of model "
-                             f"{shown(spec)}; use at most {positions}")
+        raise TaskArithError(
+            f"max_length={max_length} is more than the {positions} token positions of model "
+            f"{shown(spec)}; use at most {positions}"
+        )
 
 
 def _config_without_loading(spec: str | Path) -> dict | None:
@@ -136,7 +151,9 @@ def hub_model_type(spec: str) -> str | None:
         return None
 
 
-def load_hf_encoder(spec: str | Path, attn_implementation: str = JVP_SAFE_ATTENTION) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def load_hf_encoder(
+    spec: str | Path, attn_implementation: str = JVP_SAFE_ATTENTION
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load the bare encoder (no task head) and its tokenizer, in eval mode."""
     source = resolve_model(spec)
     hf_logging.disable_progress_bar()
@@ -157,8 +174,14 @@ def load_hf_encoder(spec: str | Path, attn_implementation: str = JVP_SAFE_ATTENT
 EDITED_MODEL_FORMAT = "taskarith.edited_model/1"
 
 
-def save_hf_encoder(encoder: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: str | Path, *,
-                    inputs: Sequence[tuple[str, str]] = (), overwrite: bool = False) -> None:
+def save_hf_encoder(
+    encoder: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: str | Path,
+    *,
+    inputs: Sequence[tuple[str, str]] = (),
+    overwrite: bool = False,
+) -> None:
     """Write a loadable Hugging Face folder, under the output rules of every writer (taskarith.outputs):
     an existing ``folder`` is replaced only with ``overwrite`` and only if taskarith wrote it, never one of
     ``inputs``; it is built beside the target and renamed, so a crash leaves no half folder."""

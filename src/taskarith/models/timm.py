@@ -26,8 +26,14 @@ def _pooled(backbone: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return backbone(pixels)  # num_classes=0: timm returns the pooled pre-logits features
 
 
-def load_timm(name: str, weights: str | Path | None = None, *, random_init: bool = False, image_size: int | None = None,
-              **model_kwargs: object) -> Pretrained:
+def load_timm(
+    name: str,
+    weights: str | Path | None = None,
+    *,
+    random_init: bool = False,
+    image_size: int | None = None,
+    **model_kwargs: object,
+) -> Pretrained:
     """A timm backbone by architecture name; ``weights`` a local file, else timm's pretrained weights.
 
     ``random_init`` builds the architecture with random weights (tests); ``image_size`` overrides the
@@ -36,7 +42,9 @@ def load_timm(name: str, weights: str | Path | None = None, *, random_init: bool
     from taskarith.models import Pretrained
 
     if importlib.util.find_spec("timm") is None:
-        raise TaskArithError("timm models need the package timm (and a torchvision matching your torch): pip install timm")
+        raise TaskArithError(
+            "timm models need the package timm (and a torchvision matching your torch): pip install timm"
+        )
     import timm
     import timm.data
 
@@ -50,14 +58,26 @@ def load_timm(name: str, weights: str | Path | None = None, *, random_init: bool
     try:
         backbone = timm.create_model(name, **options)
     except Exception as exc:  # timm surfaces unpickling, safetensors and config errors with their own types
-        raise TaskArithError(f"could not build timm model '{name}'" + (f" from {weights}" if weights else "") +
-                             f": {exc}") from None
+        raise TaskArithError(
+            f"could not build timm model '{name}'" + (f" from {weights}" if weights else "") + f": {exc}"
+        ) from None
     config = timm.data.resolve_model_data_config(backbone)
     size = image_size or int(config["input_size"][-1])
     crop_pct = float(config.get("crop_pct") or 1.0)
     interpolation = "bicubic" if config.get("interpolation") == "bicubic" else "bilinear"
     label = f"timm:{name}" + (f"@{weights}" if weights else "")
-    return Pretrained(name=label, encoder=PooledImageEncoder(backbone.eval(), _pooled), logit_scale=PROBE_LOGIT_SCALE,
-                      preprocess=image_preprocess(size, config["mean"], config["std"], center_crop=True,
-                                                  interpolation=interpolation, resize_to=int(size / crop_pct)),
-                      build_head=linear_probe_head, modality="image")
+    return Pretrained(
+        name=label,
+        encoder=PooledImageEncoder(backbone.eval(), _pooled),
+        logit_scale=PROBE_LOGIT_SCALE,
+        preprocess=image_preprocess(
+            size,
+            config["mean"],
+            config["std"],
+            center_crop=True,
+            interpolation=interpolation,
+            resize_to=int(size / crop_pct),
+        ),
+        build_head=linear_probe_head,
+        modality="image",
+    )

