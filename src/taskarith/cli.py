@@ -414,6 +414,55 @@ def compose(
         out.print(f"wrote edited model to {shown(model_out)}")
 
 
+@app.command()
+def share(
+    vector: Annotated[Path, typer.Argument(help="Task vector file, e.g. a fine-tuning run's task_vector.safetensors.")],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write a shareable folder (weights and model card) here.")
+    ] = None,
+    hub: Annotated[
+        str | None, typer.Option("--hub", help="Upload to this hub model repository (owner/name), created if needed.")
+    ] = None,
+    private: Annotated[
+        bool, typer.Option("--private/--public", help="Visibility of a repository --hub creates.")
+    ] = True,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Share a task vector as models are shared: a folder with a model card (--out), or a hub repository (--hub)."""
+    from taskarith.finetune import RECORD_FILE, RECORD_FORMAT
+    from taskarith.hub import VECTOR_FOLDER_FORMAT
+    from taskarith.io import read_json
+    from taskarith.outputs import check_output
+    from taskarith.vectors import TaskVector
+
+    if out_dir is None and hub is None:
+        raise TaskArithError("nothing to do: give --out FOLDER, --hub OWNER/NAME, or both")
+    if out_dir is not None:
+        check_output(
+            out_dir, [("task vector", str(vector))], overwrite=overwrite, format=VECTOR_FOLDER_FORMAT, folder=True
+        )
+    tau = TaskVector.load(vector)
+    # The run's validation accuracy, if the run record beside the vector is the one that made it.
+    accuracies = {}
+    record_file = vector.parent / RECORD_FILE
+    if record_file.is_file():
+        record = read_json(record_file)
+        if (
+            isinstance(record, dict)
+            and record.get("format") == RECORD_FORMAT
+            and record.get("config") == tau.config
+            and isinstance(record.get("val_accuracy"), float)
+            and 0 <= record["val_accuracy"] <= 1
+        ):
+            accuracies[f"{tau.task or 'task'} (validation split, after fine-tuning)"] = record["val_accuracy"]
+    if out_dir is not None:
+        tau.save_pretrained(out_dir, accuracies=accuracies, overwrite=overwrite)
+        out.print(f"wrote {shown(out_dir)}: task_vector.safetensors and README.md (model card)")
+    if hub is not None:
+        url = tau.push_to_hub(hub, accuracies=accuracies, private=private)
+        out.print(f"pushed {shown(tau.task)} to {shown(hub)}: {shown(url)}")
+
+
 def _parse_assignment(spec: str) -> tuple[str, object]:
     """'density=0.2' -> ('density', 0.2): values are read as YAML scalars (numbers, booleans, strings)."""
     import yaml

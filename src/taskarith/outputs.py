@@ -36,7 +36,7 @@ from typing import IO, Any
 from safetensors import SafetensorError, safe_open
 
 from taskarith.errors import TaskArithError
-from taskarith.io import atomic_path, rename_no_replace, sync_folder, write_json
+from taskarith.io import atomic_path, rename_no_replace, sync_folder, temporary_beside, write_json
 
 __all__ = [
     "LOCK",
@@ -47,6 +47,7 @@ __all__ = [
     "claim_results_folder",
     "commit",
     "output_file",
+    "output_folder",
     "write_marker",
 ]
 
@@ -213,6 +214,31 @@ def output_file(out: str | os.PathLike, inputs: Inputs, *, overwrite: bool, form
 
     with atomic_path(target, place, kept="nothing was replaced") as tmp:
         yield tmp
+
+
+@contextmanager
+def output_folder(
+    out: str | os.PathLike, inputs: Inputs, *, overwrite: bool, format: str, **record: Any
+) -> Iterator[Path]:
+    """Check ``out`` (:func:`check_output`), yield a new hidden folder beside it to write into, then mark it
+    (:func:`write_marker`, with ``record``), sync it and :func:`commit` it. The one way a command writes a
+    folder the user named; on any failure the folder is removed and nothing at ``out`` has changed."""
+    inputs = list(inputs)
+    target = check_output(out, inputs, overwrite=overwrite, format=format, folder=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        building = temporary_beside(target, suffix=".partial", folder=True)
+    except OSError as exc:
+        raise TaskArithError(f"could not write {target}: {exc.strerror or exc}") from None
+    try:
+        yield building
+        write_marker(building, format, **record)
+        sync_folder(building)
+        commit(building, out, inputs, overwrite=overwrite, format=format, folder=True)
+    except OSError as exc:
+        raise TaskArithError(f"could not write {target} (nothing was replaced): {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
 
 
 class RunLock:

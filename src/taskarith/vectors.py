@@ -200,6 +200,29 @@ class TaskVector:
         except TaskArithError as exc:
             raise TaskArithError(f"{path}: {exc}") from None
 
+    def save_pretrained(
+        self, folder: str | PathLike, *, accuracies: Mapping[str, float] | None = None, overwrite: bool = False
+    ) -> None:
+        """Write a shareable folder: ``task_vector.safetensors`` and a model card (:mod:`taskarith.hub`)."""
+        from taskarith.hub import save_pretrained
+
+        save_pretrained(self, folder, accuracies=accuracies, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, source: str | PathLike, **hub_options: Any) -> TaskVector:
+        """A vector from a :meth:`save_pretrained` folder or a hub repository id, through the local cache
+        (``revision``, ``cache_dir``, ``local_files_only``, ``token``: see :func:`taskarith.hub.from_pretrained`)."""
+        from taskarith.hub import from_pretrained
+
+        return from_pretrained(source, **hub_options)
+
+    def push_to_hub(self, repo_id: str, **hub_options: Any) -> str:
+        """Upload the folder :meth:`save_pretrained` writes to the hub; returns the commit URL
+        (``accuracies``, ``private``, ``token``, ``revision``, ``commit_message``: :func:`taskarith.hub.push_to_hub`)."""
+        from taskarith.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **hub_options)
+
     # algebra --------------------------------------------------------------------------------------
 
     def _combine_meta(self, other: TaskVector) -> dict[str, Any]:

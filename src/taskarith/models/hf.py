@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -185,18 +183,8 @@ def save_hf_encoder(
     """Write a loadable Hugging Face folder, under the output rules of every writer (taskarith.outputs):
     an existing ``folder`` is replaced only with ``overwrite`` and only if taskarith wrote it, never one of
     ``inputs``; it is built beside the target and renamed, so a crash leaves no half folder."""
-    from taskarith.outputs import check_output, commit, write_marker
+    from taskarith.outputs import output_folder
 
-    target = check_output(folder, inputs, overwrite=overwrite, format=EDITED_MODEL_FORMAT, folder=True)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:100]}.", dir=target.parent))
-    except OSError as exc:
-        raise TaskArithError(f"could not write {target}: {exc.strerror or exc}") from None
-    try:
+    with output_folder(folder, inputs, overwrite=overwrite, format=EDITED_MODEL_FORMAT) as staging:
         encoder.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        write_marker(staging, EDITED_MODEL_FORMAT)
-        commit(staging, folder, inputs, overwrite=overwrite, format=EDITED_MODEL_FORMAT, folder=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
