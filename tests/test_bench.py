@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from taskarith.cli import main
 from taskarith.data import task_from_file
+from taskarith.display import Output, StageProgress
 from taskarith.evaluate import (
     EditedOutputs,
     control_constrained_alpha,
@@ -527,3 +529,37 @@ def test_random_init_control_and_its_ledger_row(tmp_path, pretrained, suite):
 
     report = bench_markdown(result, bench_figures(result, tmp_path))
     assert "## NTK localization" in report and (tmp_path / "ntk.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_bench_progress_bars_on_a_terminal_plain_lines_elsewhere(tmp_path, pretrained, suite, capsys, terminal):
+    colours, sizes, moods = suite
+    profile = BenchProfile(
+        tasks=(colours.name, sizes.name),
+        control=moods.name,
+        methods=("standard", "posthoc", "linear_taujp"),
+        incremental_methods=("linear_taujp",),
+        steps=2,
+        batch_size=8,
+        lr=3e-3,
+        seeds=(0, 1),
+        eval_limit=10,
+        xi_limit=10,
+        xi_grid=(0.0, 1.0),
+        alpha_grid=(0.5, 1.0),
+        negation_grid=(0.5, 1.0),
+        reg_strengths={"taujp": (0.1, 1.0), "taujp_sq": (1.0,), "kfac": (500.0,)},
+    )
+    progress = StageProgress(Output(stderr=True), "bench", terminal=terminal)
+    run_bench(pretrained, [colours, sizes], moods, profile, tmp_path / "cache", progress=progress)
+    # The plan adds up to the work the run reported, stage by stage: the estimate ends at 100 %.
+    assert progress.total > 0 and progress.done == pytest.approx(progress.total)
+    err = capsys.readouterr().err
+    stages = [line for line in err.splitlines() if line.startswith("> ")]
+    assert any(line.startswith("> fine-tuning (linear_taujp, colours") for line in stages)
+    if terminal:  # the overall bar with its estimate, and the stages' own bars (fine-tuning, evaluation)
+        assert re.search(r"bench: 100%\|.*\| \S+ elapsed, about \S+ left", err)
+        assert "fine-tune colours (linear)" in err and "evaluate (standard)" in err
+    else:  # plain stage lines with the share done and the time left, no bar
+        assert "%|" not in err and "\r" not in err
+        assert re.search(r"^> evaluating linear_taujp \(seed 1\)  \[\d+% done, about \d+ s left\]$", err, re.M)

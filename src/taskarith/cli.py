@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from taskarith.display import Output, shown
+from taskarith.display import Output, StageProgress, shown
 from taskarith.errors import TaskArithError
 
 app = typer.Typer(
@@ -915,7 +915,7 @@ def bench(
         control_task,
         profile,
         cache or out_dir / "cache",
-        on_stage=lambda stage: err.print(Text(">", style="bold"), stage),
+        progress=StageProgress(err, "bench"),
         checkpoints=checkpoints,
         new_task=load_task(new_task) if new_task else None,
         random_model=reinitialized(pretrained, profile.seeds[0]) if random_init else None,

@@ -17,14 +17,16 @@ from __future__ import annotations
 import json
 import re
 import reprlib
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
 from rich.text import Text
+from tqdm.auto import tqdm
 
-__all__ = ["Output", "cell", "plain", "quoted", "shown"]
+__all__ = ["Output", "StageProgress", "cell", "duration", "plain", "quoted", "shown"]
 
 # ESC-introduced sequences (CSI, OSC and the other string commands, up to their terminator, or a single
 # two-character escape), their 8-bit C1 forms, then any remaining C0/C1 control character except tab and
@@ -126,3 +128,69 @@ class Output:
         if isinstance(part, str) or not hasattr(part, "__rich_console__") and not hasattr(part, "__rich__"):
             return Text(plain(_text(part)))
         return part
+
+
+def duration(seconds: float) -> str:
+    """A duration as people say it: 45 s, 12 min, 1 h 05 min."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+class StageProgress:
+    """A long job's stages and an estimate of the time it has left.
+
+    The job announces each stage (:meth:`stage`) and, as each finishes, the share of its planned work it was
+    (:meth:`advance`, in any unit, against :meth:`start`'s total). The estimate is the elapsed time scaled
+    by the work left over the work done. On a terminal, the stage lines scroll above an overall bar with
+    that estimate, and the stages draw their own bars below it (:attr:`bars`); elsewhere (CI logs, a file)
+    each stage is one plain line ending with the share done and the time left, and no bar is drawn.
+    Every line goes through ``output``, so text from outside arrives as plain text.
+    """
+
+    def __init__(self, output: Output, label: str = "progress", *, terminal: bool | None = None) -> None:
+        self.output = output
+        self.label = label
+        self.bars = output.console.is_terminal if terminal is None else terminal
+        self.total = self.done = 0.0
+        self.started = time.perf_counter()
+        self._bar: Any = None
+
+    def start(self, total: float) -> None:
+        """Begin the clock on ``total`` units of planned work."""
+        self.total, self.done, self.started = float(total), 0.0, time.perf_counter()
+        if self.bars and self.total > 0:
+            self._bar = tqdm(
+                total=self.total,
+                desc=self.label,
+                file=self.output.console.file,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed, about {remaining} left",
+                dynamic_ncols=True,
+                position=0,
+            )
+
+    def stage(self, text: str) -> None:
+        if self._bar is not None:
+            with tqdm.external_write_mode(file=self.output.console.file):
+                self.output.print(Text(">", style="bold"), text)
+        else:
+            self.output.print(Text(">", style="bold"), text + self._estimate())
+
+    def advance(self, units: float) -> None:
+        step = min(max(units, 0.0), self.total - self.done)
+        self.done += step
+        if self._bar is not None and step > 0:
+            self._bar.update(step)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _estimate(self) -> str:
+        if self.total <= 0 or self.done <= 0:
+            return ""
+        elapsed = time.perf_counter() - self.started
+        left = elapsed * (self.total - self.done) / self.done
+        return f"  [{100 * self.done / self.total:.0f}% done, about {duration(left)} left]"

@@ -15,7 +15,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from taskarith.data import Task
+from taskarith.display import StageProgress
 from taskarith.errors import TaskArithError
 from taskarith.evaluate import (
     CONTROL_KEEP,
@@ -243,6 +246,7 @@ class Suite:
     profile: BenchProfile
     cache_dir: Path
     on_stage: Callable[[str], None] = lambda stage: None
+    progress: bool = False  # each fine-tuning run and evaluation draws its own bar (on a terminal)
     finetune_seconds: dict[str, float] = field(default_factory=dict)
     strengths: dict[str, float] = field(default_factory=dict)  # lambda per regularized method, once chosen
     # JVPs of every vector the studies score, so a vector met again (lambda search, then evaluation;
@@ -330,7 +334,9 @@ class Suite:
         key = run_key(
             replace(config, reg_factors=tuple(Path(f).name for f in config.reg_factors)), self.pretrained.base_hash
         )
-        result = finetune_cached(config, self.pretrained, task, self.cache_dir / "vectors", progress=False, key=key)
+        result = finetune_cached(
+            config, self.pretrained, task, self.cache_dir / "vectors", progress=self.progress, key=key
+        )
         self.finetune_seconds[f"{method}/{task.name}/{key}"] = result.record["train_seconds"]
         evaluate_as = METHODS[method].get("evaluate_as")
         return result.task_vector.with_mode(evaluate_as) if evaluate_as else result.task_vector
@@ -441,17 +447,29 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
     merged = {f"{method}()": merge_task_vectors([vectors[n] for n in names], method) for method in p.merge_methods}
     outputs = suite.outputs({**vectors, **merged})
     limit, val_limit = p.eval_limit, p.choice_limit
+    pairs = [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))][: p.xi_pairs] if with_xi else []
+    mode = next(iter(vectors.values())).mode if vectors else ""
+    # single-task, addition, each merge, each negation, interference, each xi pair, tau-Jp
+    bar = tqdm(
+        total=3 + len(merged) + len(tasks) + len(pairs) + 1,
+        desc=f"evaluate ({mode})",
+        unit="part",
+        leave=False,
+        disable=not suite.progress,
+    )
 
     finetuned = {t.name: outputs.accuracy(t, "test", ((t.name, 1.0),), limit) for t in tasks}
     finetuned_val = {t.name: outputs.accuracy(t, "val", ((t.name, 1.0),), val_limit) for t in tasks}
+    bar.update()
     # Task addition: one alpha for the sum, chosen on validation, and alpha = 1 untuned.
     addition = _addition_with_search(outputs, tasks, finetuned, finetuned_val, names, p.alpha_grid, limit, val_limit)
-    merging = {
-        method: _addition_with_search(
+    bar.update()
+    merging = {}
+    for method in p.merge_methods:
+        merging[method] = _addition_with_search(
             outputs, tasks, finetuned, finetuned_val, [f"{method}()"], p.alpha_grid, limit, val_limit
         )
-        for method in p.merge_methods
-    }
+        bar.update()
 
     # Task negation: the largest drop on the target that keeps control >= 95% of its pre-trained accuracy
     # (validation); alpha = 0 always qualifies, so every seed has an answer.
@@ -472,6 +490,7 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
             }
             for label, alpha in (("alpha_1", 1.0), ("alpha_searched", best))
         }
+        bar.update()
 
     # Pairwise interference: the drop of task j's accuracy when task i's vector joins its own.
     drops = [
@@ -483,19 +502,22 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
         ]
         for i, ti in enumerate(tasks)
     ]
+    bar.update()
 
     # Weight disentanglement error over a grid, for every pair of tasks.
     xi = {}
-    pairs = [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))][: p.xi_pairs] if with_xi else []
     for i, j in pairs:
         xi[f"{names[i]}+{names[j]}"] = disentanglement_error(
             outputs, (tasks[i], tasks[j]), (names[i], names[j]), p.xi_grid, "test", p.xi_limit
         )
+        bar.update()
 
     # The same quantities as `taskarith interference` (validation inputs), from the cached JVPs: tau-Jp as
     # published (mean unsquared norm) and its square.
     taujp = [[outputs.taujp(ti.name, tj, "val", val_limit) for tj in tasks] for ti in tasks]
     taujp_sq = [[outputs.taujp_sq(ti.name, tj, "val", val_limit) for tj in tasks] for ti in tasks]
+    bar.update()
+    bar.close()
     return {
         "finetuned": finetuned,
         "addition": addition,
@@ -687,6 +709,34 @@ def summarize(per_seed: Mapping[int, Mapping[str, Any]], methods: Sequence[str])
     return summary
 
 
+def _planned_work(
+    profile: BenchProfile, tasks: int, regularized: Sequence[str], checkpoints: bool, random_init: bool, ntk: bool
+) -> tuple[dict[str, float], float]:
+    """The work of one occurrence of each stage of :func:`run_bench`, in vectors fine-tuned or evaluated (one
+    unit each), and the total over the run: what the estimate of the time left is scaled by. Vectors that
+    another stage already made (post-hoc reuses standard's; the chosen lambda's first-seed vectors) count as
+    requested: those stages just finish early, and the estimate follows."""
+    weights: dict[str, float] = {}
+    for method in regularized:
+        grid = len(profile.reg_strengths[METHODS[method]["regularizer"]])
+        weights[f"lambda {method}"] = float((grid + 1) * tasks) if grid > 1 else 0.0
+    for method in profile.methods:
+        weights[f"fine-tuning {method}"] = 0.0 if METHODS[method].get("evaluate_as") else float(tasks)
+    weights.update(evaluating=float(tasks), incremental=float(tasks), checkpoints=2.0, ntk=2.0 * tasks)
+    weights["random init"] = 4.0 * tasks  # two methods, each fine-tuned and evaluated
+    seeds = len(profile.seeds)
+    incremental_runs = len(set(profile.incremental_methods) | {METHODS[m]["mode"] for m in profile.incremental_methods})
+    total = (
+        sum(weights[f"lambda {m}"] for m in regularized)
+        + seeds * sum(weights[f"fine-tuning {m}"] + weights["evaluating"] for m in profile.methods)
+        + seeds * incremental_runs * weights["incremental"]
+        + (seeds * weights["random init"] if random_init else 0.0)
+        + (weights["checkpoints"] if checkpoints else 0.0)
+        + (weights["ntk"] if ntk else 0.0)
+    )
+    return weights, total
+
+
 def run_bench(
     pretrained: Pretrained,
     tasks: Sequence[Task],
@@ -698,6 +748,7 @@ def run_bench(
     new_task: Task | None = None,
     random_model: Pretrained | None = None,
     ntk_examples: int = 0,
+    progress: StageProgress | None = None,
 ) -> dict[str, Any]:
     """Every method, seed and measurement of the protocol; plain data for results.json and the report.
 
@@ -706,8 +757,12 @@ def run_bench(
     ``random_model`` (the architecture with random weights) adds the random-initialization control.
     ``ntk_examples`` > 0 adds the NTK localization study on that many test inputs of the first two tasks,
     for the pre-trained model and a random one (``random_model`` or a fresh one).
+    ``progress`` receives the stages (instead of ``on_stage``) and the share of the planned work each was.
     """
-    suite = Suite(pretrained, list(tasks), control, profile, Path(cache_dir), on_stage)
+    if progress is not None:
+        on_stage = progress.stage
+    bars = progress is not None and progress.bars
+    suite = Suite(pretrained, list(tasks), control, profile, Path(cache_dir), on_stage, progress=bars)
     ntk_models: dict[str, Pretrained] = {}
     if ntk_examples:  # built and checked now, so a study that cannot run fails before the fine-tuning, not after
         from taskarith.models import reinitialized
@@ -725,10 +780,12 @@ def run_bench(
     # Where the time goes (fine-tuning includes the cache's loads), so a profile can be sized to a budget.
     stage_seconds: dict[str, float] = {}
 
-    def timed(stage: str, work: Callable[..., Any], *args: Any) -> Any:
+    def timed(stage: str, weight: float, work: Callable[..., Any], *args: Any) -> Any:
         begun = time.perf_counter()
         value = work(*args)
         stage_seconds[stage] = round(stage_seconds.get(stage, 0.0) + time.perf_counter() - begun, 1)
+        if progress is not None:
+            progress.advance(weight)
         return value
 
     # lambda of each regularized method, chosen once on the first seed (or fixed by the profile).
@@ -739,32 +796,44 @@ def run_bench(
         )
         if METHODS[m].get("regularizer")
     ]
+    plan, planned = _planned_work(
+        profile, len(tasks), regularized, bool(checkpoints), random_model is not None, bool(ntk_models)
+    )
+    if progress is not None:
+        progress.start(planned)
     strength_selection = {}
     for method in regularized:
         on_stage(f"choosing lambda of {method} on validation")
-        strength_selection[method] = timed(f"choosing lambda {method}", suite.choose_strength, method, profile.seeds[0])
+        strength_selection[method] = timed(
+            f"choosing lambda {method}", plan[f"lambda {method}"], suite.choose_strength, method, profile.seeds[0]
+        )
     for position, seed in enumerate(profile.seeds):
         if position:  # no vector is shared across seeds: let the previous seed's JVPs go
             suite.store = TangentStore()
         with_xi = profile.xi_seeds is None or position < profile.xi_seeds
         methods = {}
         for method in profile.methods:
-            vectors = timed(f"fine-tuning {method}", suite.vectors, method, seed)
+            vectors = timed(f"fine-tuning {method}", plan[f"fine-tuning {method}"], suite.vectors, method, seed)
             on_stage(f"evaluating {method} (seed {seed})")
-            methods[method] = timed(f"evaluating {method}", evaluate_vectors, suite, vectors, with_xi)
+            methods[method] = timed(
+                f"evaluating {method}", plan["evaluating"], evaluate_vectors, suite, vectors, with_xi
+            )
         runs = {
-            method: timed("incremental", incremental, suite, method, seed) for method in profile.incremental_methods
+            method: timed("incremental", plan["incremental"], incremental, suite, method, seed)
+            for method in profile.incremental_methods
         }
         # The unregularized counterpart: the same method's mode without a regularizer.
         for method in profile.incremental_methods:
             plain = METHODS[method]["mode"]
             if plain not in runs:
-                runs[plain] = timed("incremental", incremental, suite, plain, seed)
+                runs[plain] = timed("incremental", plan["incremental"], incremental, suite, plain, seed)
         per_seed[seed] = {"methods": methods, "incremental": runs}
         if random_model is not None:
             on_stage(f"random-initialization control (seed {seed})")
-            random_suite = Suite(random_model, list(tasks), control, profile, Path(cache_dir), on_stage)
-            per_seed[seed]["random_init"] = timed("random init", random_init_study, random_suite, seed)
+            random_suite = Suite(random_model, list(tasks), control, profile, Path(cache_dir), on_stage, progress=bars)
+            per_seed[seed]["random_init"] = timed(
+                "random init", plan["random init"], random_init_study, random_suite, seed
+            )
     studies = {}
     if checkpoints:
         covered = {task.name for task, _ in checkpoints}
@@ -773,14 +842,19 @@ def run_bench(
         if new_task is None:
             raise TaskArithError("every suite task has a checkpoint; name a new task to add to them")
         on_stage(f"existing checkpoints of {', '.join(sorted(covered))}, adding {new_task.name}")
-        studies["existing_checkpoints"] = existing_checkpoints(suite, checkpoints, new_task, profile.seeds[0])
+        studies["existing_checkpoints"] = timed(
+            "checkpoints", plan["checkpoints"], existing_checkpoints, suite, checkpoints, new_task, profile.seeds[0]
+        )
     if ntk_models:
         from taskarith.ntk import ntk_study
 
         studies["ntk"] = timed(
             "ntk",
-            lambda: ntk_study(ntk_models, list(tasks[:2]), examples=ntk_examples, progress=False, on_stage=on_stage),
+            plan["ntk"],
+            lambda: ntk_study(ntk_models, list(tasks[:2]), examples=ntk_examples, progress=bars, on_stage=on_stage),
         )
+    if progress is not None:
+        progress.close()
     result = {
         **studies,
         "model": {"name": pretrained.name, "hash": pretrained.base_hash},
