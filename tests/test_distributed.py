@@ -14,6 +14,7 @@ from taskarith.distributed import Cluster
 from taskarith.finetune import RECORD_FILE, TASK_VECTOR_FILE
 from taskarith.io import read_json
 from taskarith.outputs import LOCK
+from taskarith.training_log import LOG_FILE, TENSORBOARD_DIR, tensorboard_available
 from taskarith.vectors import TaskVector
 
 
@@ -92,5 +93,9 @@ def test_two_gloo_processes_under_torchrun_match_one_process(tmp_path, tiny_mode
     assert two.norm() > 0 and one.allclose(two, atol=1e-5, rtol=1e-4)
     record = read_json(tmp_path / "two" / RECORD_FILE)
     assert record["processes"] == 2
-    # Only rank 0 wrote: the vector, the record and the run folder's lock (kept by design, see outputs.RunLock).
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted([TASK_VECTOR_FILE, RECORD_FILE, LOCK])
+    # Only rank 0 wrote: the vector, the record, the training log (and TensorBoard's events, when installed)
+    # and the run folder's lock (kept by design, see outputs.RunLock).
+    written = [TASK_VECTOR_FILE, RECORD_FILE, LOG_FILE, LOCK] + ([TENSORBOARD_DIR] if tensorboard_available() else [])
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(written)
+    if tensorboard_available():
+        assert len(list((tmp_path / "two" / TENSORBOARD_DIR).iterdir())) == 1  # one writer: rank 0's

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -259,6 +260,18 @@ def finetune(
             help="Replace a finished run's task vector and record in --out, or discard its checkpoint with --no-resume.",
         ),
     ] = False,
+    log_every: Annotated[
+        int, typer.Option(help="Log loss, learning rate and penalty every N steps (train_log.jsonl, TensorBoard).")
+    ] = 10,
+    val_every: Annotated[
+        int, typer.Option(help="Log the validation accuracy every N steps (0: only at the end).")
+    ] = 50,
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            "--tensorboard/--no-tensorboard", help="Also write TensorBoard event files, if tensorboard is installed."
+        ),
+    ] = True,
     device: DeviceOption = "auto",
 ) -> None:
     """Fine-tune the encoder on one task (head frozen), optionally regularized, and save its task vector.
@@ -274,6 +287,8 @@ def finetune(
     from taskarith.outputs import RunLock
 
     _check_seed("--seed", seed)
+    _at_least("--log-every", log_every)
+    _at_least("--val-every", val_every, 0, " (0: only at the end)")
     inputs = [*_existing("task", task), *_existing("model", model), *_existing("factor file", *(reg_factors or ()))]
     # Checked and locked before anything loads (the run takes the lock again, re-entrantly, and checks again
     # under it); rank 0 only. Checked first, so that a refusal leaves not even a lock file behind.
@@ -311,9 +326,52 @@ def finetune(
         )
         check_against_task(config, loaded)
         pretrained = _load_model(model, local_device(device), max_length)
-        result = run_finetune(config, pretrained, loaded, out_dir, resume=resume, overwrite=overwrite, protect=inputs)
+        result = run_finetune(
+            config,
+            pretrained,
+            loaded,
+            out_dir,
+            resume=resume,
+            overwrite=overwrite,
+            protect=inputs,
+            log_every=log_every,
+            val_every=val_every,
+            tensorboard=None if tensorboard else False,
+        )
     out.print(f"task vector: {shown(out_dir / 'task_vector.safetensors')} (norm {result.task_vector.norm():.4f})")
     out.print(f"validation accuracy: {100 * result.record['val_accuracy']:.1f}%  record: {shown(out_dir / 'run.json')}")
+
+
+@app.command("plot-run")
+def plot_run(
+    run_dir: Annotated[Path, typer.Argument(help="A fine-tuning run folder (holding train_log.jsonl).")],
+    out_file: Annotated[
+        Path | None, typer.Option("--out", "-o", help="The figure (default: RUN_DIR/train_log.png).")
+    ] = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Draw a run's training log: loss, penalty, learning rate and validation accuracy against the step."""
+    from taskarith.plots import TRAINING_CURVES_FORMAT, png_format, training_curves
+    from taskarith.training_log import LOG_FILE, read_log
+
+    header, lines = read_log(run_dir / LOG_FILE)
+    target = out_file or run_dir / "train_log.png"
+    if os.path.lexists(target):  # replaced only with --overwrite, and only a figure of this command's
+        if not overwrite:
+            raise TaskArithError(
+                f"{shown(target)} already exists; choose another --out or allow overwriting (--overwrite)"
+            )
+        if os.path.islink(target) or png_format(target) != TRAINING_CURVES_FORMAT:
+            raise TaskArithError(
+                f"{shown(target)} is not a figure taskarith plot-run wrote; --overwrite replaces only those: "
+                "choose another --out"
+            )
+    title = f"{shown(header.get('task', '?'), 60)} ({shown(header.get('mode', '?'), 20)})"
+    training_curves(lines, target, title=title)
+    steps = [line["step"] for line in lines]
+    out.print(
+        f"wrote {shown(target)}: {len(lines)} logged points, steps {min(steps, default=0)}-{max(steps, default=0)}"
+    )
 
 
 @app.command("eval")

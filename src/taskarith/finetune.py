@@ -47,6 +47,7 @@ from taskarith.regularizers import (
     get_regularizer,
     pooled_tangents,
 )
+from taskarith.training_log import LOG_FORMAT, TrainingLog, check_log_outputs
 from taskarith.vectors import FORMAT as VECTOR_FORMAT
 from taskarith.vectors import TaskVector
 
@@ -442,6 +443,7 @@ def check_run_folder(
     resuming = resume and checkpoint.exists()
     for name, form in ((TASK_VECTOR_FILE, VECTOR_FORMAT), (RECORD_FILE, RECORD_FORMAT)):
         check_output(out / name, inputs, overwrite=overwrite or resuming, format=form, folder=False)
+    check_log_outputs(out)
     if checkpoint.exists() and not resume:
         if not overwrite:
             raise TaskArithError(
@@ -461,8 +463,16 @@ def finetune(
     overwrite: bool = False,
     protect: Sequence[tuple[str, str]] = (),
     cluster: Cluster | None = None,
+    log_every: int = 10,
+    val_every: int = 0,
+    tensorboard: bool | None = None,
 ) -> FinetuneResult:
     """Fine-tune on ``task`` in the config's mode; write the task vector and run record to ``out_dir``.
+
+    Every ``log_every`` steps the loss, learning rate, gradient norm and penalty go to the run record and to
+    ``out_dir/train_log.jsonl`` (and TensorBoard, if installed and ``tensorboard`` is not False); every
+    ``val_every`` updates (0: only at the end) the validation accuracy too (:mod:`taskarith.training_log`).
+    None of these change the task vector.
 
     Under ``torchrun`` (or ``accelerate launch``) the batch is split across processes and only rank 0 writes;
     see :mod:`taskarith.distributed`. ``out_dir`` is locked for the whole run (by rank 0 only: the lock is
@@ -481,7 +491,12 @@ def finetune(
         overwrite=overwrite,
         protect=protect,
         cluster=cluster,
+        log_every=log_every,
+        val_every=val_every,
+        tensorboard=tensorboard,
     )
+    if log_every < 1 or val_every < 0:
+        raise TaskArithError(f"log_every={log_every} must be >= 1 and val_every={val_every} >= 0 (0: at the end)")
     if out_dir is None:
         return run()
     lock, refusal = None, None
@@ -512,6 +527,9 @@ def _finetune(
     overwrite: bool,
     protect: Sequence[tuple[str, str]],
     cluster: Cluster,
+    log_every: int,
+    val_every: int,
+    tensorboard: bool | None,
 ) -> FinetuneResult:
     samples_inputs = config.regularizer is not None and REGULARIZERS[config.regularizer].needs_inputs
     if config.batch_size < cluster.world or (samples_inputs and config.reg_batch_size < cluster.world):
@@ -546,155 +564,170 @@ def _finetune(
     if resume and checkpoint is not None and checkpoint.exists():
         start_step = _load_checkpoint(checkpoint, config, base_hash, trainable.named_params, optimizer)
 
-    train = task.train
-    labels = torch.tensor(train.labels, device=pretrained.device)
-    history: list[dict[str, float]] = []
-    step_seconds: list[float] = []
-    started = time.perf_counter()
-    bar = tqdm(
-        range(start_step, config.steps),
-        desc=f"fine-tune {shown(task.name, 60)} ({config.mode})",
-        disable=not progress or not cluster.is_main,
-        initial=start_step,
-        total=config.steps,
-        leave=False,
-    )
-    for step in bar:
-        step_started = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * schedule(step)
-        global_indices = batch_indices(len(train), config.batch_size, config.seed, step)
-        indices = cluster.shard(global_indices)
-        inputs = [train.inputs[i] for i in indices]
-        # One augmentation seed per input of the global batch, so a run gives the same vector however it
-        # is split over processes; the regularization inputs draw from a stream of their own.
-        seeds = cluster.shard(
-            [derived_seed(config.seed, "augment", step, k, bits=62) for k in range(len(global_indices))]
-        )
-        regularize = regularizer is not None and step % config.reg_every == 0
-        groups = regularization_batches(reg_pools, config, step) if regularize else []
-        local_groups = [cluster.shard(group) for group in groups]
-        reg_inputs = [item for group in local_groups for item in group]
-        sizes = [len(group) for group in local_groups]
-        reg_seeds = [
-            derived_seed(config.seed, "augment", step, "regularization", j, k, bits=62)
-            for j, group in enumerate(groups)
-            for k in cluster.shard(list(range(len(group))))
-        ]
-
-        def batch_of(items: list[Any], item_seeds: list[int]) -> dict[str, torch.Tensor]:
-            return pretrained.tokenize(items, train=config.augment, seeds=item_seeds)
-
-        tangents = None
-        if reg_inputs and config.mode == "linear":
-            # One JVP serves both: the task's inputs give f_lin, the other tasks' inputs give J f . delta.
-            batch = batch_of(inputs + reg_inputs, seeds + reg_seeds)
-            primal, tangent = trainable.encoder.hidden_and_tangent(**batch)
-            mask, n = batch["attention_mask"], len(inputs)
-            logits = classifier.logits_from_pooled(mean_pool(primal[:n] + tangent[:n], mask[:n]))
-            tangents = _split(pooled_tangents(tangent[n:], mask[n:]), sizes)
-        else:
-            logits = classifier(**batch_of(inputs, seeds))
-            if reg_inputs:
-                reg_batch = batch_of(reg_inputs, reg_seeds)
-                _, tangent = hidden_and_tangent(pretrained.encoder, theta0, trainable.delta(), reg_batch)
-                tangents = _split(pooled_tangents(tangent, reg_batch["attention_mask"]), sizes)
-        # Each process's share of the global means: summed over processes they give the full-batch loss.
-        task_loss = F.cross_entropy(logits, labels[indices]) * cluster.share(len(indices), len(global_indices))
-        penalty = None
-        if regularize:
-            # tau-Jp divides each group's sum by its global size, so the shares already add up; a dataless
-            # penalty is computed whole on every process and counted once.
-            penalty = regularizer.penalty(
-                PenaltyInputs(trainable.delta(), tangents, [len(g) for g in groups], factors, penalty_options)
-            )
-            if not regularizer.needs_inputs:
-                penalty = penalty * cluster.share(1, cluster.world)
-        loss = task_loss + config.reg_strength * penalty if penalty is not None else task_loss
-        # Every process must see the same verdict, or the healthy ones would wait forever for the others.
-        if not torch.isfinite(cluster.sum_(loss.detach().clone())):
-            raise TaskArithError(
-                f"loss became {loss.item()} at step {step} of fine-tuning '{task.name}' (lr={config.lr}); "
-                f"the last good checkpoint is kept in {checkpoint or 'memory only'}; try a lower learning rate"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        cluster.sum_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        if decay_theta:
-            with torch.no_grad():
-                for name, param in trainable.named_params:
-                    param.add_(theta0[name] + param, alpha=-optimizer.param_groups[0]["lr"] * config.weight_decay)
-        optimizer.step()
-        step_seconds.append(time.perf_counter() - step_started)
-
-        if step % 10 == 0 or step == config.steps - 1:
-            reported_loss = cluster.sum_(task_loss.detach().clone()).item()
-            entry = {
-                "step": step,
-                "loss": round(reported_loss, 5),
-                "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": round(float(grad_norm), 5),
-            }
-            if penalty is not None:
-                entry["penalty"] = round(cluster.sum_(penalty.detach().clone()).item(), 6)
-            history.append(entry)
-            bar.set_postfix(loss=f"{reported_loss:.3f}")
-        done = step + 1
-        if (
-            checkpoint is not None
-            and cluster.is_main
-            and config.checkpoint_every
-            and done % config.checkpoint_every == 0
-            and done < config.steps
-        ):
-            _save_checkpoint(checkpoint, done, config, base_hash, trainable.named_params, optimizer)
-    bar.close()
-    train_seconds = time.perf_counter() - started
-
-    with torch.no_grad():
-        deltas = {name: value.detach().cpu() for name, value in sorted(trainable.delta().items())}
-    tau = TaskVector(
-        deltas=deltas,
-        base_hash=state_hash({k: theta0[k] for k in deltas}),
-        task=task.name,
-        mode=config.mode,
-        config=config.to_json(),
-    )
-    record = {
-        "format": RECORD_FORMAT,
-        "config": config.to_json(),
-        "task": {
-            "name": task.name,
-            "classes": list(task.classes),
-            "train": len(task.train),
-            "val": len(task.val),
-            "test": len(task.test),
-            "source": task.source,
-            "fingerprint": task.fingerprint,
-        },
-        "base_model": {"name": pretrained.name, "hash": base_hash},
-        "resumed_from_step": start_step,
-        "train_seconds": round(train_seconds, 3),
-        "step_seconds_median": round(statistics.median(step_seconds), 4) if step_seconds else None,
-        "history": history,
-        "val_accuracy": accuracy(pretrained, task, "val", trainable.encoder),
-        "task_vector_norm": tau.norm(),
-        "environment": environment(),
-    }
-    if cluster.world > 1:
-        record["processes"] = cluster.world
+    log = None
     if out is not None and cluster.is_main:
-        # A resumed run replaces what it wrote itself before it was interrupted (see check_run_folder).
-        replace_outputs = overwrite or start_step > 0
-        with output_file(out / TASK_VECTOR_FILE, protect, overwrite=replace_outputs, format=VECTOR_FORMAT) as tmp:
-            tau.save(tmp)
-        with output_file(out / RECORD_FILE, protect, overwrite=replace_outputs, format=RECORD_FORMAT) as tmp:
-            write_json(tmp, record)
-        if checkpoint is not None:
-            checkpoint.unlink(missing_ok=True)
-    cluster.barrier()
-    return FinetuneResult(task_vector=tau, record=record)
+        header = {"format": LOG_FORMAT, "task": task.name, "mode": config.mode, "steps": config.steps}
+        log = TrainingLog(out, {**header, "regularizer": config.regularizer}, start=start_step, tensorboard=tensorboard)
+    try:
+        train = task.train
+        labels = torch.tensor(train.labels, device=pretrained.device)
+        history: list[dict[str, float]] = []
+        step_seconds: list[float] = []
+        started = time.perf_counter()
+        bar = tqdm(
+            range(start_step, config.steps),
+            desc=f"fine-tune {shown(task.name, 60)} ({config.mode})",
+            disable=not progress or not cluster.is_main,
+            initial=start_step,
+            total=config.steps,
+            leave=False,
+        )
+        for step in bar:
+            step_started = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * schedule(step)
+            global_indices = batch_indices(len(train), config.batch_size, config.seed, step)
+            indices = cluster.shard(global_indices)
+            inputs = [train.inputs[i] for i in indices]
+            # One augmentation seed per input of the global batch, so a run gives the same vector however it
+            # is split over processes; the regularization inputs draw from a stream of their own.
+            seeds = cluster.shard(
+                [derived_seed(config.seed, "augment", step, k, bits=62) for k in range(len(global_indices))]
+            )
+            regularize = regularizer is not None and step % config.reg_every == 0
+            groups = regularization_batches(reg_pools, config, step) if regularize else []
+            local_groups = [cluster.shard(group) for group in groups]
+            reg_inputs = [item for group in local_groups for item in group]
+            sizes = [len(group) for group in local_groups]
+            reg_seeds = [
+                derived_seed(config.seed, "augment", step, "regularization", j, k, bits=62)
+                for j, group in enumerate(groups)
+                for k in cluster.shard(list(range(len(group))))
+            ]
+
+            def batch_of(items: list[Any], item_seeds: list[int]) -> dict[str, torch.Tensor]:
+                return pretrained.tokenize(items, train=config.augment, seeds=item_seeds)
+
+            tangents = None
+            if reg_inputs and config.mode == "linear":
+                # One JVP serves both: the task's inputs give f_lin, the other tasks' inputs give J f . delta.
+                batch = batch_of(inputs + reg_inputs, seeds + reg_seeds)
+                primal, tangent = trainable.encoder.hidden_and_tangent(**batch)
+                mask, n = batch["attention_mask"], len(inputs)
+                logits = classifier.logits_from_pooled(mean_pool(primal[:n] + tangent[:n], mask[:n]))
+                tangents = _split(pooled_tangents(tangent[n:], mask[n:]), sizes)
+            else:
+                logits = classifier(**batch_of(inputs, seeds))
+                if reg_inputs:
+                    reg_batch = batch_of(reg_inputs, reg_seeds)
+                    _, tangent = hidden_and_tangent(pretrained.encoder, theta0, trainable.delta(), reg_batch)
+                    tangents = _split(pooled_tangents(tangent, reg_batch["attention_mask"]), sizes)
+            # Each process's share of the global means: summed over processes they give the full-batch loss.
+            task_loss = F.cross_entropy(logits, labels[indices]) * cluster.share(len(indices), len(global_indices))
+            penalty = None
+            if regularize:
+                # tau-Jp divides each group's sum by its global size, so the shares already add up; a dataless
+                # penalty is computed whole on every process and counted once.
+                penalty = regularizer.penalty(
+                    PenaltyInputs(trainable.delta(), tangents, [len(g) for g in groups], factors, penalty_options)
+                )
+                if not regularizer.needs_inputs:
+                    penalty = penalty * cluster.share(1, cluster.world)
+            loss = task_loss + config.reg_strength * penalty if penalty is not None else task_loss
+            # Every process must see the same verdict, or the healthy ones would wait forever for the others.
+            if not torch.isfinite(cluster.sum_(loss.detach().clone())):
+                raise TaskArithError(
+                    f"loss became {loss.item()} at step {step} of fine-tuning '{task.name}' (lr={config.lr}); "
+                    f"the last good checkpoint is kept in {checkpoint or 'memory only'}; try a lower learning rate"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            cluster.sum_gradients(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            if decay_theta:
+                with torch.no_grad():
+                    for name, param in trainable.named_params:
+                        param.add_(theta0[name] + param, alpha=-optimizer.param_groups[0]["lr"] * config.weight_decay)
+            optimizer.step()
+            step_seconds.append(time.perf_counter() - step_started)
+
+            if step % log_every == 0 or step == config.steps - 1:
+                reported_loss = cluster.sum_(task_loss.detach().clone()).item()
+                entry = {
+                    "step": step,
+                    "loss": round(reported_loss, 5),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": round(float(grad_norm), 5),
+                }
+                if penalty is not None:
+                    entry["penalty"] = round(cluster.sum_(penalty.detach().clone()).item(), 6)
+                history.append(entry)
+                if log is not None:
+                    log.write(entry)
+                bar.set_postfix(loss=f"{reported_loss:.3f}")
+            done = step + 1
+            if log is not None and val_every and done % val_every == 0 and done < config.steps:
+                log.write({"step": done, "val_accuracy": accuracy(pretrained, task, "val", trainable.encoder)})
+            if (
+                checkpoint is not None
+                and cluster.is_main
+                and config.checkpoint_every
+                and done % config.checkpoint_every == 0
+                and done < config.steps
+            ):
+                _save_checkpoint(checkpoint, done, config, base_hash, trainable.named_params, optimizer)
+        bar.close()
+        train_seconds = time.perf_counter() - started
+
+        with torch.no_grad():
+            deltas = {name: value.detach().cpu() for name, value in sorted(trainable.delta().items())}
+        tau = TaskVector(
+            deltas=deltas,
+            base_hash=state_hash({k: theta0[k] for k in deltas}),
+            task=task.name,
+            mode=config.mode,
+            config=config.to_json(),
+        )
+        val_accuracy = accuracy(pretrained, task, "val", trainable.encoder)
+        if log is not None:
+            log.write({"step": config.steps, "val_accuracy": val_accuracy})
+        record = {
+            "format": RECORD_FORMAT,
+            "config": config.to_json(),
+            "task": {
+                "name": task.name,
+                "classes": list(task.classes),
+                "train": len(task.train),
+                "val": len(task.val),
+                "test": len(task.test),
+                "source": task.source,
+                "fingerprint": task.fingerprint,
+            },
+            "base_model": {"name": pretrained.name, "hash": base_hash},
+            "resumed_from_step": start_step,
+            "train_seconds": round(train_seconds, 3),
+            "step_seconds_median": round(statistics.median(step_seconds), 4) if step_seconds else None,
+            "history": history,
+            "val_accuracy": val_accuracy,
+            "task_vector_norm": tau.norm(),
+            "environment": environment(),
+        }
+        if cluster.world > 1:
+            record["processes"] = cluster.world
+        if out is not None and cluster.is_main:
+            # A resumed run replaces what it wrote itself before it was interrupted (see check_run_folder).
+            replace_outputs = overwrite or start_step > 0
+            with output_file(out / TASK_VECTOR_FILE, protect, overwrite=replace_outputs, format=VECTOR_FORMAT) as tmp:
+                tau.save(tmp)
+            with output_file(out / RECORD_FILE, protect, overwrite=replace_outputs, format=RECORD_FORMAT) as tmp:
+                write_json(tmp, record)
+            if checkpoint is not None:
+                checkpoint.unlink(missing_ok=True)
+        cluster.barrier()
+        return FinetuneResult(task_vector=tau, record=record)
+    finally:
+        if log is not None:
+            log.close()
 
 
 def run_key(config: FinetuneConfig, base_hash: str) -> str:
@@ -721,4 +754,4 @@ def finetune_cached(
     if vector_file.is_file() and record_file.is_file():
         return FinetuneResult(task_vector=TaskVector.load(vector_file), record=read_json(record_file))
     # An entry with a vector but no record (a run killed between the two) is this cache's own: replace it.
-    return finetune(config, pretrained, task, out, progress=progress, overwrite=True)
+    return finetune(config, pretrained, task, out, progress=progress, overwrite=True, tensorboard=False)

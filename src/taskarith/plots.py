@@ -113,9 +113,11 @@ def _figure(width: float, height: float) -> tuple[Any, Any]:
     return figure, figure.add_subplot()
 
 
-def _save(figure: Any, path: str | os.PathLike, dpi: int) -> Path:
+def _save(figure: Any, path: str | os.PathLike, dpi: int, format: str | None = None) -> Path:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
+    # A figure a command may later replace says so in its PNG text chunk (see png_format).
+    metadata = {"Software": "taskarith", **({"Description": format} if format else {})}
+    figure.savefig(buffer, format="png", dpi=dpi, metadata=metadata)
     target = Path(path)
     with atomic_path(target) as tmp:
         tmp.write_bytes(buffer.getvalue())
@@ -197,3 +199,49 @@ def stacked_shares(
     axes_row[-1].legend(fontsize=8, loc="lower right")
     figure.suptitle(title)
     return _save(figure, path, dpi)
+
+
+TRAINING_CURVES_FORMAT = "taskarith.training_curves/1"
+
+
+def training_curves(lines: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str, dpi: int = 150) -> Path:
+    """A training log's curves, one panel each: loss, penalty (if logged), learning rate, validation accuracy."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [
+        (key, label)
+        for key, label in (
+            ("loss", "task loss"),
+            ("penalty", "penalty"),
+            ("lr", "learning rate"),
+            ("val_accuracy", "validation accuracy"),
+        )
+        if any(key in line for line in lines)
+    ]
+    if not panels:
+        raise TaskArithError(f"training curves {title!r}: the log has no logged step yet")
+    figure = Figure(figsize=(4.2 * len(panels), 3.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    figure.suptitle(title)
+    for axes, (key, label) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        points = sorted((line["step"], line[key]) for line in lines if key in line)
+        axes.plot([s for s, _ in points], [v for _, v in points], marker="o" if len(points) < 30 else None)
+        axes.set_xlabel("step")
+        axes.set_title(label)
+        if key in ("loss", "penalty") and all(v > 0 for _, v in points):
+            axes.set_yscale("log")
+    return _save(figure, path, dpi, TRAINING_CURVES_FORMAT)
+
+
+def png_format(path: str | os.PathLike) -> str | None:
+    """The taskarith format a PNG written by :func:`_save` records, or None (not a PNG, or not ours)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG" or image.info.get("Software") != "taskarith":
+                return None
+            return str(image.info.get("Description") or "") or None
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
