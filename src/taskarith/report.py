@@ -366,7 +366,7 @@ def ntk_figure(study: dict[str, Any], path: Any) -> None:
     from taskarith.plots import stacked_shares
 
     panels = {
-        f"{label.replace('_', ' ')} ({shown(study[label]['model'], 40)})": {
+        f"{label.replace('_', ' ')}\n{shown(study[label]['model'], 40)}": {
             shown(name, 40): study[label]["shares"][name] for name in study["tasks"]
         }
         for label in ("pretrained", "random_init")
