@@ -1327,6 +1327,44 @@ def test_class_token_positions_and_projection_match_brute_force() -> None:
     assert kfac_penalty(delta, plain).item() == pytest.approx(0.1 * (x @ G @ x).item(), rel=1e-4)
 
 
+class TinyTimmViT(TinyViT):
+    """The same tower under timm's names and shapes: cls_token (1, 1, width), pos_embed (1, tokens, width),
+    norm_pre. The positional embedding's leading 1 once made its factor (tokens, width) and the penalty refuse
+    every timm ViT vector (found when the timm tests first ran, in the torchvision environment)."""
+
+    def __init__(self) -> None:
+        super().__init__("functional")
+        self.cls_token = nn.Parameter(self.class_embedding.detach().view(1, 1, -1).clone())
+        self.pos_embed = nn.Parameter(self.positional_embedding.detach().unsqueeze(0).clone())
+        self.norm_pre = self.ln_pre
+        del self.class_embedding, self.positional_embedding, self.ln_pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.transformer(self.norm_pre(x + self.pos_embed))
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+def test_timm_shaped_positions_keep_the_parameter_shape_and_match_brute_force() -> None:
+    model = ImageModel(OpenClipImageEncoder(TinyTimmViT()))
+    images = random_images(6, size=4)
+    factors = factors_from_texts(model, images, task="t", batch_size=4, mc_samples=None)
+    assert uncovered_parameters(model.encoder, factors) == []
+    assert factors.diag["visual.pos_embed"].shape == (1, 5, 8)
+    G, layout = gauss_newton(model, images, normalized=True)
+    pos = span(layout, "visual.pos_embed")
+    torch.testing.assert_close(
+        factors.diag["visual.pos_embed"].double().flatten(), G.diagonal()[pos], rtol=1e-4, atol=1e-9
+    )
+    delta = random_delta(model, 2, keep=lambda name: name == "visual.pos_embed")
+    x = flat(delta, layout)
+    # A diagonal block: the penalty of a positions-only delta is sum_i G_ii x_i^2 (scaled as published).
+    expected = (G.diagonal()[pos] * x[pos] ** 2).sum().item()
+    assert kfac_penalty(delta, factors, **PLAIN).item() == pytest.approx(expected, rel=1e-4)
+
+
 class Patches(nn.Module):
     """(batch, channels, h, w) -> (batch, positions, channels * k * k): the 3 x 3 (padding 1) patches as tokens."""
 

@@ -923,8 +923,9 @@ class _Collector:
                     with torch.no_grad():
                         g = grad.detach().float()
                         self._per_example_block(cls_name, g[:, 0], self.norm_blocks == "full")
-                        if tokens:
-                            self._per_example_block(pos_name, g[:, -tokens:], full=False)  # type: ignore[arg-type]
+                        if tokens:  # in the parameter's own shape: timm's pos_embed is (1, tokens, width)
+                            per_position = g[:, -tokens:].reshape(g.shape[0], *pos.shape)  # type: ignore[union-attr]
+                            self._per_example_block(pos_name, per_position, full=False)  # type: ignore[arg-type]
 
                 x.register_hook(on_grad)
 
