@@ -29,6 +29,7 @@ from taskarith.data import (
     task_from_image_folder,
     task_from_torchvision,
 )
+from taskarith.data.corpora import CORPORA, corpus_dir
 from taskarith.errors import TaskArithError
 
 SPLITS = ("train", "val", "test")
@@ -475,6 +476,11 @@ def skip_if_missing(name: str) -> None:
     if isinstance(need, Path):
         if not need.exists():
             pytest.skip(f"{need} not installed (apt-get install dataset-fashion-mnist)")
+    elif need in CORPORA:
+        try:
+            corpus_dir(need)
+        except TaskArithError:
+            pytest.skip(f"the {need} corpus is not fetched (taskarith fetch-corpora)")
     elif importlib.util.find_spec(need) is None:
         pytest.skip(f"{need} not installed")
 

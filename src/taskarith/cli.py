@@ -150,14 +150,14 @@ def tasks(
             models[task.modality] = _load_model(model if task.modality == "text" else vision_model, device)
         return models[task.modality]
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in BUILTIN_TASKS:
         try:
             task = load_task(name)
         except TaskArithError as exc:
             rows.append({"name": name, "error": str(exc)})
             continue
-        row = {
+        row: dict[str, Any] = {
             "name": name,
             "domain": task.domain,
             "classes": list(task.classes),
@@ -790,8 +790,8 @@ def kfac_compress(
     compressed = (
         compress_factors(factors, "block", blocks=blocks)
         if blocks is not None
-        else compress_factors(factors, "eigen", rank=rank)
-    )  # type: ignore[arg-type]
+        else compress_factors(factors, "eigen", rank=rank or 0)  # rank is set: exactly one of the two is
+    )
     with output_file(out_file, inputs, overwrite=overwrite, format=FORMAT) as tmp:
         compressed.save(tmp)
     after = sum(compressed.memory_bytes().values()) / 2**20

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from taskarith.data import Examples, Task
+from taskarith.display import shown
 from taskarith.errors import TaskArithError
 from taskarith.io import state_hash
 from taskarith.models import Pretrained
@@ -262,15 +263,18 @@ class EditedOutputs:
             inputs = self._examples(task, split, limit).inputs
             theta0 = dict(self.model.encoder.named_parameters())
             delta = {k: v.to(self.model.device) for k, v in self.vectors[name].deltas.items()}
-            base = tangents = None
+            base: torch.Tensor | None = None
+            tangents: torch.Tensor | None = None
             for indices, batch in self.model.batches(inputs, self.batch_size):
                 primal, tangent = hidden_and_tangent(self.model.encoder, theta0, delta, batch)
                 mask = batch["attention_mask"]
                 p, t = mean_pool(primal, mask).float(), mean_pool(tangent, mask).float()
-                if base is None:
+                if base is None or tangents is None:
                     base, tangents = p.new_zeros(len(inputs), p.shape[1]), p.new_zeros(len(inputs), p.shape[1])
                 base[indices.to(p.device)], tangents[indices.to(p.device)] = p, t
             self.passes += 1
+            if base is None or tangents is None:
+                raise TaskArithError(f"task {shown(task.name)} has no {split} inputs to take the JVP of")
             self._base.setdefault(self._key(task, split, limit), base)
             self._tangents[key] = tangents
         return self._tangents[key]

@@ -107,15 +107,16 @@ class FinetuneConfig:
         object.__setattr__(self, "reg_tasks", tuple(self.reg_tasks))
         object.__setattr__(self, "reg_factors", tuple(str(f) for f in self.reg_factors))
         regularized = self.regularizer is not None
+        name = self.regularizer or ""
         if self.reg_strength is None:
-            strength = PUBLISHED_STRENGTH.get(self.regularizer, math.nan) if regularized else 0.0
+            strength = PUBLISHED_STRENGTH.get(name, math.nan) if regularized else 0.0
             if math.isnan(strength):
                 raise TaskArithError(
                     f"fine-tuning option reg_strength must be given for regularizer "
                     f"{self.regularizer!r} (it has no published default)"
                 )
             object.__setattr__(self, "reg_strength", float(strength))
-        expected_form = PENALTY_FORMS.get(self.regularizer, "") if regularized else ""
+        expected_form = PENALTY_FORMS.get(name, "") if regularized else ""
         if self.penalty_form not in ("", expected_form):
             raise TaskArithError(
                 f"fine-tuning option penalty_form={self.penalty_form!r} is not the current form "
@@ -133,7 +134,7 @@ class FinetuneConfig:
             ),
             (
                 "reg_strength",
-                (self.reg_strength > 0) if regularized else self.reg_strength == 0,
+                (self.strength > 0) if regularized else self.strength == 0,
                 "must be > 0 with a regularizer, and 0 without one",
             ),
             (
@@ -187,6 +188,11 @@ class FinetuneConfig:
                 f"would train something else (see docs/protocol.md)"
             )
         return cls(**data)
+
+    @property
+    def strength(self) -> float:
+        """``reg_strength`` as set by ``__post_init__`` (the published one where it was left unset)."""
+        return float(self.reg_strength or 0.0)
 
     def to_json(self) -> dict[str, Any]:
         """The configuration as it reads back from JSON (tuples become lists)."""
@@ -612,7 +618,7 @@ def _finetune(
             if reg_inputs and config.mode == "linear":
                 # One JVP serves both: the task's inputs give f_lin, the other tasks' inputs give J f . delta.
                 batch = batch_of(inputs + reg_inputs, seeds + reg_seeds)
-                primal, tangent = trainable.encoder.hidden_and_tangent(**batch)
+                primal, tangent = trainable.encoder.hidden_and_tangent(**batch)  # type: ignore[operator]
                 mask, n = batch["attention_mask"], len(inputs)
                 logits = classifier.logits_from_pooled(mean_pool(primal[:n] + tangent[:n], mask[:n]))
                 tangents = _split(pooled_tangents(tangent[n:], mask[n:]), sizes)
@@ -625,7 +631,7 @@ def _finetune(
             # Each process's share of the global means: summed over processes they give the full-batch loss.
             task_loss = F.cross_entropy(logits, labels[indices]) * cluster.share(len(indices), len(global_indices))
             penalty = None
-            if regularize:
+            if regularize and regularizer is not None:
                 # tau-Jp divides each group's sum by its global size, so the shares already add up; a dataless
                 # penalty is computed whole on every process and counted once.
                 penalty = regularizer.penalty(
@@ -633,7 +639,7 @@ def _finetune(
                 )
                 if not regularizer.needs_inputs:
                     penalty = penalty * cluster.share(1, cluster.world)
-            loss = task_loss + config.reg_strength * penalty if penalty is not None else task_loss
+            loss = task_loss + config.strength * penalty if penalty is not None else task_loss
             # Every process must see the same verdict, or the healthy ones would wait forever for the others.
             if not torch.isfinite(cluster.sum_(loss.detach().clone())):
                 raise TaskArithError(

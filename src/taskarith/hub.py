@@ -2,8 +2,8 @@
 
 A task-vector folder holds ``task_vector.safetensors`` (the deltas and their metadata: base hash, task,
 mode, training configuration, taskarith version) and ``README.md``, a model card generated from that
-metadata with huggingface_hub's :class:`~huggingface_hub.ModelCard`. :func:`from_pretrained` reads a
-folder, or a hub repository through huggingface_hub's local cache (``local_files_only=True`` or
+metadata with huggingface_hub's :class:`~huggingface_hub.ModelCard`. :func:`vector_file` finds the file
+of a folder, or of a hub repository through huggingface_hub's local cache (``local_files_only=True`` or
 ``HF_HUB_OFFLINE=1`` never touch the network); :func:`push_to_hub` uploads the same two files.
 
 Every string of the card comes from a vector's metadata, which may come from anyone: it is written as
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from taskarith.vectors import TaskVector
 
-__all__ = ["VECTOR_FOLDER_FORMAT", "WEIGHTS_NAME", "from_pretrained", "model_card", "push_to_hub", "save_pretrained"]
+__all__ = ["VECTOR_FOLDER_FORMAT", "WEIGHTS_NAME", "model_card", "push_to_hub", "save_pretrained", "vector_file"]
 
 VECTOR_FOLDER_FORMAT = "taskarith.task_vector_folder/1"
 WEIGHTS_NAME = "task_vector.safetensors"
@@ -108,27 +108,26 @@ def save_pretrained(
     return Path(folder)
 
 
-def from_pretrained(
+def vector_file(
     source: str | os.PathLike,
     *,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
-) -> TaskVector:
-    """A task vector from a folder written by :func:`save_pretrained`, or from a hub repository id
-    (``owner/name``), downloaded through (or, offline, read from) huggingface_hub's cache."""
-    from taskarith.vectors import TaskVector
-
+) -> Path:
+    """The local ``task_vector.safetensors`` of a folder written by :func:`save_pretrained`, or of a hub
+    repository id (``owner/name``), downloaded through (or, offline, read from) huggingface_hub's cache.
+    ``TaskVector.from_pretrained`` loads it."""
     text = os.fspath(source)
     if os.path.isdir(text):
         path = Path(text) / WEIGHTS_NAME
         if not path.is_file():
             raise TaskArithError(f"{shown(text)}: no {WEIGHTS_NAME} in this folder (written by save_pretrained?)")
-        return TaskVector.load(path)
+        return path
     if not _is_repo_id(text):
         raise TaskArithError(f"{shown(text)}: neither a folder nor a hub repository id (owner/name)")
-    return TaskVector.load(_download(text, revision, cache_dir, local_files_only, token))
+    return Path(_download(text, revision, cache_dir, local_files_only, token))
 
 
 def push_to_hub(
@@ -189,7 +188,7 @@ def _download(
             repo_id,
             WEIGHTS_NAME,
             revision=revision,
-            cache_dir=cache_dir,
+            cache_dir=None if cache_dir is None else str(cache_dir),
             local_files_only=local_files_only,
             token=token,
         )

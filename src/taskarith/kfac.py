@@ -205,28 +205,47 @@ def _size(factor: Factor) -> int:
     return factor.shape[-1] if isinstance(factor, torch.Tensor) else factor.size
 
 
+def _layer_entry(value: Any) -> tuple[str, str | None, bool]:
+    """A factor file's ``layers`` entry: [weight name, bias name or null, transposed]; anything else is refused."""
+    if not (isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)):
+        raise ValueError("a layers entry must be [weight, bias, transposed]")
+    if not (value[1] is None or isinstance(value[1], str)) or not isinstance(value[2], bool):
+        raise ValueError("a layers entry must be [weight, bias, transposed]")
+    return value[0], value[1], value[2]
+
+
 def _weighted_sum(parts: Sequence[tuple[float, Factor]], name: str) -> Factor:
     """sum_i w_i M_i for factors of one form (dense, block diagonal alike, or low rank)."""
     first = parts[0][1]
     if isinstance(first, BlockDiagonal):
-        if any(
-            not isinstance(f, BlockDiagonal) or f.blocks.shape != first.blocks.shape or f.size != first.size
-            for _, f in parts
+        blocks = [(w, f) for w, f in parts if isinstance(f, BlockDiagonal)]
+        if len(blocks) != len(parts) or any(
+            f.blocks.shape != first.blocks.shape or f.size != first.size for _, f in blocks
         ):
             raise TaskArithError(f"K-FAC factors of '{name}' are block diagonal with different blocks")
-        return BlockDiagonal(sum(w * f.blocks.float() for w, f in parts), first.size)  # type: ignore[arg-type]
+        return BlockDiagonal(_added([w * f.blocks.float() for w, f in blocks]), first.size)
     if isinstance(first, LowRank):
-        if any(not isinstance(f, LowRank) or f.size != first.size for _, f in parts):
+        ranks = [(w, f) for w, f in parts if isinstance(f, LowRank)]
+        if len(ranks) != len(parts) or any(f.size != first.size for _, f in ranks):
             raise TaskArithError(f"K-FAC factors of '{name}' are low rank of different sizes")
-        values = torch.cat([w * f.values.float() for w, f in parts])
-        vectors = torch.cat([f.vectors.float() for _, f in parts], dim=1)
+        values = torch.cat([w * f.values.float() for w, f in ranks])
+        vectors = torch.cat([f.vectors.float() for _, f in ranks], dim=1)
         merged = LowRank(values, vectors)
         # As exact, and no larger, once the ranks add up to the size.
         return merged.dense() if values.numel() >= merged.size else merged
+    dense = [(w, f) for w, f in parts if isinstance(f, torch.Tensor)]
     shapes = {tuple(f.shape) if isinstance(f, torch.Tensor) else None for _, f in parts}
-    if len(shapes) > 1:
+    if len(dense) != len(parts) or len(shapes) > 1:
         raise TaskArithError(f"K-FAC factors of '{name}' have different shapes or forms {sorted(map(str, shapes))}")
-    return sum(w * f.float() for w, f in parts)  # type: ignore[return-value, union-attr]
+    return _added([w * f.float() for w, f in dense])
+
+
+def _added(terms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The terms added in order, one at a time (no stacked copy of all of them)."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
 
 
 # -------------------------------------------------------------------------------------------------
@@ -269,7 +288,9 @@ class KFACFactors:
         for name in ("A", "S", "gram", "diag", "rows", "kinds", "examples", "sampling"):
             object.__setattr__(self, name, dict(getattr(self, name)))
         object.__setattr__(self, "zero", tuple(self.zero))
-        layers = {layer: (f"{layer}.weight", f"{layer}.bias", False) for layer in self.A}
+        layers: dict[str, tuple[str, str | None, bool]] = {
+            layer: (f"{layer}.weight", f"{layer}.bias", False) for layer in self.A
+        }
         layers.update({k: (v[0], v[1], bool(v[2])) for k, v in self.layers.items()})
         object.__setattr__(self, "layers", layers)
         for option, value, allowed in (
@@ -294,9 +315,9 @@ class KFACFactors:
                         f"K-FAC factors of layer '{layer}' are neither square matrices nor stacks "
                         f"of them, one per group (A {tuple(a.shape)}, S {tuple(s.shape)})"
                     )
-        for name, value in self.gram.items():
-            if isinstance(value, torch.Tensor) and (value.dim() != 2 or value.shape[0] != value.shape[1]):
-                raise TaskArithError(f"K-FAC Gram block of '{name}' is not a square matrix ({tuple(value.shape)})")
+        for name, block in self.gram.items():
+            if isinstance(block, torch.Tensor) and (block.dim() != 2 or block.shape[0] != block.shape[1]):
+                raise TaskArithError(f"K-FAC Gram block of '{name}' is not a square matrix ({tuple(block.shape)})")
         for name, index in self.rows.items():
             if name not in self.diag or index.dim() != 1 or self.diag[name].shape[0] != index.shape[0]:
                 raise TaskArithError(f"K-FAC diagonal of '{name}' does not match its row index")
@@ -371,11 +392,11 @@ class KFACFactors:
         try:
             examples = {str(k): int(v) for k, v in json.loads(metadata["examples"]).items()}
             sampling = {str(k): str(v) for k, v in json.loads(metadata.get("sampling", "{}")).items()}
-            layers = {k: (v[0], v[1], bool(v[2])) for k, v in json.loads(metadata.get("layers", "{}")).items()}
+            layers = {str(k): _layer_entry(v) for k, v in json.loads(metadata.get("layers", "{}")).items()}
             kinds = {str(k): str(v) for k, v in json.loads(metadata.get("kinds", "{}")).items()}
             zero = [str(name) for name in json.loads(metadata.get("zero", "[]"))]
             tasks = json.loads(metadata["tasks"])
-        except (ValueError, TypeError, AttributeError, IndexError, RecursionError):
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError, RecursionError):
             raise TaskArithError(
                 f"{path}: unreadable K-FAC metadata (examples, sampling, layers, kinds or zero)"
             ) from None
@@ -733,7 +754,7 @@ class _Collector:
             or module.add_zero_attn
         ):
             return False
-        module.forward = _explicit_attention(module, module.forward)
+        module.forward = _explicit_attention(module, module.forward)  # type: ignore[method-assign]  # on purpose
         self.patched.append(module)
         return True
 
@@ -820,7 +841,9 @@ class _Collector:
         return hook
 
     def _batch_norm_hook(self, name: str) -> Callable[..., torch.Tensor]:
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        def hook(
+            module: nn.modules.batchnorm._BatchNorm, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+        ) -> torch.Tensor:
             x = inputs[0].detach().float()
             if x.dim() < 2 or x.shape[0] != self.batch:
                 raise TaskArithError(
@@ -900,7 +923,7 @@ class _Collector:
                 continue
             pos = module._parameters.get(pos_attr) if pos_attr else None
             prefix = f"{name}." if name else ""
-            cls_name, pos_name = prefix + cls_attr, (prefix + pos_attr if pos is not None else None)
+            cls_name, pos_name = prefix + cls_attr, (prefix + pos_attr if pos is not None and pos_attr else None)
 
             def on_tokens(
                 x: torch.Tensor,
@@ -1080,7 +1103,7 @@ def _conv_padding(name: str, module: nn.Conv2d, size: tuple[int, ...], out: tupl
         # As F.conv2d and _ConvNd do: any odd unit of padding goes to the bottom/right.
         declared = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation, strict=True)]
     else:
-        declared = [(int(p), int(p)) for p in module.padding]  # type: ignore[union-attr]
+        declared = [(int(p), int(p)) for p in module.padding]
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     static = getattr(module, "static_padding", None)
     if isinstance(static, nn.ZeroPad2d):

@@ -72,7 +72,8 @@ def hidden_and_tangent(
     primal = dict(theta0)
     tangent = {name: delta[name] if name in delta else torch.zeros_like(value) for name, value in primal.items()}
     with jvp_safe_kernels():
-        return jvp(token_states, (primal,), (tangent,))
+        hidden, tangent_hidden = jvp(token_states, (primal,), (tangent,))[:2]
+    return hidden, tangent_hidden
 
 
 def _slot(name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -440,7 +441,7 @@ def bench_figures(result: dict[str, Any], out_dir: Any) -> dict[str, str]:
             cmap="magma_r",
         )
         figures[f"xi_{method}"] = name
-    groups = {}
+    groups: dict[str, tuple[Sequence[float], Sequence[float]]] = {}
     for method, run in first_seed["methods"].items():
         xs = [x for i, row in enumerate(run["taujp"]) for j, x in enumerate(row) if i != j]
         ys = [y for i, row in enumerate(run["interference_drop"]) for j, y in enumerate(row) if i != j]

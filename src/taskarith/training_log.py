@@ -108,7 +108,7 @@ def read_log(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, An
         raise TaskArithError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TaskArithError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
-    lines = []
+    lines: list[dict[str, Any]] = []
     for number, line in enumerate(text.splitlines(), start=1):
         try:
             value = json.loads(line)
@@ -119,12 +119,12 @@ def read_log(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, An
         lines.append(value)
     if not lines or lines[0].get("format") != LOG_FORMAT:
         raise TaskArithError(f"{path}: not a taskarith training log (no {LOG_FORMAT!r} header)")
-    for number, line in enumerate(lines[1:], start=2):
-        step = line.get("step")
+    for number, entry in enumerate(lines[1:], start=2):
+        step = entry.get("step")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise TaskArithError(f"{path}, line {number}: 'step' must be a non-negative integer")
         for key in ("loss", "lr", "grad_norm", "penalty", "val_accuracy"):
-            if key in line and not (isinstance(line[key], (int, float)) and not isinstance(line[key], bool)):
+            if key in entry and not (isinstance(entry[key], (int, float)) and not isinstance(entry[key], bool)):
                 raise TaskArithError(f"{path}, line {number}: '{key}' must be a number")
     return lines[0], lines[1:]
 

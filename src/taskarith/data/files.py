@@ -249,7 +249,7 @@ def _build(
     index = {c: i for i, c in enumerate(classes)}
 
     if kept[0][3] is not None:
-        splits = {s: ([], []) for s in SPLITS}
+        splits: dict[str | None, tuple[list[str], list[int]]] = {s: ([], []) for s in SPLITS}
         for _, text, label, split in kept:
             splits[split][0].append(text)
             splits[split][1].append(index[label])

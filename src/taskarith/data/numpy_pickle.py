@@ -84,8 +84,8 @@ def _numpy_from_pickle(data: bytes, where: str) -> np.ndarray:
     memo: dict[int, Any] = {}
     result: Any = _MARK
     try:
-        for opcode, arg, pos in pickletools.genops(data):
-            name = opcode.name
+        for opcode, arg, at in pickletools.genops(data):
+            name, pos = opcode.name, int(at or 0)  # genops gives every opcode of a bytes input its offset
             if name in ("PROTO", "FRAME"):
                 continue
             if name in _PUSH_ARG_OPS:
@@ -97,7 +97,7 @@ def _numpy_from_pickle(data: bytes, where: str) -> np.ndarray:
             elif name == "MEMOIZE":
                 memo[len(memo)] = stack[-1]
             elif name in ("BINPUT", "LONG_BINPUT"):
-                memo[arg] = stack[-1]
+                memo[int(arg or 0)] = stack[-1]  # BINPUT always carries its slot
             elif name in ("BINGET", "LONG_BINGET"):
                 if arg not in memo:
                     raise bad(f"{name} of unknown memo slot {arg} at byte {pos}")
@@ -179,7 +179,7 @@ def _numpy_from_pickle(data: bytes, where: str) -> np.ndarray:
     expected = math.prod(shape) * dtype.itemsize
     if len(payload) != expected:
         raise bad(f"shape {shape} of {dtype} needs {expected} bytes, payload has {len(payload)}")
-    array = np.frombuffer(payload, dtype=dtype).reshape(shape, order=order)
+    array = np.frombuffer(payload, dtype=dtype).reshape(tuple(shape), order="F" if order == "F" else "C")
     if not dtype.isnative:
         array = array.astype(dtype.newbyteorder("="))
         array.setflags(write=False)

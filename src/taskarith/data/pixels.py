@@ -26,7 +26,7 @@ import os
 import warnings
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,8 @@ def load_image(item: Any) -> np.ndarray:
     if isinstance(item, (str, os.PathLike)):
         return _read_image_file(Path(item))
     if hasattr(item, "convert") and hasattr(item, "mode"):  # a PIL image, e.g. from a torchvision dataset
-        _check_image_size(*item.size, getattr(item, "filename", "") or "(an image in memory)")
+        width, height = item.size
+        _check_image_size(width, height, getattr(item, "filename", "") or "(an image in memory)")
         return np.asarray(item.convert("RGB"), dtype=np.uint8)
     if not isinstance(item, np.ndarray):
         raise TaskArithError(
@@ -115,7 +116,8 @@ def _read_image_file(path: Path) -> np.ndarray:
             # Pillow's own bomb warning fires above its larger limit; the cap below refuses first.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:  # reads the header only
-                _check_image_size(*image.size, path)
+                width, height = image.size
+                _check_image_size(width, height, path)
                 return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError as err:
         raise TaskArithError(f"Image file {path} does not exist.") from err
@@ -266,14 +268,14 @@ def _build_task(
     they depend on the data only, never on a seed or the process. "paper": see :func:`_paper_splits`.
     """
     if check_split_rule(splits) == "paper":
-        out = {split: _examples(pool) for split, pool in _paper_splits(pools).items()}
+        paper = {split: _examples(pool) for split, pool in _paper_splits(pools).items()}
         return Task(
             name=name,
             classes=tuple(classes),
             templates=tuple(templates),
-            train=out["train"],
-            val=out["val"],
-            test=out["test"],
+            train=paper["train"],
+            val=paper["val"],
+            test=paper["test"],
             domain=domain,
             source=source,
         )
@@ -381,7 +383,7 @@ def _carve(pool: _Pool, fraction: float) -> tuple[list[int], list[int]]:
     return rest, sorted(carved)
 
 
-def _hash_partition(pool: _Pool, shares: dict[str, float | int], rest: str) -> dict[str, _Pool]:
+def _hash_partition(pool: _Pool, shares: Mapping[str, float], rest: str) -> dict[str, _Pool]:
     """Split one pool the way fixed split files would: per class, in stable hash order of the keys, each
     named part takes its share in turn (a float: that fraction of the class, rounded; an int: that many),
     and what is left goes to ``rest``. Parts keep the pool's order. For datasets whose official splits are
@@ -436,7 +438,7 @@ def _paper_splits(pools: dict[str, _Pool]) -> dict[str, _Pool]:
 def _examples(pool: _Pool) -> Examples:
     if isinstance(pool.items, np.ndarray):
         pool.items.setflags(write=False)  # a Task is immutable; so are its pixels
-    return Examples(tuple(pool.items), pool.labels)
+    return Examples(tuple(pool.items), tuple(pool.labels))
 
 
 def _check_labels(labels: np.ndarray, n_classes: int, where: str, *, offset: int = 0) -> np.ndarray:

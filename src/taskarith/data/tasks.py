@@ -226,9 +226,9 @@ def split_examples(
         raise TaskArithError(
             f"split_examples: val_fraction + test_fraction = {val_fraction + test_fraction} leaves no training data."
         )
-    for key, value in (("max_train", max_train), ("max_val", max_val), ("max_test", max_test)):
-        if value is not None and value < 0:
-            raise TaskArithError(f"split_examples: {key}={value!r} must be >= 0 or None.")
+    for key, cap in (("max_train", max_train), ("max_val", max_val), ("max_test", max_test)):
+        if cap is not None and cap < 0:
+            raise TaskArithError(f"split_examples: {key}={cap!r} must be >= 0 or None.")
 
     texts = [str(t) for t in texts]
     labels = [int(y) for y in labels]

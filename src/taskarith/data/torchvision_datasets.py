@@ -262,7 +262,7 @@ def _task_from_torchvision(
         chosen_templates = (
             tuple(templates) if templates is not None else ("a photo of the letter {}.", "a handwritten letter {}.")
         )
-    common = dict(name=task_name, templates=chosen_templates, domain=spec.domain, splits=splits)
+    common: dict[str, Any] = dict(name=task_name, templates=chosen_templates, domain=spec.domain, splits=splits)
 
     prepared = _prepared_layout(key, folder)
     if prepared is not None:

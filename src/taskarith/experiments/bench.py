@@ -476,12 +476,14 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
     control_floor = CONTROL_KEEP * outputs.accuracy(control, "val", (), val_limit)
     negation = {}
     for t in tasks:
-        best = control_constrained_alpha(
-            p.negation_grid,
-            lambda a, t=t: outputs.accuracy(t, "val", ((t.name, -a),), val_limit),
-            lambda a, t=t: outputs.accuracy(control, "val", ((t.name, -a),), val_limit),
-            control_floor,
-        )
+
+        def target(a: float, t: Task = t) -> float:
+            return outputs.accuracy(t, "val", ((t.name, -a),), val_limit)
+
+        def kept(a: float, t: Task = t) -> float:
+            return outputs.accuracy(control, "val", ((t.name, -a),), val_limit)
+
+        best = control_constrained_alpha(p.negation_grid, target, kept, control_floor)
         negation[t.name] = {
             label: {
                 "alpha": alpha,
@@ -671,7 +673,7 @@ def summarize(per_seed: Mapping[int, Mapping[str, Any]], methods: Sequence[str])
     summary: dict[str, Any] = {}
     for method in methods:
         runs = [per_seed[s]["methods"][method] for s in seeds]
-        entry = {
+        entry: dict[str, Any] = {
             "finetuned_mean": _spread([mean(r["finetuned"].values()) for r in runs]),
             "xi_mean": _spread([r["xi_mean"] for r in runs]),
         }

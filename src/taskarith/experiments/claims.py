@@ -414,9 +414,13 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def verdict(left: Sequence[float], right: Sequence[float], direction: str) -> dict[str, Any]:
+def verdict(left: Sequence[float | None], right: Sequence[float | None], direction: str) -> dict[str, Any]:
     """The fixed rule (module docstring) on per-seed values, paired by seed."""
-    pairs = [(a, b) for a, b in zip(left, right, strict=True) if _finite(a) and _finite(b)]
+    pairs = [
+        (a, b)
+        for a, b in zip(left, right, strict=True)
+        if a is not None and b is not None and _finite(a) and _finite(b)
+    ]
     if not pairs:  # the same keys as a measured row, so every row of results.json has one shape
         return {
             "verdict": UNMEASURED,
@@ -457,7 +461,7 @@ def verdict(left: Sequence[float], right: Sequence[float], direction: str) -> di
     }
 
 
-def _seed_entries(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+def _seed_entries(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per-seed entries with the single-run studies (checkpoints, NTK) attached to the first seed."""
     entries = [dict(entry) for entry in result.get("per_seed", {}).values()]
     for study in ("existing_checkpoints", "ntk"):
@@ -511,7 +515,7 @@ def ledger_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list
             continue
         pct = row["percent"]
 
-        def side(name: str, row: dict[str, Any] = row, pct: bool = pct) -> str:
+        def side(name: str, row: Mapping[str, Any] = row, pct: bool = pct) -> str:
             spread, label = row[name], row[f"{name}_label"]
             if label == "0":  # a constant: no spread to show
                 return label

@@ -72,7 +72,7 @@ def _checked_deltas(
 
 def _theta0(encoder: nn.Module, keys: set[str]) -> dict[str, torch.Tensor]:
     """The pre-trained parameters, plus any floating buffers a vector changes (so their tangent counts too)."""
-    theta0 = dict(encoder.named_parameters())
+    theta0: dict[str, torch.Tensor] = dict(encoder.named_parameters())
     buffers = dict(encoder.named_buffers())
     theta0.update({key: buffers[key] for key in keys if key in buffers and key not in theta0})
     return theta0

@@ -24,7 +24,7 @@ import numpy as np
 
 __all__ = ["count_down", "count_up", "disjoint_mean", "keep_top", "summed", "task_arithmetic", "ties", "top_k_mask"]
 
-Array = TypeVar("Array")  # a numpy.ndarray or a torch.Tensor; one call never mixes the two
+Array = TypeVar("Array", bound=Any)  # a numpy.ndarray or a torch.Tensor; one call never mixes the two
 _CHUNK = 1 << 18  # entries per chunk of elementwise work: 1 MiB of float32, which stays in cache
 
 

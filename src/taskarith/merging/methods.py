@@ -240,7 +240,8 @@ def dare_ties(
     number of agreeing tasks.
     """
     stacked = _drop_and_rescale(_stack(deltas), density, generator)
-    return _finish(scaling * kernels.disjoint_mean(stacked), deltas[0])
+    merged: torch.Tensor = kernels.disjoint_mean(stacked)  # type: ignore[arg-type]  # a stack iterates as a sequence
+    return _finish(scaling * merged, deltas[0])
 
 
 def breadcrumbs(

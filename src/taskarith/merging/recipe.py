@@ -130,7 +130,7 @@ def _sources(entries: object, key: str, folder: Path, where: str) -> tuple[Sourc
     for i, entry in enumerate(entries):
         path_key = "model" if key == "models" else "vector"
         if isinstance(entry, str) and entry.strip():
-            path, params = entry, {}
+            path, params = entry, dict[str, Any]()
         elif isinstance(entry, dict) and isinstance(entry.get(path_key), str) and entry[path_key].strip():
             path, params = entry[path_key], entry.get("parameters") or {}
             unknown = set(entry) - {path_key, "parameters"}
@@ -236,7 +236,11 @@ def run_recipe(
     """Carry out a recipe: a streamed model merge, or an in-memory merge of task vectors."""
     recipe = recipe.validated()
     recipe_file = [("recipe", recipe.recipe)] if recipe.recipe else []
+    if recipe.out is None:  # validated() has refused a recipe without one; this keeps the types honest
+        raise TaskArithError("the recipe names no 'out'")
     if recipe.models:
+        if recipe.base_model is None:
+            raise TaskArithError("the recipe merges models but names no 'base_model'")
         return merge_checkpoints(
             recipe.base_model,
             [m.path for m in recipe.models],

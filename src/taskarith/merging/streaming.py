@@ -203,7 +203,7 @@ def read_bytes(entry: TensorEntry, buffer: np.ndarray | None = None) -> np.ndarr
     """One tensor's bytes, read into the front of ``buffer`` (uint8, large enough) or a fresh array."""
     size = entry.end - entry.start
     data = np.empty(size, dtype=np.uint8) if buffer is None else buffer[:size]
-    view, done = memoryview(data), 0
+    view, done = data.data, 0
     try:
         with open(entry.file, "rb", buffering=0) as fh:
             # Each tensor re-opens its file (holding every shard of every model open could pass the limit

@@ -203,6 +203,7 @@ def reinitialized(pretrained: Pretrained, seed: int = 0) -> Pretrained:
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
+        encoder: nn.Module
         if isinstance(pretrained.encoder, PreTrainedModel):
             encoder = type(pretrained.encoder)(pretrained.encoder.config)
         else:
@@ -210,7 +211,7 @@ def reinitialized(pretrained: Pretrained, seed: int = 0) -> Pretrained:
             encoder = copy.deepcopy(pretrained.encoder).cpu()
             for module in encoder.modules():
                 if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+                    module.reset_parameters()  # type: ignore[operator]  # a layer's method, not a tensor
             before = dict(pretrained.encoder.named_parameters())
             kept = [name for name, p in encoder.named_parameters() if torch.equal(p, before[name].cpu())]
             if kept:  # parameters held outside any layer with reset_parameters (e.g. a bare positional table)
@@ -290,7 +291,8 @@ def load_pretrained(
     else:
         check_max_length(spec, max_length)  # from the config, before the weights load
         encoder, tokenizer = load_hf_encoder(spec, attn_implementation=attn_implementation)
-        check_max_length(spec, max_length, encoder.config.to_dict())  # a hub model not in the cache before
+        config: Any = encoder.config
+        check_max_length(spec, max_length, config.to_dict())  # a hub model not in the cache before
         label = DEFAULT_MODEL if is_default_model(spec) else str(spec)
         pretrained = Pretrained(
             name=label, encoder=encoder, tokenizer=tokenizer, max_length=max_length, logit_scale=logit_scale

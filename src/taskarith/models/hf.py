@@ -186,5 +186,5 @@ def save_hf_encoder(
     from taskarith.outputs import output_folder
 
     with output_folder(folder, inputs, overwrite=overwrite, format=EDITED_MODEL_FORMAT) as staging:
-        encoder.save_pretrained(staging, safe_serialization=True)
+        encoder.save_pretrained(staging, safe_serialization=True)  # type: ignore[operator]  # an HF model's method
         tokenizer.save_pretrained(staging)

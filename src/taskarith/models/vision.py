@@ -249,7 +249,7 @@ def linear_probe_head(
     return weight.detach().float()
 
 
-def _efficientnet_features(backbone: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+def _efficientnet_features(backbone: Any, pixels: torch.Tensor) -> torch.Tensor:
     return backbone.extract_features(pixels).mean(dim=(2, 3))
 
 

@@ -60,6 +60,7 @@ class ZeroShotClassifier(nn.Module):
     def __init__(self, encoder: nn.Module, head: torch.Tensor, scale: float = DEFAULT_LOGIT_SCALE) -> None:
         super().__init__()
         self.encoder = encoder
+        self.head: torch.Tensor
         self.register_buffer("head", head.detach().clone(), persistent=False)
         self.scale = scale
 
