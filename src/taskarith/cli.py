@@ -622,7 +622,11 @@ def merge(
         plan = with_overrides(MergeRecipe(), parameters, **overrides)
     count = len(plan.models)
     with tqdm(desc=f"merge ({plan.method})", unit="tensor", disable=not count, leave=False) as bar:
-        summary = run_recipe(plan, overwrite=overwrite, on_tensor=lambda name: bar.update())
+
+        def advance(name: str) -> None:
+            bar.update()
+
+        summary = run_recipe(plan, overwrite=overwrite, on_tensor=advance)
     out.print(
         f"wrote {shown(summary['out'])} ({plan.method}, {json.dumps(summary['hyperparameters'], sort_keys=True)})"
     )
