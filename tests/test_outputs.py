@@ -424,7 +424,7 @@ def test_something_put_at_the_output_after_the_last_check_is_not_replaced(work, 
     def check_then_race(out, inputs, **kwargs):
         result = real_check(out, inputs, **kwargs)
         checks.append(out)
-        if len(checks) == 1:  # commit's own check has passed: now a user's folder appears
+        if len(checks) == 2:  # output_folder's check, then commit's own has passed: now a user's folder appears
             if overwrite:
                 shutil.rmtree(work / "merged")
             (work / "merged").mkdir()

@@ -218,25 +218,27 @@ def output_file(out: str | os.PathLike, inputs: Inputs, *, overwrite: bool, form
 
 @contextmanager
 def output_folder(
-    out: str | os.PathLike, inputs: Inputs, *, overwrite: bool, format: str, **record: Any
+    out: str | os.PathLike, inputs: Inputs, *, overwrite: bool, format: str, what: str = "", **record: Any
 ) -> Iterator[Path]:
     """Check ``out`` (:func:`check_output`), yield a new hidden folder beside it to write into, then mark it
     (:func:`write_marker`, with ``record``), sync it and :func:`commit` it. The one way a command writes a
-    folder the user named; on any failure the folder is removed and nothing at ``out`` has changed."""
+    folder the user named; on any failure the folder is removed and nothing at ``out`` has changed.
+    ``what`` names the output in an error ("could not write the merged model to OUT")."""
     inputs = list(inputs)
     target = check_output(out, inputs, overwrite=overwrite, format=format, folder=True)
+    where = f"{what} to {target}" if what else str(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         building = temporary_beside(target, suffix=".partial", folder=True)
     except OSError as exc:
-        raise TaskArithError(f"could not write {target}: {exc.strerror or exc}") from None
+        raise TaskArithError(f"could not write {where}: {exc.strerror or exc}") from None
     try:
         yield building
         write_marker(building, format, **record)
         sync_folder(building)
         commit(building, out, inputs, overwrite=overwrite, format=format, folder=True)
     except OSError as exc:
-        raise TaskArithError(f"could not write {target} (nothing was replaced): {exc.strerror or exc}") from exc
+        raise TaskArithError(f"could not write {where} (nothing was replaced): {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(building, ignore_errors=True)
 

@@ -36,13 +36,11 @@ from taskarith.io import (
     layout_bytes,
     shard_files,
     stream_safetensors,
-    sync_folder,
-    temporary_beside,
     write_json,
 )
 from taskarith.merging import kernels
 from taskarith.merging.hyperparameters import check_hyperparameters
-from taskarith.outputs import MARKER, MERGED_MODEL_FORMAT, check_output, commit, write_marker
+from taskarith.outputs import MARKER, MERGED_MODEL_FORMAT, check_output, output_folder
 
 __all__ = ["CheckpointIndex", "TensorEntry", "merge_checkpoints"]
 
@@ -380,7 +378,7 @@ def merge_checkpoints(
     ]
     companions = companion_files(base_index.folder)
     target = Path(out_dir)
-    destination = check_output(out_dir, inputs, overwrite=overwrite, format=MERGED_MODEL_FORMAT, folder=True)
+    check_output(out_dir, inputs, overwrite=overwrite, format=MERGED_MODEL_FORMAT, folder=True)  # before any reading
 
     shards = plan_shards(base_index.layout, shard_bytes)
     metadata = {
@@ -439,12 +437,12 @@ def merge_checkpoints(
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     total = sum(layout_bytes(dtype, shape) for dtype, shape in base_index.layout.values())
-    try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        building = temporary_beside(destination, suffix=".partial", folder=True)
-    except OSError as exc:
-        raise TaskArithError(f"could not write the merged model to {target}: {exc.strerror or exc}") from None
-    try:
+    # Built beside the output and decided again at the rename (outputs.output_folder): the merge may have
+    # taken hours, and something may have appeared at the output meanwhile.
+    marker = {"method": method, "hyperparameters": params, "seed": seed, "weights": weights}
+    with output_folder(
+        out_dir, inputs, overwrite=overwrite, format=MERGED_MODEL_FORMAT, what="the merged model", **marker
+    ) as building:
         for file_name, shard in zip(file_names, shards, strict=True):
             with open(building / file_name, "wb") as fh:
                 stream_safetensors(fh, {name: base_index.layout[name] for name in shard}, produce, metadata)
@@ -461,18 +459,6 @@ def merge_checkpoints(
         # read, is caught only here.
         for index in (base_index, *others):
             index.check_unchanged()
-        write_marker(building, MERGED_MODEL_FORMAT, method=method, hyperparameters=params, seed=seed, weights=weights)
-        sync_folder(building)
-        # Decided again at the rename: the merge may have taken hours, and something may have appeared at the output.
-        commit(building, out_dir, inputs, overwrite=overwrite, format=MERGED_MODEL_FORMAT, folder=True)
-    except OSError as exc:
-        shutil.rmtree(building, ignore_errors=True)
-        raise TaskArithError(
-            f"could not write the merged model to {target} (nothing was replaced): {exc.strerror or exc}"
-        ) from exc
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
     return {
         "method": method,
         "hyperparameters": params,
