@@ -197,7 +197,6 @@ def test_loop_penalty_equals_a_direct_per_task_computation(pretrained, task, oth
         return value
 
     monkeypatch.setitem(finetune_module.REGULARIZERS, "taujp", Regularizer(spy, needs_inputs=True))
-    monkeypatch.setattr(finetune_module, "get_regularizer", lambda name: finetune_module.REGULARIZERS[name])
     config = FinetuneConfig(
         task=task.name,
         mode=mode,

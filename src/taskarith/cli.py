@@ -238,7 +238,7 @@ def finetune(
     regularizer: Annotated[
         str | None,
         typer.Option(
-            help="Interference penalty: taujp (as published: mean unsquared norm; needs --reg-task), taujp_sq (squared) or kfac (needs --reg-factors)."
+            help="Interference penalty: taujp (as published: mean unsquared norm; needs --reg-task), taujp_sq (squared), kfac (needs --reg-factors), or orthoreg / orthoreg_sq (no data; needs --reg-strength)."
         ),
     ] = None,
     reg_strength: Annotated[
@@ -261,6 +261,12 @@ def finetune(
     ] = "strict",
     reg_batch_size: Annotated[int, typer.Option(help="tau-Jp inputs per other task and step (pooled: in all).")] = 16,
     reg_every: Annotated[int, typer.Option(help="Apply the penalty every N steps.")] = 1,
+    trainable: Annotated[
+        str | None,
+        typer.Option(
+            help="Train only some parameters: 'attention' (the attention projections' weights) or a regular expression searched in each parameter name; default: all."
+        ),
+    ] = None,
     augment: Annotated[
         bool,
         typer.Option(
@@ -341,6 +347,7 @@ def finetune(
             reg_batch_size=reg_batch_size,
             reg_every=reg_every,
             augment=augment,
+            trainable=trainable,
         )
         check_against_task(config, loaded)
         pretrained = _load_model(model, local_device(device), max_length)

@@ -34,8 +34,8 @@ from taskarith.display import quoted, shown
 from taskarith.distributed import Cluster, cluster_from_environment
 from taskarith.errors import TaskArithError
 from taskarith.evaluate import accuracy
-from taskarith.io import load_tensors, read_json, save_tensors, state_hash, write_json
-from taskarith.linearize import LinearizedEncoder, hidden_and_tangent
+from taskarith.io import load_tensors, read_json, save_tensors, write_json
+from taskarith.linearize import Linearized, hidden_and_tangent
 from taskarith.models import DEFAULT_MODEL, Pretrained, ZeroShotClassifier
 from taskarith.models.zero_shot import mean_pool
 from taskarith.outputs import RunLock, check_output, output_file
@@ -43,10 +43,14 @@ from taskarith.regularizers import (
     PENALTY_FORMS,
     PUBLISHED_STRENGTH,
     REGULARIZERS,
-    PenaltyInputs,
-    get_regularizer,
+    KFACPenalty,
+    OrthoReg,
+    Penalty,
+    TauJp,
     pooled_tangents,
 )
+from taskarith.sampling import SAMPLINGS, batch_indices, derived_seed, regularization_draw, warmup_cosine
+from taskarith.training import decay_theta_, task_vector, trainable_parameters
 from taskarith.training_log import LOG_FORMAT, TrainingLog, check_log_outputs
 from taskarith.vectors import FORMAT as VECTOR_FORMAT
 from taskarith.vectors import TaskVector
@@ -58,7 +62,7 @@ CHECKPOINT_FORMAT = "taskarith.checkpoint/1"
 RECORD_FORMAT = "taskarith.run_record/1"
 
 
-REG_SAMPLINGS = ("strict", "cyclical", "pooled")
+REG_SAMPLINGS = SAMPLINGS
 DECAY_TARGETS = ("theta", "delta")
 
 
@@ -102,6 +106,9 @@ class FinetuneConfig:
     kfac_norm_scale: float = 10.0
     kfac_projection_scale: float = 0.1
     penalty_form: str = ""  # filled in: the penalty's versioned form (regularizers.PENALTY_FORMS)
+    # Which parameters train: None (all), a preset ("attention": the attention projections' weights) or a
+    # regular expression searched in each parameter name (taskarith.training.trainable_parameters).
+    trainable: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reg_tasks", tuple(self.reg_tasks))
@@ -167,6 +174,11 @@ class FinetuneConfig:
             ("max_grad_norm", self.max_grad_norm > 0, "must be positive"),
             ("max_length", 2 <= self.max_length <= 8192, "must be between 2 and 8192"),
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0 (0: only at the end)"),
+            (
+                "trainable",
+                self.trainable is None or (isinstance(self.trainable, str) and 0 < len(self.trainable) <= 1000),
+                "must be 'attention' or a regular expression of 1 to 1,000 characters (or unset: all parameters)",
+            ),
             ("seed", 0 <= self.seed <= MAX_SEED, f"must be between 0 and {MAX_SEED} (torch's generators take 64 bits)"),
         ]
         for name, ok, rule in checks:
@@ -195,8 +207,20 @@ class FinetuneConfig:
         return float(self.reg_strength or 0.0)
 
     def to_json(self) -> dict[str, Any]:
-        """The configuration as it reads back from JSON (tuples become lists)."""
-        return json.loads(json.dumps(asdict(self)))
+        """The configuration as it reads back from JSON (tuples become lists).
+
+        Options added after 0.2 are recorded only when set, so every earlier configuration keeps its run
+        key and its checkpoints stay resumable.
+        """
+        data = asdict(self)
+        for name, default in LATER_OPTIONS.items():
+            if data[name] == default:
+                del data[name]
+        return json.loads(json.dumps(data))
+
+
+# Options added after taskarith 0.2, with the default that leaves them out of the record.
+LATER_OPTIONS: dict[str, Any] = {"trainable": None}
 
 
 @dataclass(frozen=True)
@@ -222,42 +246,6 @@ def check_against_task(config: FinetuneConfig, task: Task) -> None:
             f"fine-tuning option batch_size={config.batch_size} is more than the {examples} training "
             f"examples of task {shown(task.name)}; use at most {examples}"
         )
-
-
-def derived_seed(*parts: int | str, bits: int = 40) -> int:
-    """A seed for one random stream, named by ``parts`` (e.g. the run's seed, a role, a step, a task, a position).
-
-    Hashing the whole name gives unrelated seeds to distinct names, where sums of offsets collide once a
-    count outgrows its spacing; 40 bits leave room for ``batch_indices`` to multiply the seed by its epoch
-    stride below torch's 64-bit seed limit."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> (64 - bits)
-
-
-def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Indices of the examples in batch ``step``: epochs of seeded permutations laid end to end."""
-    start, end = step * batch_size, (step + 1) * batch_size
-    indices: list[int] = []
-    epoch = start // num_examples
-    while len(indices) < batch_size:
-        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        lo = max(start - epoch * num_examples, 0)
-        hi = min(end - epoch * num_examples, num_examples)
-        indices.extend(order[lo:hi].tolist())
-        epoch += 1
-    return indices
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int):
-    """Learning-rate multiplier: linear warm-up, then cosine decay to zero."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
 
 
 def _save_checkpoint(
@@ -354,20 +342,26 @@ class Trainable:
     delta: Callable[[], dict[str, torch.Tensor]]
 
 
-def standard_trainable(pretrained: Pretrained) -> Trainable:
+def standard_trainable(pretrained: Pretrained, names: Sequence[str] | None = None) -> Trainable:
     encoder = pretrained.trainable_copy()
+    chosen = set(names) if names is not None else None
+    for name, param in encoder.named_parameters():
+        param.requires_grad_(chosen is None or name in chosen)
     theta0 = dict(pretrained.encoder.named_parameters())
-    named = list(encoder.named_parameters())
+    named = [(name, param) for name, param in encoder.named_parameters() if param.requires_grad]
     return Trainable(encoder, named, lambda: {name: param - theta0[name] for name, param in named})
 
 
-def linear_trainable(pretrained: Pretrained) -> Trainable:
-    encoder = LinearizedEncoder(pretrained.encoder, trainable=True)
+def linear_trainable(pretrained: Pretrained, names: Sequence[str] | None = None) -> Trainable:
+    encoder = Linearized(pretrained.encoder, trainable=True, params=names)
     named = list(encoder.deltas().items())
     return Trainable(encoder, named, encoder.deltas)  # type: ignore[arg-type]
 
 
-TRAINABLES: dict[str, Callable[[Pretrained], Trainable]] = {"standard": standard_trainable, "linear": linear_trainable}
+TRAINABLES: dict[str, Callable[[Pretrained, Sequence[str] | None], Trainable]] = {
+    "standard": standard_trainable,
+    "linear": linear_trainable,
+}
 MODES = tuple(TRAINABLES)
 
 
@@ -399,33 +393,43 @@ def regularization_factors(config: FinetuneConfig, pretrained: Pretrained) -> An
     return factors.to(pretrained.device)
 
 
+def build_penalty(config: FinetuneConfig, pretrained: Pretrained) -> Penalty | None:
+    """The config's interference penalty as an object (:mod:`taskarith.regularizers`), or None without one."""
+    name = config.regularizer
+    if name is None:
+        return None
+    if name in ("taujp", "taujp_sq"):
+        return TauJp(
+            pretrained.encoder,
+            regularization_pools(config),
+            collate=lambda items: pretrained.tokenize(items, train=config.augment),
+            form=name,
+            sampling=config.reg_sampling,
+            batch_size=config.reg_batch_size,
+            every=config.reg_every,
+            seed=config.seed,
+        )
+    if name == "kfac":
+        return KFACPenalty(
+            regularization_factors(config, pretrained),
+            norm_scale=config.kfac_norm_scale,
+            projection_scale=config.kfac_projection_scale,
+        )
+    if name in ("orthoreg", "orthoreg_sq"):
+        return OrthoReg(form=name)
+    raise TaskArithError(f"fine-tuning option regularizer={quoted(name)} has no penalty object")
+
+
 def regularization_batches(pools: list[list[Any]], config: FinetuneConfig, step: int) -> list[list[Any]]:
-    """The other tasks' inputs penalized at ``step``, one list per group the penalty averages over.
-
-    A pure function of (seed, step), like the task's own batches, so resuming draws the same inputs.
-    With r = step // reg_every the count of regularized steps (= step by default), strict: the r-th batch
-    of every task, each walking through its own seeded epochs; cyclical: a batch from task r mod T only
-    (its (r // T)-th); pooled: one group drawn i.i.d. from the union.
-    """
-    if not pools:
-        return []
-    size = config.reg_batch_size
-    if config.reg_sampling == "pooled":
-        union = [item for pool in pools for item in pool]
-        # The draw of taskarith before 0.2, kept so that taujp_sq + pooled retrains the vectors made then.
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step + 1)
-        return [[union[i] for i in torch.randint(len(union), (size,), generator=generator).tolist()]]
-
-    def batch(task: int, position: int) -> list[Any]:
-        # Each task walks through seeded epochs of its own; the stream's seed is named apart from the task's.
-        stream = derived_seed(config.seed, "regularization", task)
-        return [pools[task][i] for i in batch_indices(len(pools[task]), size, stream, position)]
-
-    if config.reg_sampling == "cyclical":
-        # Count the regularized steps, not the steps: with reg_every > 1, step mod T could skip tasks for good.
-        turn = step // config.reg_every
-        return [batch(turn % len(pools), turn // len(pools))]
-    return [batch(task, step // config.reg_every) for task in range(len(pools))]
+    """The other tasks' inputs penalized at ``step`` under the config's sampling (see :func:`sampling.regularization_draw`)."""
+    return regularization_draw(
+        pools,
+        step,
+        sampling=config.reg_sampling,
+        batch_size=config.reg_batch_size,
+        every=config.reg_every,
+        seed=config.seed,
+    )
 
 
 def _split(tangents: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
@@ -546,7 +550,8 @@ def _finetune(
     out = Path(out_dir) if out_dir is not None else None
     torch.manual_seed(config.seed)
     base_hash = pretrained.base_hash
-    trainable = TRAINABLES[config.mode](pretrained)
+    names = trainable_parameters(pretrained.encoder, config.trainable, model_name=pretrained.name)
+    trainable = TRAINABLES[config.mode](pretrained, None if config.trainable is None else names)
     classifier = ZeroShotClassifier(trainable.encoder, pretrained.head(task), pretrained.logit_scale).eval()
     params = [param for _, param in trainable.named_params]
     theta0 = dict(pretrained.encoder.named_parameters())
@@ -556,14 +561,7 @@ def _finetune(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0 if decay_theta else config.weight_decay)
     warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_fraction * config.steps)
     schedule = warmup_cosine(config.steps, warmup)
-    regularizer = get_regularizer(config.regularizer) if config.regularizer else None
-    reg_pools = regularization_pools(config) if regularizer and regularizer.needs_inputs else []
-    factors = regularization_factors(config, pretrained)
-    penalty_options = (
-        {"norm_scale": config.kfac_norm_scale, "projection_scale": config.kfac_projection_scale}
-        if config.regularizer == "kfac"
-        else {}
-    )
+    penalty_term = build_penalty(config, pretrained)
 
     start_step = 0
     checkpoint = out / CHECKPOINT_FILE if out is not None else None
@@ -600,8 +598,8 @@ def _finetune(
             seeds = cluster.shard(
                 [derived_seed(config.seed, "augment", step, k, bits=62) for k in range(len(global_indices))]
             )
-            regularize = regularizer is not None and step % config.reg_every == 0
-            groups = regularization_batches(reg_pools, config, step) if regularize else []
+            regularize = penalty_term is not None and step % config.reg_every == 0
+            groups = penalty_term.batches(step) if isinstance(penalty_term, TauJp) and regularize else []
             local_groups = [cluster.shard(group) for group in groups]
             reg_inputs = [item for group in local_groups for item in group]
             sizes = [len(group) for group in local_groups]
@@ -631,14 +629,14 @@ def _finetune(
             # Each process's share of the global means: summed over processes they give the full-batch loss.
             task_loss = F.cross_entropy(logits, labels[indices]) * cluster.share(len(indices), len(global_indices))
             penalty = None
-            if regularize and regularizer is not None:
+            if regularize and penalty_term is not None:
                 # tau-Jp divides each group's sum by its global size, so the shares already add up; a dataless
                 # penalty is computed whole on every process and counted once.
-                penalty = regularizer.penalty(
-                    PenaltyInputs(trainable.delta(), tangents, [len(g) for g in groups], factors, penalty_options)
-                )
-                if not regularizer.needs_inputs:
-                    penalty = penalty * cluster.share(1, cluster.world)
+                if isinstance(penalty_term, TauJp):
+                    assert tangents is not None
+                    penalty = penalty_term.from_tangents(trainable.delta(), tangents, [len(g) for g in groups])
+                else:
+                    penalty = penalty_term(trainable.delta(), step) * cluster.share(1, cluster.world)
             loss = task_loss + config.strength * penalty if penalty is not None else task_loss
             # Every process must see the same verdict, or the healthy ones would wait forever for the others.
             if not torch.isfinite(cluster.sum_(loss.detach().clone())):
@@ -651,9 +649,7 @@ def _finetune(
             cluster.sum_gradients(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             if decay_theta:
-                with torch.no_grad():
-                    for name, param in trainable.named_params:
-                        param.add_(theta0[name] + param, alpha=-optimizer.param_groups[0]["lr"] * config.weight_decay)
+                decay_theta_(dict(trainable.named_params), theta0, optimizer.param_groups[0]["lr"], config.weight_decay)
             optimizer.step()
             step_seconds.append(time.perf_counter() - step_started)
 
@@ -685,15 +681,7 @@ def _finetune(
         bar.close()
         train_seconds = time.perf_counter() - started
 
-        with torch.no_grad():
-            deltas = {name: value.detach().cpu() for name, value in sorted(trainable.delta().items())}
-        tau = TaskVector(
-            deltas=deltas,
-            base_hash=state_hash({k: theta0[k] for k in deltas}),
-            task=task.name,
-            mode=config.mode,
-            config=config.to_json(),
-        )
+        tau = task_vector(trainable.encoder, pretrained.encoder, task=task.name, config=config)
         val_accuracy = accuracy(pretrained, task, "val", trainable.encoder)
         if log is not None:
             log.write({"step": config.steps, "val_accuracy": val_accuracy})

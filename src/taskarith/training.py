@@ -1,0 +1,145 @@
+"""Pieces for fine-tuning in any training loop: what to train, the linearized model, the vector at the end.
+
+``taskarith finetune`` is built from these same pieces, so a loop of your own that uses them with the same
+configuration and data order gives the same task vector (docs/training-loops.md)::
+
+    names = trainable_parameters(encoder, "attention")        # or a regular expression, or None: all
+    model = Linearized(encoder, trainable=True, params=names)  # tangent-space fine-tuning: only delta trains
+    penalty = TauJp(encoder, other_inputs, collate=tokenize)   # or KFACPenalty(factors), OrthoReg()
+    ...                                                        # your loop: loss + lam * penalty(delta, step)
+    tau = task_vector(model, encoder, task="sst2")
+
+The penalties live in :mod:`taskarith.regularizers`, the data order in :mod:`taskarith.sampling`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from taskarith.display import shown
+from taskarith.errors import TaskArithError
+from taskarith.io import state_hash
+from taskarith.linearize import Linearized
+from taskarith.vectors import TaskVector
+
+# The attention projections' weights per model family, as the papers fine-tune them (Jin et al., ICLR 2025:
+# the query, key, value and output projections of every attention block; their biases stay frozen, as in
+# OrthoReg's released attention-only code). Matched with re.search on parameter names.
+ATTENTION_PATTERNS: dict[str, str] = {
+    "bert": r"attention\.self\.(query|key|value)\.weight$|attention\.output\.dense\.weight$",
+    "clip": r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight$",
+    "open_clip": r"attn\.in_proj_weight$|attn\.out_proj\.weight$",
+    "timm": r"attn\.qkv\.weight$|attn\.proj\.weight$",
+    "gpt2": r"attn\.c_attn\.weight$|attn\.c_proj\.weight$",
+    "llama": r"self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight$",
+}
+PRESETS = ("attention",)
+
+
+def trainable_parameters(module: nn.Module, spec: str | None, *, model_name: str = "the model") -> list[str]:
+    """The parameter names fine-tuning trains: all (``spec`` None), a named preset, or a regular expression.
+
+    The ``attention`` preset takes the attention projections' weights of whichever family the module
+    belongs to (:data:`ATTENTION_PATTERNS`); a model without attention (the embedded EfficientNet) is
+    refused, as is a pattern matching no parameter.
+    """
+    names = [name for name, _ in module.named_parameters()]
+    if spec is None:
+        return names
+    if spec == "attention":
+        families = {
+            family: [n for n in names if re.search(pattern, n)] for family, pattern in ATTENTION_PATTERNS.items()
+        }
+        chosen = sorted({n for found in families.values() for n in found}, key=names.index)
+        if not chosen:
+            raise TaskArithError(
+                f"--trainable attention: {shown(model_name)} has no attention projections that taskarith knows "
+                f"(families: {', '.join(ATTENTION_PATTERNS)}); it may have no attention at all (a CNN such as "
+                "efficientnet-lite0): name the parameters with a regular expression instead"
+            )
+        return chosen
+    try:
+        pattern = re.compile(spec)
+    except re.error as exc:
+        raise TaskArithError(f"--trainable {shown(spec)}: not a regular expression ({exc})") from None
+    chosen = [name for name in names if pattern.search(name)]
+    if not chosen:
+        raise TaskArithError(
+            f"--trainable {shown(spec)} matches none of the {len(names)} parameters of {shown(model_name)} "
+            f"(e.g. {', '.join(names[:3])})"
+        )
+    return chosen
+
+
+def _aligned(trained: nn.Module, base: nn.Module) -> nn.Module:
+    """The part of ``trained`` whose parameter names are the base's: itself or its ``.encoder``."""
+    base_names = {name for name, _ in base.named_parameters()}
+    for candidate in (trained, getattr(trained, "encoder", None)):
+        if isinstance(candidate, nn.Module) and base_names <= {n for n, _ in candidate.named_parameters()}:
+            return candidate
+    raise TaskArithError(
+        "the trained model's parameter names are not the base model's (nor are its .encoder's): "
+        "was it copied from this base?"
+    )
+
+
+def task_vector(
+    trained: nn.Module,
+    base: nn.Module,
+    *,
+    task: str | None = None,
+    config: Any = None,
+    params: Sequence[str] | None = None,
+) -> TaskVector:
+    """The task vector of a trained model against the base it was trained from, with full metadata.
+
+    ``trained`` is a :class:`~taskarith.linearize.Linearized` of ``base`` (a linear-mode vector: its delta),
+    or a fine-tuned copy of ``base`` (or a module holding one as ``.encoder``): a standard vector
+    theta - theta0 over the parameters that were trained (``requires_grad``; ``params`` names them
+    instead). ``config`` (a :class:`~taskarith.finetune.FinetuneConfig` or a dict) is recorded, so the
+    vector says how it was made; the base hash covers the parameters the vector changes.
+    """
+    theta0 = dict(base.named_parameters())
+    if isinstance(trained, Linearized):
+        if trained.base is not base and state_hash(trained.theta0()) != state_hash(theta0):
+            raise TaskArithError("the linearized model was built on another base model than the one given")
+        with torch.no_grad():
+            deltas = {name: value.detach().cpu() for name, value in sorted(trained.deltas().items())}
+        if params is not None:
+            deltas = {name: deltas[name] for name in params}
+        mode = "linear"
+    else:
+        source = dict(_aligned(trained, base).named_parameters())
+        chosen = list(params) if params is not None else [name for name in theta0 if source[name].requires_grad]
+        if not chosen:
+            raise TaskArithError("the trained model has no trainable parameter: nothing was fine-tuned")
+        with torch.no_grad():
+            deltas = {name: (source[name] - theta0[name]).detach().cpu() for name in sorted(chosen)}
+        mode = "standard"
+    recorded = config.to_json() if hasattr(config, "to_json") else dict(config) if config is not None else {}
+    return TaskVector(
+        deltas=deltas,
+        base_hash=state_hash({name: theta0[name] for name in deltas}),
+        task=task,
+        mode=mode,
+        config=recorded,
+    )
+
+
+def decay_theta_(
+    deltas: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor], lr: float, decay: float
+) -> None:
+    """AdamW's decoupled weight decay of theta = theta0 + delta while delta is what trains (in place).
+
+    The tangent and tau-Jp papers train a copy of theta, so their decay pulls theta, not delta, towards 0:
+    delta -= lr * decay * (theta0 + delta). Call it just before ``optimizer.step()`` with the optimizer's own
+    weight decay set to 0 (``taskarith finetune`` does so in linear mode with ``weight_decay_on="theta"``).
+    """
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            delta.add_(theta0[name] + delta, alpha=-lr * decay)
