@@ -191,6 +191,7 @@ class TauJp:
     ``seed``), takes J_theta0 f(x) . delta for all of them in one JVP, and reduces them with the published
     penalty (``form="taujp"``) or its squared variant (``form="taujp_sq"``). On a step that ``every`` skips
     it returns 0. ``features`` picks the representation from the module's output (:func:`default_features`).
+    ``theta0`` fixes the pre-trained weights when ``model`` itself is the one being trained in place.
     """
 
     needs_inputs = True
@@ -207,6 +208,7 @@ class TauJp:
         batch_size: int = 16,
         every: int = 1,
         seed: int = 0,
+        theta0: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         from taskarith.sampling import SAMPLINGS
 
@@ -220,6 +222,9 @@ class TauJp:
             raise TaskArithError(f"tau-Jp batch_size={batch_size} and every={every} must be >= 1")
         self.name = form
         self.model = model
+        # theta0: the model's own weights at each call (a frozen pre-trained module), or a snapshot of them
+        # when the module itself is being trained (standard fine-tuning in place, e.g. under a Trainer).
+        self.theta0 = dict(theta0) if theta0 is not None else None
         self.pools = [list(pool) for pool in inputs]
         self.collate, self.features = collate, features
         self.sampling, self.batch_size, self.every, self.seed = sampling, batch_size, every, seed
@@ -250,7 +255,7 @@ class TauJp:
         if not groups:
             return reference.new_zeros(())
         batch = self.collate([item for group in groups for item in group])
-        theta0 = dict(self.model.named_parameters())
+        theta0 = self.theta0 if self.theta0 is not None else dict(self.model.named_parameters())
         _, tangent = linearized_call(self.model, theta0, delta, kwargs=batch)
         tangents = list(torch.split(self.features(tangent, batch), [len(group) for group in groups], dim=0))
         return self.from_tangents(delta, tangents)

@@ -76,9 +76,9 @@ def trainable_parameters(module: nn.Module, spec: str | None, *, model_name: str
     return chosen
 
 
-def _aligned(trained: nn.Module, base: nn.Module) -> nn.Module:
+def _aligned(trained: nn.Module, theta0: Mapping[str, torch.Tensor]) -> nn.Module:
     """The part of ``trained`` whose parameter names are the base's: itself or its ``.encoder``."""
-    base_names = {name for name, _ in base.named_parameters()}
+    base_names = set(theta0)
     for candidate in (trained, getattr(trained, "encoder", None)):
         if isinstance(candidate, nn.Module) and base_names <= {n for n, _ in candidate.named_parameters()}:
             return candidate
@@ -90,7 +90,7 @@ def _aligned(trained: nn.Module, base: nn.Module) -> nn.Module:
 
 def task_vector(
     trained: nn.Module,
-    base: nn.Module,
+    base: nn.Module | Mapping[str, torch.Tensor],
     *,
     task: str | None = None,
     config: Any = None,
@@ -98,15 +98,18 @@ def task_vector(
 ) -> TaskVector:
     """The task vector of a trained model against the base it was trained from, with full metadata.
 
+    ``base`` is the pre-trained module or its parameters (a snapshot taken before training in place).
     ``trained`` is a :class:`~taskarith.linearize.Linearized` of ``base`` (a linear-mode vector: its delta),
     or a fine-tuned copy of ``base`` (or a module holding one as ``.encoder``): a standard vector
     theta - theta0 over the parameters that were trained (``requires_grad``; ``params`` names them
     instead). ``config`` (a :class:`~taskarith.finetune.FinetuneConfig` or a dict) is recorded, so the
     vector says how it was made; the base hash covers the parameters the vector changes.
     """
-    theta0 = dict(base.named_parameters())
+    theta0 = dict(base.named_parameters()) if isinstance(base, nn.Module) else dict(base)
     if isinstance(trained, Linearized):
-        if trained.base is not base and state_hash(trained.theta0()) != state_hash(theta0):
+        if trained.base is not base and state_hash(
+            {k: v for k, v in trained.theta0().items() if k in theta0}
+        ) != state_hash(theta0):
             raise TaskArithError("the linearized model was built on another base model than the one given")
         with torch.no_grad():
             deltas = {name: value.detach().cpu() for name, value in sorted(trained.deltas().items())}
@@ -114,7 +117,7 @@ def task_vector(
             deltas = {name: deltas[name] for name in params}
         mode = "linear"
     else:
-        source = dict(_aligned(trained, base).named_parameters())
+        source = dict(_aligned(trained, theta0).named_parameters())
         chosen = list(params) if params is not None else [name for name in theta0 if source[name].requires_grad]
         if not chosen:
             raise TaskArithError("the trained model has no trainable parameter: nothing was fine-tuned")
