@@ -114,7 +114,7 @@ class TaskArithTrainer(Trainer):
         # The dataset's columns are the pre-trained model's arguments, not the wrapper's (*args, **kwargs).
         if self._signature_columns is None and isinstance(self.model, Linearized):
             columns = list(inspect.signature(self.model.base.forward).parameters)
-            self._signature_columns = columns + list({"label", "label_ids", *self.label_names})
+            self._signature_columns = columns + list({"label", "label_ids", *self.label_names})  # type: ignore[assignment]
         super()._set_signature_columns_if_needed()
 
     def _unwrapped(self) -> nn.Module:
