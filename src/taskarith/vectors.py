@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from os import PathLike
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ LEGACY_PENALTY_FORMS = {
     "averaged K-FAC-reduce factors of the unnormalized embedding, or kfac/2, TAK's)",
 }
 MODES = ("standard", "linear")
+
+if TYPE_CHECKING:
+    from taskarith.adapters import LoraExport
 
 Base = TypeVar("Base", nn.Module, dict)
 
@@ -139,6 +142,23 @@ class TaskVector:
         except TaskArithError as exc:
             raise TaskArithError(f"{finetuned}: {exc}") from None
 
+    @classmethod
+    def from_peft(
+        cls,
+        folder: str | PathLike,
+        base: nn.Module,
+        *,
+        base_name: str | None = None,
+        ignore_base_name: bool = False,
+        task: str | None = None,
+    ) -> TaskVector:
+        """From a PEFT LoRA adapter folder trained on ``base``: scaling * B @ A per target module, keyed by
+        ``base``'s parameter names (:func:`taskarith.adapters.read_lora_adapter` says what is checked)."""
+        from taskarith.adapters import read_lora_adapter
+
+        read = read_lora_adapter(folder, base, base_name=base_name, ignore_base_name=ignore_base_name, task=task)
+        return cls(deltas=read.deltas, base_hash=read.base_hash, task=read.task, config=read.config)
+
     # persistence ----------------------------------------------------------------------------------
 
     def check_finite(self, destination: str | PathLike) -> None:
@@ -222,6 +242,14 @@ class TaskVector:
         from taskarith.hub import push_to_hub
 
         return push_to_hub(self, repo_id, **hub_options)
+
+    def save_peft(self, folder: str | PathLike, base: nn.Module, *, rank: int, **options: Any) -> LoraExport:
+        """Write a rank-``rank`` LoRA adapter folder for ``base`` by truncated SVD; returns the reconstruction
+        error (``base_model_name_or_path``, ``drop_non_matrix``, ``allow_linear``, ``overwrite``:
+        :func:`taskarith.adapters.save_lora_adapter`)."""
+        from taskarith.adapters import save_lora_adapter
+
+        return save_lora_adapter(self, folder, base, rank=rank, **options)
 
     # algebra --------------------------------------------------------------------------------------
 
