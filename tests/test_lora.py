@@ -429,3 +429,72 @@ def test_write_back_refuses_bad_ranks_and_parameters_the_base_lacks(tmp_path):
     with pytest.raises(TaskArithError, match="was built on base model"):
         tau.save_peft(tmp_path / "out", tiny_bert(seed=3), rank=2)
     assert not (tmp_path / "out").exists()
+
+
+# command line -----------------------------------------------------------------------------------------
+
+
+def test_cli_import_and_export_round_trip_through_peft(tmp_path, tiny_model_dir, cli):
+    base = BertModel.from_pretrained(tiny_model_dir).eval()
+    folder = adapter(tmp_path / "adapter", base, r=2, lora_alpha=4, target_modules=["query", "value"])
+    assert json.loads((folder / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    vector_file = tmp_path / "tau.safetensors"
+    code, stdout, stderr = cli("lora", "import", folder, "--base", tiny_model_dir, "--out", vector_file)
+    assert code == 0, stderr
+    assert f"wrote {vector_file}: adapter, 4 weights" in stdout
+    tau = TaskVector.load(vector_file)
+    assert (
+        tau.allclose(TaskVector.from_peft(folder, base))
+        and tau.base_hash == TaskVector.from_peft(folder, base).base_hash
+    )
+
+    code, stdout, stderr = cli(
+        "lora", "export", vector_file, "--base", tiny_model_dir, "--rank", 2, "--out", tmp_path / "out"
+    )
+    assert code == 0, stderr
+    assert "rank-2 LoRA adapter of 4 modules, relative error" in stdout and f"{QUERY}.weight: " in stdout
+    assert json.loads((tmp_path / "out" / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").merge_and_unload()
+    assert_same_weights(loaded, tau.apply_to(base))
+
+    again = tmp_path / "again.safetensors"
+    code, _, stderr = cli(
+        "lora", "import", tmp_path / "out", "--base", tiny_model_dir, "--base-name", "org/x", "-o", again
+    )
+    assert code == 2 and "error:" in stderr and "trained on base model" in stderr and "--ignore-base-name" in stderr
+    assert not again.exists()
+    code, _, stderr = cli(
+        "lora",
+        "import",
+        tmp_path / "out",
+        "--base",
+        tiny_model_dir,
+        "--base-name",
+        "org/x",
+        "--ignore-base-name",
+        "-o",
+        again,
+    )
+    assert code == 0, stderr
+    assert TaskVector.load(again).allclose(tau, atol=1e-5)
+
+
+def test_cli_export_drops_other_deltas_only_when_asked_and_reports_their_share(tmp_path, tiny_model_dir, cli):
+    base = BertModel.from_pretrained(tiny_model_dir).eval()
+    finetuned = copy.deepcopy(base)
+    with torch.no_grad():
+        finetuned.encoder.layer[0].attention.self.query.weight.add_(0.1)
+        finetuned.pooler.dense.bias.add_(0.1)
+    vector_file = tmp_path / "tau.safetensors"
+    TaskVector.from_models(base, finetuned).save(vector_file)
+    args = ("lora", "export", vector_file, "--base", tiny_model_dir, "--rank", 1, "--out", tmp_path / "out")
+    code, _, stderr = cli(*args)
+    assert code == 2 and "--drop-others" in stderr and "Traceback" not in stderr
+    code, stdout, stderr = cli(*args, "--drop-others")
+    assert code == 0, stderr
+    assert re.search(
+        r"dropped \d+ deltas LoRA cannot hold, \d+\.\d\d% of the vector's norm .*\n(  .*\n)*  pooler\.dense\.bias\n",
+        stdout,
+    )
+    code, _, stderr = cli("lora", "export", vector_file, "--base", tiny_model_dir, "--rank", 0, "--out", tmp_path / "x")
+    assert code == 2 and "--rank 0: must be at least 1" in stderr
