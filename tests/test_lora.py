@@ -498,3 +498,16 @@ def test_cli_export_drops_other_deltas_only_when_asked_and_reports_their_share(t
     )
     code, _, stderr = cli("lora", "export", vector_file, "--base", tiny_model_dir, "--rank", 0, "--out", tmp_path / "x")
     assert code == 2 and "--rank 0: must be at least 1" in stderr
+
+
+# documentation ----------------------------------------------------------------------------------------
+
+
+def test_the_example_of_docs_adapters_md_runs(tmp_path, monkeypatch, capsys):
+    page = (Path(__file__).parents[1] / "docs" / "adapters.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```python\n(.*?)^```$", page, flags=re.DOTALL | re.MULTILINE)
+    assert len(blocks) == 1, "docs/adapters.md should hold exactly one runnable python example"
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "docs/adapters.md", "exec"), {"__name__": "docs_adapters"})
+    assert re.fullmatch(r"relative error at rank 4: \d\.\de-\d\d\n", capsys.readouterr().out)
+    assert (tmp_path / "merged-adapter" / ADAPTER_CONFIG).is_file()
