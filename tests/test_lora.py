@@ -19,7 +19,7 @@ from taskarith.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_REPORT
 from taskarith.errors import TaskArithError
 from taskarith.merging import merge_task_vectors
 from taskarith.merging.methods import MERGE_METHODS
-from taskarith.vectors import TaskVector
+from taskarith.vectors import TaskVector, align
 
 # peft calls a deprecated transformers property when it wraps a model; the warning is theirs, not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -511,3 +511,40 @@ def test_the_example_of_docs_adapters_md_runs(tmp_path, monkeypatch, capsys):
     exec(compile(blocks[0], "docs/adapters.md", "exec"), {"__name__": "docs_adapters"})
     assert re.fullmatch(r"relative error at rank 4: \d\.\de-\d\d\n", capsys.readouterr().out)
     assert (tmp_path / "merged-adapter" / ADAPTER_CONFIG).is_file()
+
+
+def test_adapters_on_different_modules_merge_once_aligned(tmp_path):
+    base = tiny_bert()
+    tau_q = TaskVector.from_peft(adapter(tmp_path / "q", base, seed=1, r=2, target_modules=["query"]), base)
+    tau_v = TaskVector.from_peft(adapter(tmp_path / "v", base, seed=2, r=2, target_modules=["value"]), base)
+    with pytest.raises(TaskArithError, match="have different parameters"):
+        merge_task_vectors([tau_q, tau_v])
+    aligned = align([tau_q, tau_v], base)
+    assert aligned[0].base_hash == aligned[1].base_hash and aligned[0].deltas.keys() == aligned[1].deltas.keys()
+    merged = merge_task_vectors(aligned, "ties", density=1.0)
+    assert_same_weights(merged.apply_to(base), tau_v.apply_to(tau_q.apply_to(base), check_base=False))
+    with pytest.raises(TaskArithError, match="was built on base model"):
+        align([tau_q], tiny_bert(seed=4))
+
+
+class Nested(nn.Module):
+    """``inner.lin`` ends with ``.lin``: peft's suffix match of target_modules=["lin"] would adapt both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.inner = nn.Module()
+        self.inner.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.lin(self.lin(x))
+
+
+def test_target_modules_adapt_exactly_the_vector_modules_when_a_suffix_would_catch_more(tmp_path):
+    base = Nested()
+    tau = TaskVector(deltas={"lin.weight": torch.randn(4, 4, generator=torch.Generator().manual_seed(0))})
+    tau.save_peft(tmp_path / "out", base, rank=4)
+    assert json.loads((tmp_path / "out" / ADAPTER_CONFIG).read_text())["target_modules"] == "(lin)"
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out")
+    assert [name for name, _ in loaded.named_modules() if name.endswith("lora_A")] == ["base_model.model.lin.lora_A"]
+    assert_same_weights(loaded.merge_and_unload(), tau.apply_to(base))

@@ -310,8 +310,10 @@ def _same_name(recorded: str, given: str) -> bool:
     """The same string (trailing slashes aside), or two paths to one existing folder or file."""
     if recorded.rstrip("/") == given.rstrip("/"):
         return True
-    paths = [Path(name).expanduser() for name in (recorded, given)]
-    return all(path.exists() for path in paths) and os.path.samefile(*paths)
+    try:
+        return os.path.samefile(Path(recorded).expanduser(), Path(given).expanduser())
+    except (OSError, ValueError):  # not both existing paths; ValueError: a name holding a NUL byte
+        return False
 
 
 def _read_pairs(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -254,6 +254,11 @@ class TaskVector:
     # algebra --------------------------------------------------------------------------------------
 
     def _combine_meta(self, other: TaskVector) -> dict[str, Any]:
+        # Parameters first: a hash covers only the parameters a vector changes, so vectors of one base that
+        # change different parameters (adapters on different modules) also have different hashes.
+        _check_same_keys(
+            self.deltas, other.deltas, f"task vector {self.task or '?'}", f"task vector {other.task or '?'}"
+        )
         if self.base_hash and other.base_hash and self.base_hash != other.base_hash:
             raise TaskArithError(
                 f"cannot combine task vectors of different base models: "
@@ -264,9 +269,6 @@ class TaskVector:
                 f"cannot combine a {self.mode}-mode task vector ({self.task or '?'}) with a {other.mode}-mode one "
                 f"({other.task or '?'}): they edit different functions"
             )
-        _check_same_keys(
-            self.deltas, other.deltas, f"task vector {self.task or '?'}", f"task vector {other.task or '?'}"
-        )
         return {"base_hash": self.base_hash or other.base_hash, "mode": self.mode}
 
     def __add__(self, other: object) -> TaskVector:
@@ -395,6 +397,31 @@ def combine(vectors: Sequence[TaskVector], alphas: Sequence[float] | float = 1.0
     if len(coefficients) != len(vectors):
         raise TaskArithError(f"{len(vectors)} task vectors but {len(coefficients)} coefficients")
     return sum((a * tau for a, tau in zip(coefficients, vectors, strict=True)), start=0)  # type: ignore[return-value]
+
+
+def align(vectors: Sequence[TaskVector], base: nn.Module | Mapping[str, torch.Tensor]) -> list[TaskVector]:
+    """``vectors`` over the union of the parameters they change, zero where one leaves a parameter alone.
+
+    Each vector is first checked against ``base``; all then carry the hash of ``base`` over that union, so
+    vectors of one base that change different parameters (LoRA adapters on different modules) can be
+    combined and merged.
+    """
+    if not vectors:
+        raise TaskArithError("no task vectors to align")
+    state = base.state_dict() if isinstance(base, nn.Module) else dict(base)
+    keys = sorted(set().union(*(vector.deltas for vector in vectors)))
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise TaskArithError(f"the base model has no parameter {quoted(missing[0])} ({len(missing)} missing)")
+    for vector in vectors:
+        vector.check_base(state)
+    base_hash = state_hash({key: state[key] for key in keys})
+
+    def padded(vector: TaskVector) -> dict[str, torch.Tensor]:
+        zero = {key: torch.zeros(state[key].shape, dtype=state[key].dtype) for key in keys if key not in vector.deltas}
+        return {key: vector.deltas[key] if key in vector.deltas else zero[key] for key in keys}
+
+    return [replace(vector, deltas=padded(vector), base_hash=base_hash) for vector in vectors]
 
 
 def cosine_similarity_matrix(vectors: Sequence[TaskVector]) -> torch.Tensor:
