@@ -371,6 +371,7 @@ def edit_weights(folder: Path, edit) -> Path:
 
 A_KEY = f"base_model.model.{QUERY}.lora_A.weight"
 B_KEY = f"base_model.model.{QUERY}.lora_B.weight"
+EMBEDDINGS = "base_model.model.embeddings.word_embeddings"
 
 
 @pytest.mark.parametrize(
@@ -383,8 +384,14 @@ B_KEY = f"base_model.model.{QUERY}.lora_B.weight"
         (lambda t: t.__setitem__("pooler.dense.weight", torch.zeros(16, 16)), "is not a LoRA factor"),
         (lambda t: t.__setitem__(A_KEY, t[A_KEY].to(torch.int64)), "lora_A is torch.int64, not a float"),
         (lambda t: t.clear(), "holds no LoRA weights"),
+        (
+            lambda t: t.update(
+                {f"{EMBEDDINGS}.lora_A.weight": torch.ones(2, 30), f"{EMBEDDINGS}.lora_B.weight": torch.ones(16, 2)}
+            ),
+            "'embeddings.word_embeddings.weight' belongs to a layer of type Embedding: embedding LoRA is not supported",
+        ),
     ],
-    ids=["nan", "missing_b", "missing_a", "bias", "stray", "integer", "empty"],
+    ids=["nan", "missing_b", "missing_a", "bias", "stray", "integer", "empty", "embedding_pair"],
 )
 def test_damaged_weights_are_refused_naming_the_tensor(tmp_path, edit, message):
     base = tiny_bert()

@@ -401,10 +401,10 @@ def _match_names(folder: Path, modules: Sequence[str], params: set[str]) -> tupl
     heads = {module.split(".", 1)[0] for module in modules}
     if len(heads) == 1 and all("." in module for module in modules):
         head = heads.pop() + "."
-        candidates.append((f"without the leading {head!r}", head, ""))
+        candidates.append((f"without the leading {quoted(head)}", head, ""))
     tail = "." + modules[0] + ".weight"
     for prefix in sorted({name[: -len(tail) + 1] for name in params if name.endswith(tail)}):
-        candidates.append((f"under {prefix!r}", "", prefix))
+        candidates.append((f"under {quoted(prefix)}", "", prefix))
     fitting = [(rule, mapped) for rule, strip, add in candidates if (mapped := fits(strip, add)) is not None]
     if len(fitting) == 1:
         return fitting[0][1], fitting[0][0]
@@ -437,7 +437,10 @@ def _delta(
             f"{shown(folder)}: module {quoted(module)} has lora_A {tuple(lora_a.shape)} and lora_B "
             f"{tuple(lora_b.shape)}, but its configured rank is {r}"
         )
-    transposed = _layer_kind(base, param) == "Conv1D"
+    try:
+        transposed = _layer_kind(base, param) == "Conv1D"
+    except TaskArithError as exc:
+        raise TaskArithError(f"{shown(folder)}: module {quoted(module)}: {exc}") from None
     out_features, in_features = lora_b.shape[0], lora_a.shape[1]
     expected = (in_features, out_features) if transposed else (out_features, in_features)
     if tuple(weight.shape) != expected:
@@ -462,7 +465,7 @@ def _layer_kind(base: nn.Module, param: str) -> str:
     kind = type(layer).__name__
     what = {"Embedding": "embedding", "Conv1d": "convolution", "Conv2d": "convolution", "Conv3d": "convolution"}
     raise TaskArithError(
-        f"{quoted(param)} belongs to a {kind} layer: {what.get(kind, 'that')} LoRA is not supported "
+        f"{quoted(param)} belongs to a layer of type {kind}: {what.get(kind, 'that')} LoRA is not supported "
         "(taskarith handles LoRA on Linear and Conv1D layers)"
     )
 
