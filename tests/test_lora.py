@@ -422,6 +422,8 @@ def test_a_base_without_the_target_modules_or_of_other_shapes_is_refused(tmp_pat
         TaskVector.from_peft(folder, trained(base, target_modules=["key"]))
     with pytest.raises(TaskArithError, match="no adapter_config.json"):
         TaskVector.from_peft(tmp_path, base)
+    with pytest.raises(TaskArithError, match="the base must be a torch model, not a OrderedDict"):
+        TaskVector.from_peft(folder, base.state_dict())  # type: ignore[arg-type]
 
 
 def test_write_back_refuses_bad_ranks_and_parameters_the_base_lacks(tmp_path):

@@ -169,6 +169,7 @@ def read_lora_adapter(
     same architecture under the same name cannot be told apart. The returned ``base_hash`` is the hash of
     the base parameters the adapter changes, so the vector is later refused on any other base.
     """
+    _check_model(base)
     where = Path(folder)
     config = read_adapter_config(where)
     _check_base_name(where, config.base_model_name_or_path, base_name, ignore_base_name)
@@ -373,6 +374,12 @@ def _lora_key(path: Path, key: str) -> tuple[str, str]:
     )
 
 
+def _check_model(base: object) -> None:
+    if not isinstance(base, nn.Module):
+        hint = " (for a taskarith Pretrained, its .encoder)" if hasattr(base, "encoder") else ""
+        raise TaskArithError(f"the base must be a torch model{hint}, not a {type(base).__name__}")
+
+
 def _refuse_adapted_base(state: Mapping[str, torch.Tensor]) -> None:
     adapted = next((name for name in state if ".lora_A." in name or ".lora_B." in name), None)
     if adapted is not None:
@@ -493,6 +500,7 @@ def save_lora_adapter(
     linearized model, not the weights, so it is refused unless ``allow_linear``. ``inputs`` are
     ``(role, path)`` pairs the folder must not touch (taskarith.outputs).
     """
+    _check_model(base)
     inputs = list(inputs)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
         raise TaskArithError(f"rank {quoted(rank)}: must be an integer from 1 to {MAX_RANK}")
