@@ -1239,6 +1239,111 @@ def demo(
     out.print(f"results: {shown(out_dir / 'results.json')}, {shown(out_dir / 'results.md')}")
 
 
+# PEFT LoRA adapters ----------------------------------------------------------------------------------
+
+lora_app = typer.Typer(
+    no_args_is_help=True, help="PEFT LoRA adapters: read one as a task vector, write a task vector as one."
+)
+app.add_typer(lora_app, name="lora")
+
+LoraBaseOption = Annotated[
+    str,
+    typer.Option("--base", help="Base model: a Hugging Face folder or hub id, loaded as --model is elsewhere."),
+]
+BaseNameOption = Annotated[
+    str | None,
+    typer.Option(
+        "--base-name", help="The base's name, as adapters record it (base_model_name_or_path); default --base."
+    ),
+]
+
+
+def _lora_base(base: str) -> Any:
+    # Adapters are read and written without tokenizing anything, so the shortest max length is checked.
+    return _load_model(base, "cpu", max_length=1).encoder
+
+
+@lora_app.command("import")
+def lora_import(
+    adapter: Annotated[
+        Path, typer.Argument(help="PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors).")
+    ],
+    base: LoraBaseOption,
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="Task vector file to write (.safetensors).")],
+    base_name: BaseNameOption = None,
+    ignore_base_name: Annotated[
+        bool, typer.Option("--ignore-base-name", help="Read the adapter even if it records another base's name.")
+    ] = False,
+    task: Annotated[str | None, typer.Option(help="Task name (default: the adapter folder's name).")] = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Write the task vector a LoRA adapter makes: scaling * B @ A per module, keyed by the base's parameters."""
+    from taskarith.outputs import check_output, output_file
+    from taskarith.vectors import FORMAT, TaskVector
+
+    inputs = [("adapter", str(adapter)), *_existing("base model", base)]
+    check_output(out_file, inputs, overwrite=overwrite, format=FORMAT, folder=False)
+    tau = TaskVector.from_peft(
+        adapter, _lora_base(base), base_name=base_name or base, ignore_base_name=ignore_base_name, task=task
+    )
+    with output_file(out_file, inputs, overwrite=overwrite, format=FORMAT) as tmp:
+        tau.save(tmp)
+    out.print(f"wrote {shown(out_file)}: {shown(tau.task)}, {len(tau.deltas)} weights (norm {tau.norm():.4f})")
+
+
+@lora_app.command("export")
+def lora_export(
+    vector: Annotated[Path, typer.Argument(help="Task vector file (.safetensors) built on --base.")],
+    base: LoraBaseOption,
+    rank: Annotated[int, typer.Option("--rank", "-r", help="Rank of every LoRA pair (truncated SVD).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to write.")],
+    base_name: BaseNameOption = None,
+    drop_others: Annotated[
+        bool,
+        typer.Option("--drop-others", help="Leave out deltas LoRA cannot hold (biases, LayerNorms, embeddings)."),
+    ] = False,
+    allow_linear: Annotated[
+        bool,
+        typer.Option(
+            "--allow-linear", help="Write a linear-mode vector too (added to weights it is another function)."
+        ),
+    ] = False,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Write a task vector as a rank-R LoRA adapter folder (peft.PeftModel.from_pretrained loads it)."""
+    from taskarith.adapters import ADAPTER_FOLDER_FORMAT
+    from taskarith.outputs import check_output
+    from taskarith.vectors import TaskVector
+
+    _at_least("--rank", rank)
+    inputs = [("task vector", str(vector)), *_existing("base model", base)]
+    check_output(out_dir, inputs, overwrite=overwrite, format=ADAPTER_FOLDER_FORMAT, folder=True)
+    tau = TaskVector.load(vector)
+    report = tau.save_peft(
+        out_dir,
+        _lora_base(base),
+        rank=rank,
+        base_model_name_or_path=base_name or base,
+        drop_non_matrix=drop_others,
+        allow_linear=allow_linear,
+        overwrite=overwrite,
+        inputs=inputs,
+    )
+    out.print(
+        f"wrote {shown(out_dir)}: rank-{rank} LoRA adapter of {len(report.errors)} modules, "
+        f"relative error {report.error:.4g} (||delta - delta_r||_F / ||delta||_F)"
+    )
+    for name, error in report.errors.items():
+        out.print(f"  {shown(name)}: {error:.4g}")
+    if report.dropped:
+        out.print(
+            f"dropped {len(report.dropped)} deltas LoRA cannot hold, {100 * report.dropped_norm_fraction:.2f}% of "
+            "the vector's norm (||dropped||_F / ||vector||_F):"
+        )
+        for name in report.dropped:
+            out.print(f"  {shown(name)}")
+
+
 def main() -> None:
     try:
         app()

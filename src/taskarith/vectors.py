@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from os import PathLike
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ LEGACY_PENALTY_FORMS = {
     "averaged K-FAC-reduce factors of the unnormalized embedding, or kfac/2, TAK's)",
 }
 MODES = ("standard", "linear")
+
+if TYPE_CHECKING:
+    from taskarith.adapters import LoraExport
 
 Base = TypeVar("Base", nn.Module, dict)
 
@@ -139,6 +142,23 @@ class TaskVector:
         except TaskArithError as exc:
             raise TaskArithError(f"{finetuned}: {exc}") from None
 
+    @classmethod
+    def from_peft(
+        cls,
+        folder: str | PathLike,
+        base: nn.Module,
+        *,
+        base_name: str | None = None,
+        ignore_base_name: bool = False,
+        task: str | None = None,
+    ) -> TaskVector:
+        """From a PEFT LoRA adapter folder trained on ``base``: scaling * B @ A per target module, keyed by
+        ``base``'s parameter names (:func:`taskarith.adapters.read_lora_adapter` says what is checked)."""
+        from taskarith.adapters import read_lora_adapter
+
+        read = read_lora_adapter(folder, base, base_name=base_name, ignore_base_name=ignore_base_name, task=task)
+        return cls(deltas=read.deltas, base_hash=read.base_hash, task=read.task, config=read.config)
+
     # persistence ----------------------------------------------------------------------------------
 
     def check_finite(self, destination: str | PathLike) -> None:
@@ -223,9 +243,22 @@ class TaskVector:
 
         return push_to_hub(self, repo_id, **hub_options)
 
+    def save_peft(self, folder: str | PathLike, base: nn.Module, *, rank: int, **options: Any) -> LoraExport:
+        """Write a rank-``rank`` LoRA adapter folder for ``base`` by truncated SVD; returns the reconstruction
+        error (``base_model_name_or_path``, ``drop_non_matrix``, ``allow_linear``, ``overwrite``:
+        :func:`taskarith.adapters.save_lora_adapter`)."""
+        from taskarith.adapters import save_lora_adapter
+
+        return save_lora_adapter(self, folder, base, rank=rank, **options)
+
     # algebra --------------------------------------------------------------------------------------
 
     def _combine_meta(self, other: TaskVector) -> dict[str, Any]:
+        # Parameters first: a hash covers only the parameters a vector changes, so vectors of one base that
+        # change different parameters (adapters on different modules) also have different hashes.
+        _check_same_keys(
+            self.deltas, other.deltas, f"task vector {self.task or '?'}", f"task vector {other.task or '?'}"
+        )
         if self.base_hash and other.base_hash and self.base_hash != other.base_hash:
             raise TaskArithError(
                 f"cannot combine task vectors of different base models: "
@@ -236,9 +269,6 @@ class TaskVector:
                 f"cannot combine a {self.mode}-mode task vector ({self.task or '?'}) with a {other.mode}-mode one "
                 f"({other.task or '?'}): they edit different functions"
             )
-        _check_same_keys(
-            self.deltas, other.deltas, f"task vector {self.task or '?'}", f"task vector {other.task or '?'}"
-        )
         return {"base_hash": self.base_hash or other.base_hash, "mode": self.mode}
 
     def __add__(self, other: object) -> TaskVector:
@@ -367,6 +397,31 @@ def combine(vectors: Sequence[TaskVector], alphas: Sequence[float] | float = 1.0
     if len(coefficients) != len(vectors):
         raise TaskArithError(f"{len(vectors)} task vectors but {len(coefficients)} coefficients")
     return sum((a * tau for a, tau in zip(coefficients, vectors, strict=True)), start=0)  # type: ignore[return-value]
+
+
+def align(vectors: Sequence[TaskVector], base: nn.Module | Mapping[str, torch.Tensor]) -> list[TaskVector]:
+    """``vectors`` over the union of the parameters they change, zero where one leaves a parameter alone.
+
+    Each vector is first checked against ``base``; all then carry the hash of ``base`` over that union, so
+    vectors of one base that change different parameters (LoRA adapters on different modules) can be
+    combined and merged.
+    """
+    if not vectors:
+        raise TaskArithError("no task vectors to align")
+    state = base.state_dict() if isinstance(base, nn.Module) else dict(base)
+    keys = sorted(set().union(*(vector.deltas for vector in vectors)))
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise TaskArithError(f"the base model has no parameter {quoted(missing[0])} ({len(missing)} missing)")
+    for vector in vectors:
+        vector.check_base(state)
+    base_hash = state_hash({key: state[key] for key in keys})
+
+    def padded(vector: TaskVector) -> dict[str, torch.Tensor]:
+        zero = {key: torch.zeros(state[key].shape, dtype=state[key].dtype) for key in keys if key not in vector.deltas}
+        return {key: vector.deltas[key] if key in vector.deltas else zero[key] for key in keys}
+
+    return [replace(vector, deltas=padded(vector), base_hash=base_hash) for vector in vectors]
 
 
 def cosine_similarity_matrix(vectors: Sequence[TaskVector]) -> torch.Tensor:
