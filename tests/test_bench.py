@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -14,6 +15,7 @@ import torch
 from taskarith.cli import main
 from taskarith.data import task_from_file
 from taskarith.display import Output, StageProgress
+from taskarith.errors import TaskArithError
 from taskarith.evaluate import (
     EditedOutputs,
     control_constrained_alpha,
@@ -563,3 +565,44 @@ def test_bench_progress_bars_on_a_terminal_plain_lines_elsewhere(tmp_path, pretr
     else:  # plain stage lines with the share done and the time left, no bar
         assert "%|" not in err and "\r" not in err
         assert re.search(r"^> evaluating linear_taujp \(seed 1\)  \[\d+% done, about \d+ s left\]$", err, re.M)
+
+
+def test_opt_in_attention_and_orthoreg_methods_run_beside_the_others(tmp_path, pretrained, suite):
+    colours, sizes, moods = suite
+    methods = ("standard", "attention_only", "attention_only_taujp", "standard_orthoreg")
+    profile = BenchProfile(
+        tasks=(colours.name, sizes.name),
+        control=moods.name,
+        methods=methods,
+        steps=2,
+        batch_size=8,
+        lr=3e-3,
+        eval_limit=None,
+        xi_limit=5,
+        xi_grid=(0.0,),
+        alpha_grid=(0.5, 1.0),
+        negation_grid=(1.0,),
+        incremental_methods=(),
+        reg_strengths={"taujp": (0.1,), "orthoreg": (0.01,)},
+    )
+    assert not set(methods[1:]) & set(BenchProfile(tasks=("a", "b"), control="c").methods)  # opt-in only
+    result = run_bench(pretrained, [colours, sizes], moods, profile, tmp_path / "cache")
+    assert set(methods) <= set(result["summary"])
+    assert all(result["summary"][m]["addition_alpha_1_accuracy"]["mean"] > 0 for m in methods)
+    records = [json.loads((d / "run.json").read_text()) for d in (tmp_path / "cache" / "vectors").iterdir()]
+    orthoreg = [r["config"] for r in records if r["config"]["regularizer"] == "orthoreg"]
+    assert orthoreg and all(c["reg_tasks"] == [] and c["reg_strength"] == 0.01 for c in orthoreg)
+    attention = [r["config"] for r in records if r["config"].get("trainable") == "attention"]
+    assert {c["regularizer"] for c in attention} == {None, "taujp"}
+
+
+def test_attention_methods_are_refused_up_front_on_a_model_without_attention(tmp_path, pretrained, suite):
+    colours, sizes, moods = suite
+    profile = BenchProfile(
+        tasks=(colours.name, sizes.name), control=moods.name, methods=("attention_only",), incremental_methods=()
+    )
+    no_attention = copy.copy(pretrained)
+    no_attention.encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    with pytest.raises(TaskArithError, match="no attention projections"):
+        run_bench(no_attention, [colours, sizes], moods, profile, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "vectors").exists()

@@ -39,6 +39,7 @@ from taskarith.merging.hyperparameters import check_method
 from taskarith.merging.methods import merge_task_vectors
 from taskarith.models import Pretrained
 from taskarith.regularizers import PUBLISHED_STRENGTH
+from taskarith.training import trainable_parameters
 from taskarith.vectors import TaskVector
 
 # A method is how a task vector is fine-tuned: FinetuneConfig fields on top of the profile's, plus
@@ -55,7 +56,16 @@ METHODS: dict[str, dict[str, Any]] = {
     # Beyond the papers: tau-Jp in standard mode (the released code cannot run it), and the squared form.
     "standard_taujp": {"mode": "standard", "regularizer": "taujp"},
     "linear_taujp_sq": {"mode": "linear", "regularizer": "taujp_sq"},
+    # Opt-in (not in DEFAULT_METHODS): cheaper routes to disentanglement without a JVP. Attention-only
+    # fine-tuning (Jin et al., ICLR 2025), with tau-Jp on top, and OrthoReg (Liu et al., CVPR 2026), which
+    # needs no other task's data; only for models with attention (not the embedded EfficientNet).
+    "attention_only": {"mode": "standard", "trainable": "attention"},
+    "attention_only_taujp": {"mode": "standard", "trainable": "attention", "regularizer": "taujp"},
+    "standard_orthoreg": {"mode": "standard", "regularizer": "orthoreg"},
+    "attention_only_orthoreg": {"mode": "standard", "trainable": "attention", "regularizer": "orthoreg"},
 }
+# Regularizers that need nothing of the other tasks: their runs name no protected tasks or factor files.
+DATALESS_REGULARIZERS = ("orthoreg", "orthoreg_sq")
 DEFAULT_METHODS = ("standard", "linear", "posthoc", "linear_taujp", "linear_kfac")
 LAMBDA_CRITERION = (
     "mean validation accuracy of the sum at alpha = 1, each task over its unregularized vector's "
@@ -63,9 +73,14 @@ LAMBDA_CRITERION = (
 )
 
 
+# OrthoReg's lambda has no published value (the paper searches [0.1, 100] on validation): a grid the bench
+# chooses from, ten times apart, over the lower end of that range.
+ORTHOREG_GRID = (0.1, 1.0, 10.0)
+
+
 def _published_strengths() -> dict[str, tuple[float, ...]]:
     # One value: no selection. taujp_sq has no published strength; its grid must come from the profile.
-    return {name: (value,) for name, value in PUBLISHED_STRENGTH.items()}
+    return {**{name: (value,) for name, value in PUBLISHED_STRENGTH.items()}, "orthoreg": ORTHOREG_GRID}
 
 
 @dataclass(frozen=True)
@@ -293,7 +308,9 @@ class Suite:
             settings.pop("regularizer", None)  # nothing to protect: the run is the plain one (and shares its cache)
         else:
             settings["reg_strength"] = strength if strength is not None else self.strength(method)
-            if regularizer == "kfac":
+            if regularizer in DATALESS_REGULARIZERS:
+                pass
+            elif regularizer == "kfac":
                 settings["reg_factors"] = tuple(str(self.kfac_file(t)) for t in protected)
             else:
                 settings.update(
@@ -765,6 +782,9 @@ def run_bench(
         on_stage = progress.stage
     bars = progress is not None and progress.bars
     suite = Suite(pretrained, list(tasks), control, profile, Path(cache_dir), on_stage, progress=bars)
+    for method in {*profile.methods, *profile.incremental_methods, profile.checkpoint_method}:
+        # A subset the model does not have (attention on a CNN) is refused now, not after the other methods ran.
+        trainable_parameters(pretrained.encoder, METHODS[method].get("trainable"), model_name=pretrained.name)
     ntk_models: dict[str, Pretrained] = {}
     if ntk_examples:  # built and checked now, so a study that cannot run fails before the fine-tuning, not after
         from taskarith.models import reinitialized
