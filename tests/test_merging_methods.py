@@ -16,6 +16,7 @@ from taskarith.merging.methods import (
     DEFAULTS,
     HYPERPARAMETERS,
     MERGE_METHODS,
+    STATISTICS_METHODS,
     breadcrumbs,
     check_hyperparameters,
     consensus,
@@ -253,8 +254,8 @@ def test_tsv_components_refuse_vectors():
 
 
 def test_every_method_has_defaults():
-    assert set(MERGE_METHODS) == set(DEFAULTS) == set(HYPERPARAMETERS)
-    for name in MERGE_METHODS:
+    assert set(MERGE_METHODS) | set(STATISTICS_METHODS) == set(DEFAULTS) == set(HYPERPARAMETERS)
+    for name in DEFAULTS:
         assert check_hyperparameters(name, {}) == DEFAULTS[name]
 
 

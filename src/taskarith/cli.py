@@ -584,6 +584,12 @@ def merge(
     assignments: Annotated[
         list[str] | None, typer.Option("--set", help="Hyper-parameter KEY=VALUE (repeatable), e.g. --set density=0.2.")
     ] = None,
+    statistics: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--statistics", help="regmean/fisher: statistics file of each --model or --vector, in order (repeatable)."
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for randomised methods (DARE).")] = None,
     out_path: Annotated[
         Path | None,
@@ -610,6 +616,15 @@ def merge(
         return
     models = tuple(Source(str(p), w) for p, w in (_parse_weighted(spec, 1.0) for spec in finetuned or []))
     vectors = tuple(Source(str(p), w) for p, w in (_parse_weighted(spec, 1.0) for spec in vector or []))
+    if statistics:
+        given = models or vectors
+        if len(statistics) != len(given):
+            raise TaskArithError(
+                f"{len(statistics)} --statistics files for {len(given)} --model/--vector sources: give one per "
+                "source, in order (a recipe names them per model)"
+            )
+        paired = tuple(replace(source, statistics=file) for source, file in zip(given, statistics, strict=True))
+        models, vectors = (paired, vectors) if models else (models, paired)
     overrides = dict(
         method=method,
         base_model=base,
@@ -636,6 +651,68 @@ def merge(
         summary = run_recipe(plan, overwrite=overwrite, on_tensor=advance)
     out.print(
         f"wrote {shown(summary['out'])} ({plan.method}, {json.dumps(summary['hyperparameters'], sort_keys=True)})"
+    )
+
+
+@app.command()
+def statistics(
+    task: Annotated[
+        str, typer.Argument(help="Task whose training inputs make the statistics (built-in name or file).")
+    ],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="Statistics file to write (.safetensors).")],
+    vector: Annotated[
+        Path | None, typer.Option("--vector", "-v", help="Task vector of the fine-tuned model (default: the base).")
+    ] = None,
+    gram: Annotated[
+        bool, typer.Option("--gram/--no-gram", help="RegMean's Gram matrices of linear-layer inputs.")
+    ] = True,
+    fisher: Annotated[bool, typer.Option("--fisher/--no-fisher", help="Fisher merging's diagonal Fisher.")] = True,
+    num_examples: Annotated[int, typer.Option(help="Training inputs used (FusionBench: 256).")] = 256,
+    fisher_kind: Annotated[
+        str, typer.Option(help="sampled (y ~ the model, once per example), expected (all classes) or empirical.")
+    ] = "sampled",
+    activations: Annotated[
+        str, typer.Option(help="Gram of the finetuned model's layer inputs (RegMean) or the pretrained one's.")
+    ] = "finetuned",
+    seed: int = 0,
+    model: ModelOption = "all-MiniLM-L6-v2",
+    overwrite: OverwriteOption = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Per-layer statistics of a fine-tuned model on its task for `merge --method regmean/fisher --statistics`."""
+    from taskarith.data import load_task
+    from taskarith.merging.statistics import FORMAT, compute_merge_statistics
+    from taskarith.outputs import check_output, output_file
+    from taskarith.vectors import TaskVector
+
+    _at_least("--num-examples", num_examples)
+    _check_seed("--seed", seed)
+    inputs = [*_existing("task", task), *_existing("model", model), *_existing("task vector", vector)]
+    check_output(out_file, inputs, overwrite=overwrite, format=FORMAT, folder=False)  # before the computation
+    loaded = load_task(task)
+    tau = TaskVector.load(vector) if vector is not None else None
+    pretrained = _load_model(model, device)
+    with err.status("computing merge statistics"):
+        result = compute_merge_statistics(
+            pretrained,
+            loaded,
+            tau,
+            gram=gram,
+            fisher=fisher,
+            num_examples=num_examples,
+            seed=seed,
+            activations=activations,
+            fisher_kind=fisher_kind,
+        )
+    with output_file(out_file, inputs, overwrite=overwrite, format=FORMAT) as tmp:
+        result.save(tmp)
+    parts = [
+        f"{len(result.gram)} Grams" if result.gram else "",
+        f"{result.fisher_kind} Fisher" if result.fisher else "",
+    ]
+    out.print(
+        f"wrote {shown(out_file)}: {' and '.join(p for p in parts if p)} of {shown(loaded.name)} "
+        f"({result.examples} examples)"
     )
 
 

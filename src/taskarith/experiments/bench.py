@@ -35,7 +35,7 @@ from taskarith.evaluate import (
 from taskarith.experiments.claims import ledger
 from taskarith.experiments.stats import correlation, off_diagonal
 from taskarith.finetune import FinetuneConfig, finetune_cached, run_key
-from taskarith.merging.hyperparameters import check_method
+from taskarith.merging.hyperparameters import STATISTICS, check_method
 from taskarith.merging.methods import merge_task_vectors
 from taskarith.models import Pretrained
 from taskarith.regularizers import PUBLISHED_STRENGTH
@@ -128,7 +128,12 @@ class BenchProfile:
         if unknown:
             raise TaskArithError(f"unknown methods {unknown} (known: {', '.join(METHODS)})")
         for name in self.merge_methods:
-            check_method(name)
+            if check_method(name) in STATISTICS:
+                # The bench would need per-task statistics of every vector (standard mode only); not wired yet.
+                raise TaskArithError(
+                    f"bench merging method '{name}' needs statistics files, which the bench does not compute: "
+                    "merge with `taskarith statistics` and `taskarith merge --statistics` instead"
+                )
         if len(self.tasks) < 2:
             raise TaskArithError(f"the protocol needs at least two tasks, got {list(self.tasks)}")
         if self.control in self.tasks:

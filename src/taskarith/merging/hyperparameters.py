@@ -2,7 +2,8 @@
 
 Kept apart from the methods themselves (torch code) so that the command line and the streaming merge
 can list and validate methods without importing torch. Every method of
-:data:`taskarith.merging.methods.MERGE_METHODS` has an entry here, and no other.
+:data:`taskarith.merging.methods.MERGE_METHODS` and :data:`~taskarith.merging.methods.STATISTICS_METHODS`
+has an entry here, and no other; :data:`METHOD_KINDS` says which kind each is.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from dataclasses import dataclass
 from taskarith.display import quoted
 from taskarith.errors import TaskArithError
 
-__all__ = ["DEFAULTS", "HYPERPARAMETERS", "Hyperparameter", "check_hyperparameters", "check_method"]
+__all__ = [
+    "DEFAULTS",
+    "HYPERPARAMETERS",
+    "METHOD_KINDS",
+    "STATISTICS",
+    "Hyperparameter",
+    "check_hyperparameters",
+    "check_method",
+]
 
 
 @dataclass(frozen=True)
@@ -78,7 +87,29 @@ HYPERPARAMETERS: dict[str, dict[str, Hyperparameter]] = {
         "scaling": _SCALING,
     },
     "tsv": {"scaling": _SCALING},
+    "regmean": {
+        "alpha": Hyperparameter(
+            0.95, low=0.0, high=1.0, meaning="off-diagonal Gram entries times alpha (reduce_non_diagonal_ratio)"
+        ),
+        "gram_mean": Hyperparameter(
+            1, low=0.0, high=1.0, integer=True, meaning="1: each Gram divided by its token count; 0: sums"
+        ),
+    },
+    "fisher": {
+        "epsilon": Hyperparameter(1e-6, low=0.0, meaning="added to every Fisher entry (minimal_fisher_weight)"),
+        "normalize": Hyperparameter(
+            0, low=0.0, high=1.0, integer=True, meaning="1: each model's Fisher scaled by 1 / its L2 norm"
+        ),
+    },
 }
+
+# What each method needs besides the deltas of one tensor: "tensor" (nothing: data-free, per tensor),
+# "statistics" (per-layer statistics files, one per model: methods.STATISTICS_METHODS), "learned" (the
+# vectors, the model and unlabeled inputs; their own modules in taskarith.merging).
+METHOD_KINDS: dict[str, str] = {
+    method: "statistics" if method in ("regmean", "fisher") else "tensor" for method in HYPERPARAMETERS
+}
+STATISTICS = frozenset(m for m, kind in METHOD_KINDS.items() if kind == "statistics")
 
 DEFAULTS: dict[str, dict[str, float]] = {
     method: {key: spec.default for key, spec in specs.items()} for method, specs in HYPERPARAMETERS.items()
@@ -107,14 +138,23 @@ def _number(method: str, key: str, raw: object, spec: Hyperparameter) -> float:
     return int(value) if spec.integer else value
 
 
-def check_hyperparameters(name: str, params: Mapping[str, object], *, models: int | None = None) -> dict[str, float]:
+def check_hyperparameters(
+    name: str, params: Mapping[str, object], *, models: int | None = None, statistics: bool | None = None
+) -> dict[str, float]:
     """The method's full hyper-parameters: ``params`` validated, the rest filled from :data:`DEFAULTS`.
 
     Raises :class:`TaskArithError` for an unknown method, an unknown key (listing the accepted ones),
     or a value out of range (naming key and value). ``models``, the number of models or vectors merged
-    when known, bounds the values that count them.
+    when known, bounds the values that count them; ``statistics``, whether statistics files are given
+    (when known), must match what the method needs.
     """
     specs = HYPERPARAMETERS[check_method(name)]
+    if statistics is not None and statistics != (name in STATISTICS):
+        raise TaskArithError(
+            f"merging method '{name}' needs one statistics file per model (`taskarith statistics`)"
+            if name in STATISTICS
+            else f"merging method '{name}' uses no statistics; they are for {', '.join(sorted(STATISTICS))}"
+        )
     unknown = sorted(str(key) for key in params if key not in specs)
     if unknown:
         raise TaskArithError(

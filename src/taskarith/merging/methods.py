@@ -28,10 +28,22 @@ Conventions shared by every method:
 
 A new method is one function, one entry in :data:`MERGE_METHODS` and one in
 :data:`HYPERPARAMETERS`.
+
+Three kinds of method, one home each (:data:`taskarith.merging.hyperparameters.METHOD_KINDS` says which is
+which):
+
+* per-tensor, data-free: ``method(deltas, *, generator, **hyper)`` in :data:`MERGE_METHODS`;
+* statistics-dependent: ``method(name, deltas, statistics, **hyper)`` in :data:`STATISTICS_METHODS`, where
+  ``statistics`` holds one :class:`~taskarith.merging.statistics.TensorStatistics` per model for the tensor
+  ``name`` (RegMean, Fisher merging). Still one tensor at a time, so they stream too;
+* learned: they need the vectors, the model and unlabeled inputs at once, so they are not per-tensor
+  functions; each lives in its own module of :mod:`taskarith.merging` (AdaMerging: ``adamerging.py``),
+  registered with the kind "learned".
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -47,12 +59,21 @@ from taskarith.merging.hyperparameters import (
     check_hyperparameters,
     check_method,
 )
+from taskarith.merging.statistics import (
+    MergeStatistics,
+    TensorStatistics,
+    check_base_hash,
+    check_statistics,
+    load_statistics,
+    tensor_names,
+)
 from taskarith.vectors import TaskVector
 
 __all__ = [
     "DEFAULTS",
     "HYPERPARAMETERS",
     "MERGE_METHODS",
+    "STATISTICS_METHODS",
     "Hyperparameter",
     "MergeMethod",
     "breadcrumbs",
@@ -60,10 +81,12 @@ __all__ = [
     "consensus",
     "dare",
     "dare_ties",
+    "fisher",
     "get_merge_method",
     "merge_task_vectors",
     "merged_delta",
     "parameter_generator",
+    "regmean",
     "task_arithmetic",
     "task_singular_components",
     "ties",
@@ -349,8 +372,129 @@ def tsv(
     return _finish(scaling * merged, deltas[0])
 
 
+# statistics-dependent methods -----------------------------------------------------------------
+
+
+def _solve_psd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """matrix⁻¹ rhs for a symmetric positive semi-definite matrix, in float64; on its range only when it is
+    singular (the minimum-norm least-squares solution), so a singular Gram never yields Inf or NaN.
+
+    Cholesky when the matrix is positive definite; otherwise an eigendecomposition whose eigenvalues below
+    n · eps · the largest count as zero (the pseudo-inverse's cut-off, numpy.linalg.pinv's rcond).
+    """
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, factor)
+    values, vectors = torch.linalg.eigh(matrix)
+    cutoff = values.abs().max().clamp_min(0) * matrix.shape[0] * torch.finfo(matrix.dtype).eps
+    keep = values > cutoff
+    if not bool(keep.any()):
+        return torch.zeros_like(rhs)
+    basis = vectors[:, keep]
+    return basis @ ((basis.T @ rhs) / values[keep].unsqueeze(1))
+
+
+def regmean(
+    name: str,
+    deltas: Sequence[torch.Tensor],
+    statistics: Sequence[TensorStatistics],
+    *,
+    alpha: float = 0.95,
+    gram_mean: int = 1,
+) -> torch.Tensor:
+    """RegMean: per linear layer, the weights whose outputs on every task's inputs are closest to that task's.
+
+    Jin, Ren, Preotiuc-Pietro, Cheng, "Dataless Knowledge Fusion by Merging Weights of Language Models",
+    ICLR 2023, arXiv:2212.09849. For a weight W of a layer y = x Wᵀ with input Grams G_t = Σ x xᵀ,
+    W* = (Σ_t G̃_t)⁻¹ Σ_t G̃_t W_t (acting on Wᵀ), the minimiser of Σ_t ‖X_t W*ᵀ − X_t W_tᵀ‖² when
+    ``alpha`` = 1. G̃_t = alpha · G_t + (1 − alpha) · diag(G_t) shrinks the off-diagonal entries (the
+    paper's alpha, ``reduce_non_diagonal_ratio`` in its code and in FusionBench, whose CLIP default 0.95
+    is this default). ``gram_mean`` = 1 divides each G_t by its number of input rows first, as the
+    official code and FusionBench do (every task then counts equally, whatever its number of tokens);
+    0 keeps the sums (the objective above, where a task with more tokens weighs more).
+
+    Computed on the deltas, which is the same merge: W* = θ0 + τ̄ + (Σ G̃)⁻¹ Σ G̃_t (τ_t − τ̄), τ̄ the
+    mean delta, solved in float64. Written around the mean so that where Σ G̃ is singular (an input
+    direction no task's data reached, fewer rows than inputs) the solution on its range is kept and the
+    plain average is taken in the directions nothing reached: finite, never NaN. Tensors without a Gram
+    (biases, LayerNorm, embeddings, convolutions) are averaged, as in the paper.
+    """
+    stacked = _stack(deltas)
+    grams = [s.gram for s in statistics]
+    if all(g is None for g in grams):
+        return _finish(stacked.mean(dim=0), deltas[0])
+    if any(g is None for g in grams) or stacked.dim() != 3:
+        raise TaskArithError(
+            f"RegMean needs the Gram of '{name}' for every model or for none, and a 2-D weight "
+            f"(got {sum(g is not None for g in grams)} of {len(grams)} Grams, shape {tuple(stacked.shape[1:])})"
+        )
+    # Column-major views: D_t is (inputs, outputs), so that y = x D_t.
+    columns = stacked if statistics[0].transposed else stacked.transpose(1, 2)
+    columns = columns.double()
+    mean = columns.mean(dim=0)
+    total = torch.zeros(columns.shape[1], columns.shape[1], dtype=torch.float64, device=columns.device)
+    rhs = torch.zeros_like(mean)
+    for stats, delta in zip(statistics, columns, strict=True):
+        gram = stats.gram.to(device=columns.device, dtype=torch.float64)  # type: ignore[union-attr]  # checked above
+        if tuple(gram.shape) != (columns.shape[1], columns.shape[1]):
+            raise TaskArithError(
+                f"the Gram of '{name}' is {tuple(gram.shape)}; the weight takes {columns.shape[1]} inputs"
+            )
+        if gram_mean:
+            gram = gram / max(stats.tokens, 1)
+        if alpha != 1.0:
+            gram = alpha * gram + (1.0 - alpha) * torch.diag(torch.diagonal(gram))
+        total += gram
+        rhs += gram @ (delta - mean)
+    merged = mean + _solve_psd(total, rhs)
+    merged = merged if statistics[0].transposed else merged.T
+    return _finish(merged.to(stacked.dtype), deltas[0])
+
+
+def fisher(
+    name: str,
+    deltas: Sequence[torch.Tensor],
+    statistics: Sequence[TensorStatistics],
+    *,
+    epsilon: float = 1e-6,
+    normalize: int = 0,
+) -> torch.Tensor:
+    """Fisher merging: the average of the models weighted, entry by entry, by their diagonal Fisher.
+
+    Matena, Raffel, "Merging Models with Fisher-Weighted Averaging", NeurIPS 2022, arXiv:2111.09832.
+    θ* = Σ_t F̂_t θ_t / Σ_t F̂_t with F̂_t = F_t + ``epsilon`` (FusionBench's ``minimal_fisher_weight``,
+    1e-6; the official code's fisher_floor / fisher_smooth): an entry no model's Fisher weighs gets the
+    plain average rather than 0/0, and with ``epsilon`` = 0 such entries (Σ_t F_t = 0) fall back to the
+    average explicitly. ``normalize`` = 1 first scales each model's F̂_t by c_t ∝ 1 / (‖F_t‖ + epsilon),
+    ‖F_t‖ the L2 norm of the model's whole Fisher, Σ c_t = 1 (FusionBench's ``normalize_fisher_weight``,
+    on in its CLIP configuration; off in the paper). Computed on the deltas, the same merge.
+    """
+    stacked = _stack(deltas)
+    fishers = [s.fisher for s in statistics]
+    if any(f is None for f in fishers):
+        raise TaskArithError(f"Fisher merging needs the Fisher of '{name}' for every model")
+    weights = torch.stack([f.to(device=stacked.device, dtype=stacked.dtype) for f in fishers])  # type: ignore[union-attr]  # checked above
+    if tuple(weights.shape) != tuple(stacked.shape):
+        raise TaskArithError(
+            f"the Fisher of '{name}' is {tuple(weights.shape[1:])}, the tensor {tuple(stacked.shape[1:])}"
+        )
+    weights = weights + epsilon
+    if normalize:
+        inverse = torch.tensor([1.0 / (s.fisher_norm + epsilon) for s in statistics], dtype=stacked.dtype)
+        coefficients = (inverse / inverse.sum()).to(stacked.device)
+        weights = weights * coefficients.reshape(-1, *([1] * (stacked.dim() - 1)))
+    denominator = weights.sum(dim=0)
+    weighted = (weights * stacked).sum(dim=0) / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    merged = torch.where(denominator > 0, weighted, stacked.mean(dim=0))
+    return _finish(merged, deltas[0])
+
+
 # registry -------------------------------------------------------------------------------------
 
+
+StatisticsMethod = Callable[..., torch.Tensor]
+
+STATISTICS_METHODS: dict[str, StatisticsMethod] = {"regmean": regmean, "fisher": fisher}
 
 MERGE_METHODS: dict[str, MergeMethod] = {
     "task_arithmetic": task_arithmetic,
@@ -364,7 +508,10 @@ MERGE_METHODS: dict[str, MergeMethod] = {
 
 
 def get_merge_method(name: str) -> MergeMethod:
-    return MERGE_METHODS[check_method(name)]
+    """The per-tensor function of a data-free method (statistics methods: :data:`STATISTICS_METHODS`)."""
+    if check_method(name) in STATISTICS_METHODS:
+        raise TaskArithError(f"merging method '{name}' needs statistics: call merged_delta with statistics=")
+    return MERGE_METHODS[name]
 
 
 def _shared_meta(vectors: Sequence[TaskVector]) -> tuple[TaskVector, dict[str, Any]]:
@@ -383,33 +530,60 @@ def _shared_meta(vectors: Sequence[TaskVector]) -> tuple[TaskVector, dict[str, A
 
 
 def merged_delta(
-    name: str, deltas: Sequence[torch.Tensor], method: str, params: Mapping[str, Any], seed: int
+    name: str,
+    deltas: Sequence[torch.Tensor],
+    method: str,
+    params: Mapping[str, Any],
+    seed: int,
+    statistics: Sequence[TensorStatistics] | None = None,
 ) -> torch.Tensor:
     """One parameter's merged delta, exactly as :func:`merge_task_vectors` computes it.
 
-    The single place where a parameter's name and the seed become its generator, so an in-memory
-    merge and a streaming one give identical tensors. ``params`` should come from
-    :func:`check_hyperparameters` (checked once per merge, not per tensor).
+    The single place where a parameter's name and the seed become its generator, and where a statistics
+    method gets the tensor's statistics, so an in-memory merge and a streaming one give identical tensors.
+    ``params`` should come from :func:`check_hyperparameters` (checked once per merge, not per tensor).
     """
+    if method in STATISTICS_METHODS:
+        if statistics is None:
+            raise TaskArithError(f"merging method '{method}' needs statistics for tensor '{name}'")
+        return STATISTICS_METHODS[method](name, deltas, statistics, **params)
     return get_merge_method(method)(deltas, generator=parameter_generator(seed, name), **params)
 
 
 def merge_task_vectors(
-    vectors: Sequence[TaskVector], method: str = "task_arithmetic", *, seed: int = 0, **hyperparameters: object
+    vectors: Sequence[TaskVector],
+    method: str = "task_arithmetic",
+    *,
+    seed: int = 0,
+    statistics: Sequence[str | os.PathLike | MergeStatistics] | None = None,
+    **hyperparameters: object,
 ) -> TaskVector:
     """Merge task vectors parameter by parameter with a registered method.
 
     The vectors must share base model, mode and parameters. Randomized methods draw from
     :func:`parameter_generator` (seed, parameter name), so the result depends on ``seed`` but not
-    on dict order. The returned vector's task reads like ``ties(a+b)`` and its config records the
-    method, the full hyper-parameters and the seed.
+    on dict order. Statistics methods (``regmean``, ``fisher``) need ``statistics``: one file (or
+    :class:`~taskarith.merging.statistics.MergeStatistics`) per vector, in the same order, computed on
+    the vectors' base model. The returned vector's task reads like ``ties(a+b)`` and its config records
+    the method, the full hyper-parameters and the seed.
     """
     if not vectors:
         raise TaskArithError("no task vectors to merge")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TaskArithError(f"the merge seed must be an integer, got {seed!r}")
-    params = check_hyperparameters(method, hyperparameters, models=len(vectors))
+    params = check_hyperparameters(method, hyperparameters, models=len(vectors), statistics=statistics is not None)
     anchor, meta = _shared_meta(vectors)
+    per_tensor: dict[str, list[TensorStatistics]] = {}
+    if statistics is not None:
+        stats = load_statistics(statistics)
+        check_statistics(method, stats, len(vectors))
+        layout = {key: tuple(delta.shape) for key, delta in anchor.deltas.items()}
+        names = tensor_names(stats[0], layout, layout, f"task vector {anchor.task or '?'}")
+        # A vector keyed by the encoder's names hashes the base as statistics do; one read from prefixed
+        # checkpoints hashed other names, so only merge_checkpoints (which rehashes the base) can check it.
+        if all(key == name for key, name in names.items()):
+            check_base_hash(stats, meta["base_hash"], f"of task vector {anchor.task or '?'}")
+        per_tensor = {key: [s.for_tensor(names[key]) for s in stats] for key in anchor.deltas}
     deltas = {}
     for key in anchor.deltas:
         inputs = [v.deltas[key] for v in vectors]
@@ -420,7 +594,7 @@ def merge_task_vectors(
                     f"task vector {vector.task or '?'}: tensor '{key}' is NaN or Inf (a weight "
                     "too large for its dtype?); nothing was merged"
                 )
-        deltas[key] = merged_delta(key, inputs, method, params, seed)
+        deltas[key] = merged_delta(key, inputs, method, params, seed, per_tensor.get(key))
         if deltas[key].is_floating_point() and not torch.isfinite(deltas[key]).all():
             settings = ", ".join(f"{name}={value:g}" for name, value in params.items())
             raise TaskArithError(

@@ -8,6 +8,9 @@ models:                       # fine-tuned copies of base_model ...
     parameters: {weight: 1.0} # optional per-model weight on its delta
   - ./ft-topic
 parameters: {density: 0.2}    # the method's hyper-parameters (defaults fill the rest)
+# regmean and fisher: one statistics file per model (`taskarith statistics`), e.g.
+#   - model: ./ft-sentiment
+#     statistics: ./ft-sentiment.stats.safetensors
 seed: 0                       # randomised methods (DARE) draw from it
 out: ./merged
 shard_size: 2GB
@@ -68,6 +71,7 @@ class Source:
 
     path: str
     weight: float = 1.0
+    statistics: str | None = None  # its statistics file, for regmean and fisher
 
 
 @dataclass(frozen=True)
@@ -94,13 +98,30 @@ class MergeRecipe:
             raise TaskArithError(f"{where}: no 'out' (where to write the merge)")
         if self.shard_size < 1:
             raise TaskArithError(f"{where}: 'shard_size' must be positive, got {self.shard_size}")
+        sources = self.models or self.task_vectors
+        with_statistics = [s.statistics is not None for s in sources]
+        if any(with_statistics) and not all(with_statistics):
+            lacking = with_statistics.index(False)
+            raise TaskArithError(
+                f"{where}: {'models' if self.models else 'task_vectors'}[{lacking}] has no 'statistics' file "
+                "while others do; give one per model"
+            )
         try:
             check_hyperparameters(
-                self.method, self.parameters, models=len(self.models) + len(self.task_vectors) or None
+                self.method,
+                self.parameters,
+                models=len(self.models) + len(self.task_vectors) or None,
+                statistics=all(with_statistics) if sources else None,
             )
         except TaskArithError as exc:
             raise TaskArithError(f"{where}: {exc}") from None
         return self
+
+    @property
+    def statistics(self) -> list[str] | None:
+        """The sources' statistics files, in order, or None when they have none."""
+        files = [s.statistics for s in (self.models or self.task_vectors)]
+        return [f for f in files if f is not None] if files and all(f is not None for f in files) else None
 
 
 def parse_size(value: object, where: str = "shard_size") -> int:
@@ -129,19 +150,31 @@ def _sources(entries: object, key: str, folder: Path, where: str) -> tuple[Sourc
     sources = []
     for i, entry in enumerate(entries):
         path_key = "model" if key == "models" else "vector"
+        statistics = None
         if isinstance(entry, str) and entry.strip():
             path, params = entry, dict[str, Any]()
         elif isinstance(entry, dict) and isinstance(entry.get(path_key), str) and entry[path_key].strip():
             path, params = entry[path_key], entry.get("parameters") or {}
-            unknown = set(entry) - {path_key, "parameters"}
+            unknown = set(entry) - {path_key, "parameters", "statistics"}
             if unknown or not isinstance(params, dict) or set(params) - {"weight"}:
-                raise TaskArithError(f"{where}: {key}[{i}] takes '{path_key}' and 'parameters: {{weight: ...}}' only")
+                raise TaskArithError(
+                    f"{where}: {key}[{i}] takes '{path_key}', 'statistics' and 'parameters: {{weight: ...}}' only"
+                )
+            statistics = entry.get("statistics")
+            if statistics is not None and (not isinstance(statistics, str) or not statistics.strip()):
+                raise TaskArithError(f"{where}: {key}[{i}] 'statistics' must be a file path, got {quoted(statistics)}")
         else:
             raise TaskArithError(f"{where}: {key}[{i}] must be a path or a mapping with '{path_key}: PATH'")
         weight = params.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise TaskArithError(f"{where}: {key}[{i}] weight must be a finite number, got {quoted(weight)}")
-        sources.append(Source(path=str(_resolve(path, folder)), weight=float(weight)))
+        sources.append(
+            Source(
+                path=str(_resolve(path, folder)),
+                weight=float(weight),
+                statistics=str(_resolve(statistics, folder)) if statistics is not None else None,
+            )
+        )
     return tuple(sources)
 
 
@@ -252,18 +285,25 @@ def run_recipe(
             overwrite=overwrite,
             on_tensor=on_tensor,
             other_inputs=recipe_file,
+            statistics=recipe.statistics,
             **recipe.parameters,
         )
     from taskarith.merging.methods import merge_task_vectors  # torch, needed for task vectors only
     from taskarith.vectors import FORMAT, TaskVector
 
     out = Path(recipe.out)
-    inputs = [*recipe_file, *(("task vector", v.path) for v in recipe.task_vectors)]
+    inputs = [
+        *recipe_file,
+        *(("task vector", v.path) for v in recipe.task_vectors),
+        *(("statistics file", path) for path in recipe.statistics or ()),
+    ]
     check_output(out, inputs, overwrite=overwrite, format=FORMAT, folder=False)
     vectors = [
         TaskVector.load(v.path) * v.weight if v.weight != 1.0 else TaskVector.load(v.path) for v in recipe.task_vectors
     ]
-    merged = merge_task_vectors(vectors, recipe.method, seed=recipe.seed, **recipe.parameters)
+    merged = merge_task_vectors(
+        vectors, recipe.method, seed=recipe.seed, statistics=recipe.statistics, **recipe.parameters
+    )
     with output_file(out, inputs, overwrite=overwrite, format=FORMAT) as tmp:
         merged.save(tmp)
     return {

@@ -16,6 +16,7 @@ other methods wrap the same arrays as tensors (no copy) and call :data:`MERGE_ME
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -54,6 +55,8 @@ _WEIGHT_INDEXES = (SAFETENSORS_INDEX, "pytorch_model.bin.index.json")
 # float32 so that rounding does not compound across N models.
 _WORK_DTYPE = {"F64": np.float64, "F32": np.float32, "F16": np.float32, "BF16": np.float32}
 _STORED_DTYPE = {"F64": np.float64, "F32": np.float32, "F16": np.float16}  # BF16: NumPy has none; see to_working
+# How torch names each floating dtype, which io.state_hash writes into the hash of a base model.
+_TORCH_DTYPE_NAMES = {"F64": "torch.float64", "F32": "torch.float32", "F16": "torch.float16", "BF16": "torch.bfloat16"}
 # Methods whose bodies run on NumPy arrays; the others need torch. The deltas are the merge loop's own
 # temporaries, so the kernels may overwrite them.
 _NUMPY_METHODS: dict[str, Callable[..., np.ndarray]] = {
@@ -304,16 +307,36 @@ def plan_shards(layout: Mapping[str, tuple[str, tuple[int, ...]]], shard_bytes: 
 
 
 def merged_array(
-    name: str, deltas: Sequence[np.ndarray], method: str, params: Mapping[str, Any], seed: int
+    name: str,
+    deltas: Sequence[np.ndarray],
+    method: str,
+    params: Mapping[str, Any],
+    seed: int,
+    statistics: Sequence[Any] | None = None,
 ) -> np.ndarray:
-    """One parameter's merged delta: in NumPy where the method allows, else through torch (zero-copy)."""
+    """One parameter's merged delta: in NumPy where the method allows, else through torch (zero-copy);
+    ``statistics``: the tensor's :class:`~taskarith.merging.statistics.TensorStatistics`, one per model."""
     if method in _NUMPY_METHODS:
         return _NUMPY_METHODS[method](deltas, **params)
     import torch
 
     from taskarith.merging.methods import merged_delta
 
-    return merged_delta(name, [torch.from_numpy(delta) for delta in deltas], method, params, seed).numpy()
+    tensors = [torch.from_numpy(delta) for delta in deltas]
+    return merged_delta(name, tensors, method, params, seed, statistics).numpy()
+
+
+def streamed_state_hash(index: CheckpointIndex, names: Mapping[str, str]) -> str:
+    """:func:`taskarith.io.state_hash` of the checkpoint's tensors under other names (tensor -> name), read one
+    at a time: the base model's identity as statistics record it (the encoder's own parameter names)."""
+    digest = hashlib.sha256()
+    for tensor, name in sorted(names.items(), key=lambda item: item[1]):
+        entry = index.entries[tensor]
+        if entry.dtype not in _TORCH_DTYPE_NAMES:
+            continue
+        digest.update(f"{name}|{_TORCH_DTYPE_NAMES[entry.dtype]}|{tuple(entry.shape)}\n".encode())
+        digest.update(read_bytes(entry).data)
+    return digest.hexdigest()[:16]
 
 
 def merge_checkpoints(
@@ -328,6 +351,7 @@ def merge_checkpoints(
     overwrite: bool = False,
     on_tensor: Callable[[str], None] | None = None,
     other_inputs: Sequence[tuple[str, str | os.PathLike]] = (),
+    statistics: Sequence[str | os.PathLike] | None = None,
     **hyperparameters: Any,
 ) -> dict[str, Any]:
     """Merge ``finetuned`` checkpoints into ``base`` with ``method`` and write a Hugging Face folder to ``out_dir``.
@@ -342,8 +366,12 @@ def merge_checkpoints(
     ``out_dir`` must not be, lie inside or contain an input (the checkpoints, their weight files, and
     ``other_inputs``, ``(role, path)`` pairs such as the recipe file); with ``overwrite`` it may replace
     only a previous merge output, recognised by the :data:`~taskarith.outputs.MARKER` file the merge writes
-    (see :func:`taskarith.outputs.check_output`). Returns a summary (method, hyper-parameters, tensors,
-    bytes, shards).
+    (see :func:`taskarith.outputs.check_output`). Statistics methods (``regmean``, ``fisher``) take
+    ``statistics``, one file per fine-tuned checkpoint in the same order (`taskarith statistics`): their
+    parameter names are mapped to the checkpoints' tensor names (:func:`~taskarith.merging.statistics.tensor_names`),
+    their base model is checked against ``base`` (its tensors hashed one at a time), and each tensor is merged
+    with its statistics, read from the files as it is merged. Returns a summary (method, hyper-parameters,
+    tensors, bytes, shards).
     """
     if not finetuned:
         raise TaskArithError("nothing to merge: give at least one fine-tuned checkpoint")
@@ -355,11 +383,22 @@ def merge_checkpoints(
             raise TaskArithError(f"the weight of {path} is {weight}; weights must be finite numbers")
     if shard_bytes < 1:
         raise TaskArithError(f"shard_bytes={shard_bytes} must be positive")
-    params = check_hyperparameters(method, hyperparameters, models=len(finetuned))
+    params = check_hyperparameters(method, hyperparameters, models=len(finetuned), statistics=statistics is not None)
     base_index = CheckpointIndex.open(base)
     others = [CheckpointIndex.open(path) for path in finetuned]
     for other in others:
         _check_compatible(base_index, other)
+    stats: list[Any] = []
+    stats_names: dict[str, str] = {}
+    if statistics is not None:
+        from taskarith.merging.statistics import check_base_hash, check_statistics, load_statistics, tensor_names
+
+        stats = load_statistics(statistics)
+        check_statistics(method, stats, len(finetuned))
+        floating = [name for name, entry in base_index.entries.items() if entry.dtype in _WORK_DTYPE]
+        layout = {name: entry.shape for name, entry in base_index.entries.items()}
+        stats_names = tensor_names(stats[0], layout, floating, str(base_index.source))
+        check_base_hash(stats, streamed_state_hash(base_index, stats_names), str(base_index.source))
     float8 = sorted(name for name, entry in base_index.entries.items() if entry.dtype.startswith("F8"))
     if float8:
         raise TaskArithError(
@@ -370,6 +409,7 @@ def merge_checkpoints(
         ("base model", base),
         *(("model", path) for path in finetuned),
         *other_inputs,
+        *(("statistics file", path) for path in statistics or ()),
         *(
             ("weights file", file)
             for index in (base_index, *others)
@@ -426,7 +466,8 @@ def merge_checkpoints(
                 delta *= weight
             _check_weighted(delta, bound, weight, other.entries[name], name)
             deltas.append(delta)
-        merged = merged_array(name, deltas, method, params, seed)
+        tensor_stats = [s.for_tensor(stats_names[name]) for s in stats] if stats else None
+        merged = merged_array(name, deltas, method, params, seed, tensor_stats)
         merged += base_values  # merged is a fresh result or one of the deltas; addition commutes exactly
         _check_merged(merged, entry.dtype, name, method, params)
         return hand_over(from_working(merged, entry.dtype).reshape(-1).view(np.uint8))
@@ -440,6 +481,8 @@ def merge_checkpoints(
     # Built beside the output and decided again at the rename (outputs.output_folder): the merge may have
     # taken hours, and something may have appeared at the output meanwhile.
     marker = {"method": method, "hyperparameters": params, "seed": seed, "weights": weights}
+    if statistics is not None:
+        marker["statistics"] = [str(path) for path in statistics]
     with output_folder(
         out_dir, inputs, overwrite=overwrite, format=MERGED_MODEL_FORMAT, what="the merged model", **marker
     ) as building:
