@@ -182,7 +182,7 @@ _TEXT_QUICK = BenchProfile(
     xi_grid=(-1.0, 0.0, 1.0),
     alpha_grid=_QUICK_GRID,
     negation_grid=_QUICK_GRID,
-    reg_strengths={"taujp": (1.0,), "taujp_sq": (1.0,), "kfac": (500.0,)},
+    reg_strengths={"taujp": (1.0,), "taujp_sq": (1.0,), "kfac": (500.0,), "orthoreg": (ORTHOREG_GRID[0],)},
     reg_batch_size=8,
 )
 _TEXT_FULL = BenchProfile(
@@ -202,7 +202,12 @@ _TEXT_FULL = BenchProfile(
     xi_grid=(-1.0, -0.5, 0.0, 0.5, 1.0),
     xi_seeds=1,
     xi_pairs=1,
-    reg_strengths={"taujp": (0.1, 1.0, 10.0), "taujp_sq": (0.1, 1.0, 10.0), "kfac": (50.0, 500.0, 5000.0)},
+    reg_strengths={
+        "taujp": (0.1, 1.0, 10.0),
+        "taujp_sq": (0.1, 1.0, 10.0),
+        "kfac": (50.0, 500.0, 5000.0),
+        "orthoreg": ORTHOREG_GRID,
+    },
 )
 # The embedded vision suite: EfficientNet-Lite0 (ImageNet) at 32 px under frozen linear-probe heads, on
 # real image tasks from packages; sklearn's 8x8 digits is the control. Above lr 1e-4 fine-tuning collapses.
@@ -222,7 +227,12 @@ _VISION_FULL = BenchProfile(
     xi_grid=(-1.0, -0.5, 0.0, 0.5, 1.0),
     xi_seeds=1,
     xi_pairs=1,
-    reg_strengths={"taujp": (0.1, 1.0, 10.0), "taujp_sq": (0.1, 1.0, 10.0), "kfac": (50.0, 500.0, 5000.0)},
+    reg_strengths={
+        "taujp": (0.1, 1.0, 10.0),
+        "taujp_sq": (0.1, 1.0, 10.0),
+        "kfac": (50.0, 500.0, 5000.0),
+        "orthoreg": ORTHOREG_GRID,
+    },
 )
 _VISION_QUICK = replace(
     _VISION_FULL,
@@ -234,7 +244,7 @@ _VISION_QUICK = replace(
     xi_grid=(-1.0, 0.0, 1.0),
     alpha_grid=_QUICK_GRID,
     negation_grid=_QUICK_GRID,
-    reg_strengths={"taujp": (1.0,), "taujp_sq": (1.0,), "kfac": (500.0,)},
+    reg_strengths={"taujp": (1.0,), "taujp_sq": (1.0,), "kfac": (500.0,), "orthoreg": (ORTHOREG_GRID[0],)},
 )
 
 # (suite, size) -> profile; the CLI picks one with --suite and --quick/--full.
