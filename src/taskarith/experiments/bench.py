@@ -55,6 +55,8 @@ METHODS: dict[str, dict[str, Any]] = {
     # Beyond the papers: tau-Jp in standard mode (the released code cannot run it), and the squared form.
     "standard_taujp": {"mode": "standard", "regularizer": "taujp"},
     "linear_taujp_sq": {"mode": "linear", "regularizer": "taujp_sq"},
+    "lora": {"mode": "lora"},  # LoRA on the attention projections (rank 8, alpha 16): a standard vector
+    "linear_lora": {"mode": "linear_lora"},  # LoRA linearized at PEFT's init (Tang et al. 2024): a linear vector
 }
 DEFAULT_METHODS = ("standard", "linear", "posthoc", "linear_taujp", "linear_kfac")
 LAMBDA_CRITERION = (
