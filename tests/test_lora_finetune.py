@@ -134,6 +134,7 @@ def test_regularized_lora_runs_give_finite_vectors(pretrained, task, others, mod
         options["reg_strength"] = 0.01
     result = finetune(config(task, mode=mode, **options), pretrained, task, progress=False)
     tau = result.task_vector
+    assert result.record["lora"]["trained"].startswith("lora_B only" if mode == "linear_lora" else "lora_A and")
     assert tau.norm() > 0 and all(torch.isfinite(v).all() for v in tau.deltas.values())
     penalties = [entry["penalty"] for entry in result.record["history"] if "penalty" in entry]
     assert penalties and all(p == p and p >= 0 for p in penalties)

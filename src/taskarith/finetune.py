@@ -376,6 +376,8 @@ class Trainable:
     delta: Callable[[], dict[str, torch.Tensor]]
     linearized: bool = False
     vector_mode: str | None = None
+    # What the run record says about the mode beyond the configuration (LoRA: targets, what trains).
+    summary: dict[str, Any] | None = None
 
 
 def standard_trainable(
@@ -417,7 +419,8 @@ def lora_trainable(
 ) -> Trainable:
     """Standard LoRA on ``names`` (default: the attention projections): A and B train, the vector is dW."""
     model = _lora_model(LoraModel, pretrained, names, config)
-    return Trainable(model, model.named_factors(), model.deltas, vector_mode="standard")
+    summary = {**model.summary(), "trained": "lora_A and lora_B"}
+    return Trainable(model, model.named_factors(), model.deltas, vector_mode="standard", summary=summary)
 
 
 def linear_lora_trainable(
@@ -426,7 +429,8 @@ def linear_lora_trainable(
     """LoRA linearized at its initialisation: only B trains (the Jacobian in A is 0 at B = 0), the vector is
     the linear-mode dW = s B A0 (:mod:`taskarith.lora_training`)."""
     model = _lora_model(LinearLora, pretrained, names, config)
-    return Trainable(model, model.named_factors(), model.deltas, linearized=True, vector_mode="linear")
+    summary = {**model.summary(), "trained": "lora_B only: at B = 0 the Jacobian in lora_A is zero, so A stays A0"}
+    return Trainable(model, model.named_factors(), model.deltas, linearized=True, vector_mode="linear", summary=summary)
 
 
 class TrainableBuilder(Protocol):
@@ -785,6 +789,8 @@ def _finetune(
             "task_vector_norm": tau.norm(),
             "environment": environment(),
         }
+        if trainable.summary is not None:
+            record["lora"] = trainable.summary
         if cluster.world > 1:
             record["processes"] = cluster.world
         if out is not None and cluster.is_main:

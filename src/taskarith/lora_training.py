@@ -26,7 +26,7 @@ Two models are built on the same factors:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +137,15 @@ class LoraModel(nn.Module):
             named.append((f"lora_B/{target.module}", b))
         return named
 
+    def summary(self) -> dict[str, Any]:
+        """Rank, alpha, scaling and target weights, for the run record."""
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "scaling": self.scaling,
+            "targets": [target.param for target in self.targets],
+        }
+
     def deltas(self) -> dict[str, torch.Tensor]:
         """dW = (alpha / r) * B @ A per target, in the layout of the base's weight (differentiable)."""
         deltas = {}
@@ -179,11 +188,3 @@ class LinearLora(LoraModel):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return _added(*self.outputs_and_tangents(*args, **kwargs))
-
-
-def lora_factors_of(model: LoraModel) -> Mapping[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(A, B) per target parameter, detached: what the vector was built from."""
-    return {
-        target.param: (a.detach(), b.detach())
-        for target, a, b in zip(model.targets, model.lora_A, model.lora_B, strict=True)
-    }
