@@ -44,6 +44,11 @@ VARIANTS: dict[str, dict] = {
     },
     "standard_taujp": {"mode": "standard", **_TAUJP},
     "linear_kfac": {"mode": "linear", "regularizer": "kfac"},
+    # Parameter-efficient variants, all on the attention projections' weights: full-rank deltas (standard
+    # mode), LoRA factors (rank 8, alpha 16) and LoRA linearized at its init (one JVP, only B trains).
+    "standard_attention": {"mode": "standard", "trainable": "attention"},
+    "lora": {"mode": "lora"},
+    "linear_lora": {"mode": "linear_lora"},
 }
 
 
@@ -121,6 +126,10 @@ def main() -> None:
         ("linear_taujp_sq_pooled8", "linear"),
         ("standard_taujp", "standard"),
         ("linear_kfac", "linear"),
+        ("standard_attention", "standard"),
+        ("lora", "standard"),
+        ("linear_lora", "linear"),
+        ("linear_lora", "lora"),
     ):
         if name in result and reference in result:
             result.setdefault("ratios", {})[f"{name}/{reference}"] = round(

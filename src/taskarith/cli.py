@@ -217,7 +217,9 @@ def finetune(
     model: ModelOption = "all-MiniLM-L6-v2",
     mode: Annotated[
         str,
-        typer.Option(help="standard (the weights) or linear (tangent space: f_lin around the pre-trained weights)."),
+        typer.Option(
+            help="standard (the weights), linear (tangent space: f_lin around the pre-trained weights), lora (LoRA factors on the --trainable weights, default the attention projections) or linear_lora (LoRA linearized at its init: only B trains)."
+        ),
     ] = "standard",
     steps: int = 200,
     batch_size: int = 32,
@@ -267,6 +269,8 @@ def finetune(
             help="Train only some parameters: 'attention' (the attention projections' weights) or a regular expression searched in each parameter name; default: all."
         ),
     ] = None,
+    lora_rank: Annotated[int, typer.Option(help="LoRA modes: the factors' rank r.")] = 8,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA modes: alpha (dW = alpha / r * B @ A, as PEFT).")] = 16.0,
     augment: Annotated[
         bool,
         typer.Option(
@@ -348,6 +352,8 @@ def finetune(
             reg_every=reg_every,
             augment=augment,
             trainable=trainable,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
         )
         check_against_task(config, loaded)
         pretrained = _load_model(model, local_device(device), max_length)

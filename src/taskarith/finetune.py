@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +34,9 @@ from taskarith.display import quoted, shown
 from taskarith.distributed import Cluster, cluster_from_environment
 from taskarith.errors import TaskArithError
 from taskarith.evaluate import accuracy
-from taskarith.io import load_tensors, read_json, save_tensors, write_json
+from taskarith.io import load_tensors, read_json, save_tensors, state_hash, write_json
 from taskarith.linearize import Linearized, hidden_and_tangent
+from taskarith.lora_training import LinearLora, LoraModel
 from taskarith.models import DEFAULT_MODEL, Pretrained, ZeroShotClassifier
 from taskarith.models.zero_shot import mean_pool
 from taskarith.outputs import RunLock, check_output, output_file
@@ -109,8 +110,15 @@ class FinetuneConfig:
     # Which parameters train: None (all), a preset ("attention": the attention projections' weights) or a
     # regular expression searched in each parameter name (taskarith.training.trainable_parameters).
     trainable: str | None = None
+    # LoRA modes (lora, linear_lora): the factors' rank r and alpha (dW = alpha / r * B @ A, as PEFT scales).
+    # The targets are the weights ``trainable`` names, the attention projections when it is unset.
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora_alpha, int) and not isinstance(self.lora_alpha, bool):
+            # 16 and 16.0 must give one run key.
+            object.__setattr__(self, "lora_alpha", float(self.lora_alpha))
         object.__setattr__(self, "reg_tasks", tuple(self.reg_tasks))
         object.__setattr__(self, "reg_factors", tuple(str(f) for f in self.reg_factors))
         regularized = self.regularizer is not None
@@ -179,6 +187,24 @@ class FinetuneConfig:
                 self.trainable is None or (isinstance(self.trainable, str) and 0 < len(self.trainable) <= 1000),
                 "must be 'attention' or a regular expression of 1 to 1,000 characters (or unset: all parameters)",
             ),
+            (
+                "lora_rank",
+                isinstance(self.lora_rank, int)
+                and not isinstance(self.lora_rank, bool)
+                and 1 <= self.lora_rank <= 65_536,
+                "must be an integer between 1 and 65,536",
+            ),
+            ("lora_alpha", isinstance(self.lora_alpha, float) and self.lora_alpha > 0, "must be a positive number"),
+            (
+                "lora_rank",
+                self.mode in LORA_MODES or self.lora_rank == LATER_OPTIONS["lora_rank"],
+                f"applies only to the LoRA modes ({', '.join(LORA_MODES)}), not to mode {self.mode!r}",
+            ),
+            (
+                "lora_alpha",
+                self.mode in LORA_MODES or self.lora_alpha == LATER_OPTIONS["lora_alpha"],
+                f"applies only to the LoRA modes ({', '.join(LORA_MODES)}), not to mode {self.mode!r}",
+            ),
             ("seed", 0 <= self.seed <= MAX_SEED, f"must be between 0 and {MAX_SEED} (torch's generators take 64 bits)"),
         ]
         for name, ok, rule in checks:
@@ -210,17 +236,20 @@ class FinetuneConfig:
         """The configuration as it reads back from JSON (tuples become lists).
 
         Options added after 0.2 are recorded only when set, so every earlier configuration keeps its run
-        key and its checkpoints stay resumable.
+        key and its checkpoints stay resumable. The LoRA options are recorded whenever the mode is a LoRA
+        mode (its record then says its rank and alpha) and never otherwise (they must stay at their defaults).
         """
         data = asdict(self)
         for name, default in LATER_OPTIONS.items():
-            if data[name] == default:
+            if data[name] == default and not (name in LORA_OPTIONS and self.mode in LORA_MODES):
                 del data[name]
         return json.loads(json.dumps(data))
 
 
 # Options added after taskarith 0.2, with the default that leaves them out of the record.
-LATER_OPTIONS: dict[str, Any] = {"trainable": None}
+LATER_OPTIONS: dict[str, Any] = {"trainable": None, "lora_rank": 8, "lora_alpha": 16.0}
+LORA_OPTIONS = ("lora_rank", "lora_alpha")
+LORA_MODES = ("lora", "linear_lora")
 
 
 @dataclass(frozen=True)
@@ -335,14 +364,25 @@ def environment() -> dict[str, str]:
 
 @dataclass
 class Trainable:
-    """What a fine-tuning mode trains: the encoder the head runs on, its parameters, and theta - theta0."""
+    """What a fine-tuning mode trains: the encoder the head runs on, its parameters, and theta - theta0.
+
+    ``delta`` is always in the base's parameter space (what the penalties take). ``linearized``: the encoder
+    has ``hidden_and_tangent``, so one JVP serves the task's loss and tau-Jp. ``vector_mode``: the task
+    vector is ``delta()`` read in that mode; None: it is measured from the encoder (:func:`task_vector`).
+    """
 
     encoder: nn.Module
     named_params: list[tuple[str, nn.Parameter]]
     delta: Callable[[], dict[str, torch.Tensor]]
+    linearized: bool = False
+    vector_mode: str | None = None
+    # What the run record says about the mode beyond the configuration (LoRA: targets, what trains).
+    summary: dict[str, Any] | None = None
 
 
-def standard_trainable(pretrained: Pretrained, names: Sequence[str] | None = None) -> Trainable:
+def standard_trainable(
+    pretrained: Pretrained, names: Sequence[str] | None = None, config: FinetuneConfig | None = None
+) -> Trainable:
     encoder = pretrained.trainable_copy()
     chosen = set(names) if names is not None else None
     for name, param in encoder.named_parameters():
@@ -352,15 +392,58 @@ def standard_trainable(pretrained: Pretrained, names: Sequence[str] | None = Non
     return Trainable(encoder, named, lambda: {name: param - theta0[name] for name, param in named})
 
 
-def linear_trainable(pretrained: Pretrained, names: Sequence[str] | None = None) -> Trainable:
+def linear_trainable(
+    pretrained: Pretrained, names: Sequence[str] | None = None, config: FinetuneConfig | None = None
+) -> Trainable:
     encoder = Linearized(pretrained.encoder, trainable=True, params=names)
     named = list(encoder.deltas().items())
-    return Trainable(encoder, named, encoder.deltas)  # type: ignore[arg-type]
+    return Trainable(encoder, named, encoder.deltas, linearized=True)  # type: ignore[arg-type]
 
 
-TRAINABLES: dict[str, Callable[[Pretrained, Sequence[str] | None], Trainable]] = {
+def _lora_model(
+    kind: type[LoraModel], pretrained: Pretrained, names: Sequence[str] | None, config: FinetuneConfig | None
+) -> LoraModel:
+    if names is None:
+        try:
+            names = trainable_parameters(pretrained.encoder, "attention", model_name=pretrained.name)
+        except TaskArithError as exc:
+            raise TaskArithError(
+                f"LoRA targets the attention projections unless the option trainable names the weights: {exc}"
+            ) from None
+    config = config or FinetuneConfig(task="?", mode="lora")
+    return kind(pretrained.encoder, names, rank=config.lora_rank, alpha=config.lora_alpha, seed=config.seed)
+
+
+def lora_trainable(
+    pretrained: Pretrained, names: Sequence[str] | None = None, config: FinetuneConfig | None = None
+) -> Trainable:
+    """Standard LoRA on ``names`` (default: the attention projections): A and B train, the vector is dW."""
+    model = _lora_model(LoraModel, pretrained, names, config)
+    summary = {**model.summary(), "trained": "lora_A and lora_B"}
+    return Trainable(model, model.named_factors(), model.deltas, vector_mode="standard", summary=summary)
+
+
+def linear_lora_trainable(
+    pretrained: Pretrained, names: Sequence[str] | None = None, config: FinetuneConfig | None = None
+) -> Trainable:
+    """LoRA linearized at its initialisation: only B trains (the Jacobian in A is 0 at B = 0), the vector is
+    the linear-mode dW = s B A0 (:mod:`taskarith.lora_training`)."""
+    model = _lora_model(LinearLora, pretrained, names, config)
+    summary = {**model.summary(), "trained": "lora_B only: at B = 0 the Jacobian in lora_A is zero, so A stays A0"}
+    return Trainable(model, model.named_factors(), model.deltas, linearized=True, vector_mode="linear", summary=summary)
+
+
+class TrainableBuilder(Protocol):
+    def __call__(
+        self, pretrained: Pretrained, names: Sequence[str] | None = None, config: FinetuneConfig | None = None
+    ) -> Trainable: ...
+
+
+TRAINABLES: dict[str, TrainableBuilder] = {
     "standard": standard_trainable,
     "linear": linear_trainable,
+    "lora": lora_trainable,
+    "linear_lora": linear_lora_trainable,
 }
 MODES = tuple(TRAINABLES)
 
@@ -551,7 +634,7 @@ def _finetune(
     torch.manual_seed(config.seed)
     base_hash = pretrained.base_hash
     names = trainable_parameters(pretrained.encoder, config.trainable, model_name=pretrained.name)
-    trainable = TRAINABLES[config.mode](pretrained, None if config.trainable is None else names)
+    trainable = TRAINABLES[config.mode](pretrained, None if config.trainable is None else names, config)
     classifier = ZeroShotClassifier(trainable.encoder, pretrained.head(task), pretrained.logit_scale).eval()
     params = [param for _, param in trainable.named_params]
     theta0 = dict(pretrained.encoder.named_parameters())
@@ -613,7 +696,7 @@ def _finetune(
                 return pretrained.tokenize(items, train=config.augment, seeds=item_seeds)
 
             tangents = None
-            if reg_inputs and config.mode == "linear":
+            if reg_inputs and trainable.linearized:
                 # One JVP serves both: the task's inputs give f_lin, the other tasks' inputs give J f . delta.
                 batch = batch_of(inputs + reg_inputs, seeds + reg_seeds)
                 primal, tangent = trainable.encoder.hidden_and_tangent(**batch)  # type: ignore[operator]
@@ -681,7 +764,7 @@ def _finetune(
         bar.close()
         train_seconds = time.perf_counter() - started
 
-        tau = task_vector(trainable.encoder, pretrained.encoder, task=task.name, config=config)
+        tau = _task_vector(trainable, pretrained, task, config)
         val_accuracy = accuracy(pretrained, task, "val", trainable.encoder)
         if log is not None:
             log.write({"step": config.steps, "val_accuracy": val_accuracy})
@@ -706,6 +789,8 @@ def _finetune(
             "task_vector_norm": tau.norm(),
             "environment": environment(),
         }
+        if trainable.summary is not None:
+            record["lora"] = trainable.summary
         if cluster.world > 1:
             record["processes"] = cluster.world
         if out is not None and cluster.is_main:
@@ -722,6 +807,21 @@ def _finetune(
     finally:
         if log is not None:
             log.close()
+
+
+def _task_vector(trainable: Trainable, pretrained: Pretrained, task: Task, config: FinetuneConfig) -> TaskVector:
+    if trainable.vector_mode is None:
+        return task_vector(trainable.encoder, pretrained.encoder, task=task.name, config=config)
+    theta0 = dict(pretrained.encoder.named_parameters())
+    with torch.no_grad():
+        deltas = {name: value.detach().cpu() for name, value in sorted(trainable.delta().items())}
+    return TaskVector(
+        deltas=deltas,
+        base_hash=state_hash({name: theta0[name] for name in deltas}),
+        task=task.name,
+        mode=trainable.vector_mode,
+        config=config.to_json(),
+    )
 
 
 def run_key(config: FinetuneConfig, base_hash: str) -> str:

@@ -63,6 +63,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "attention_only_taujp": {"mode": "standard", "trainable": "attention", "regularizer": "taujp"},
     "standard_orthoreg": {"mode": "standard", "regularizer": "orthoreg"},
     "attention_only_orthoreg": {"mode": "standard", "trainable": "attention", "regularizer": "orthoreg"},
+    "lora": {"mode": "lora"},  # LoRA on the attention projections (rank 8, alpha 16): a standard vector
+    "linear_lora": {"mode": "linear_lora"},  # LoRA linearized at PEFT's init (Tang et al. 2024): a linear vector
 }
 # Regularizers that need nothing of the other tasks: their runs name no protected tasks or factor files.
 DATALESS_REGULARIZERS = ("orthoreg", "orthoreg_sq")
