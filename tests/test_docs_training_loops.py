@@ -82,15 +82,10 @@ def test_training_loops_page_runs(tmp_path, monkeypatch, tiny_model_dir, capsys)
     saved = TaskVector.load(tmp_path / "rt_sentiment-linear-taujp.safetensors")
     assert saved.mode == "linear" and saved.config["penalty"] == "taujp"
     assert (tmp_path / "trainer" / "task_vector.safetensors").is_file()
-    edited, merged, base = namespace["edited"], namespace["merged"], namespace["base"]
-    expected = merged.apply_to(base).state_dict()
-    # ties keeps every entry here: two rank-2 adapters merge to at most rank 4, which the export keeps exactly.
-    for key, weight in edited.state_dict().items():
-        torch.testing.assert_close(weight, expected[key], atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("name", ["rt_sentiment", "rt_subjectivity"])
-def test_the_page_names_built_in_tasks(name):
-    from taskarith.data import load_task
-
-    assert load_task(name).name == name
+    edited, merged, base, report = (namespace[k] for k in ("edited", "merged", "base", "report"))
+    # The adapter peft loads is the rank-4 cut of the TIES merge whose error the export reported.
+    weights, before = edited.state_dict(), base.state_dict()
+    residual = sum(float((weights[k] - before[k] - merged.deltas[k]).pow(2).sum()) for k in merged.deltas)
+    total = sum(float(merged.deltas[k].pow(2).sum()) for k in merged.deltas)
+    assert report.error == pytest.approx((residual / total) ** 0.5, rel=1e-3, abs=1e-6)
+    assert 0 < report.error < 1

@@ -801,7 +801,10 @@ def run_bench(
     suite = Suite(pretrained, list(tasks), control, profile, Path(cache_dir), on_stage, progress=bars)
     for method in {*profile.methods, *profile.incremental_methods, profile.checkpoint_method}:
         # A subset the model does not have (attention on a CNN) is refused now, not after the other methods ran.
-        trainable_parameters(pretrained.encoder, METHODS[method].get("trainable"), model_name=pretrained.name)
+        settings = METHODS[method]
+        lora = settings["mode"] in ("lora", "linear_lora")  # LoRA's targets default to the attention projections
+        spec = settings.get("trainable", "attention" if lora else None)
+        trainable_parameters(pretrained.encoder, spec, model_name=pretrained.name)
     ntk_models: dict[str, Pretrained] = {}
     if ntk_examples:  # built and checked now, so a study that cannot run fails before the fine-tuning, not after
         from taskarith.models import reinitialized
