@@ -606,3 +606,29 @@ def test_attention_methods_are_refused_up_front_on_a_model_without_attention(tmp
     with pytest.raises(TaskArithError, match="no attention projections"):
         run_bench(no_attention, [colours, sizes], moods, profile, tmp_path / "cache")
     assert not (tmp_path / "cache" / "vectors").exists()
+
+
+def test_regmean_and_fisher_in_the_bench_on_standard_vectors_not_on_linear_ones(
+    tmp_path, pretrained, suite, linear_vectors
+):
+    colours, sizes, moods = suite
+    profile = BenchProfile(
+        tasks=(colours.name, sizes.name),
+        control=moods.name,
+        methods=("standard",),
+        eval_limit=None,
+        alpha_grid=(0.5, 1.0),
+        negation_grid=(1.0,),
+        incremental_methods=(),
+        merge_methods=("ties", "regmean", "fisher"),
+    )
+    bench_suite = Suite(pretrained, [colours, sizes], moods, profile, tmp_path, lambda stage: None)
+    standard = {name: vector.with_mode("standard") for name, vector in linear_vectors.items()}
+    result = evaluate_vectors(bench_suite, standard, with_xi=False)
+    for method in ("regmean", "fisher"):
+        entry = result["merging"][method]
+        assert entry["cost"]["statistics_examples"] > 0 and entry["cost"]["seconds"] >= 0
+        assert 0 <= entry["alpha_1"]["mean_accuracy"] <= 1
+    assert result["merging"]["ties"]["cost"]["statistics_examples"] == 0
+    linear = evaluate_vectors(bench_suite, linear_vectors, with_xi=False)
+    assert set(linear["merging"]["not_applicable"]) == {"regmean", "fisher"} and "ties" in linear["merging"]

@@ -161,7 +161,8 @@ def bench_merge_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]
                 _pm(s["addition_alpha_1_normalized"]),
                 _pm(s["addition_alpha_searched_normalized"]),
                 *(
-                    _pm(s["merging"][merge][f"{label}_normalized"])
+                    # RegMean and Fisher read each fine-tuned network's layers: not defined for linear vectors.
+                    _pm(s["merging"][merge][f"{label}_normalized"]) if merge in s["merging"] else "n/a"
                     for merge in merges
                     for label in ("alpha_1", "alpha_searched")
                 ),

@@ -37,6 +37,7 @@ from taskarith.experiments.stats import correlation, off_diagonal
 from taskarith.finetune import FinetuneConfig, finetune_cached, run_key
 from taskarith.merging.hyperparameters import STATISTICS, check_method
 from taskarith.merging.methods import merge_task_vectors
+from taskarith.merging.statistics import compute_merge_statistics
 from taskarith.models import Pretrained
 from taskarith.regularizers import PUBLISHED_STRENGTH
 from taskarith.training import trainable_parameters
@@ -130,12 +131,7 @@ class BenchProfile:
         if unknown:
             raise TaskArithError(f"unknown methods {unknown} (known: {', '.join(METHODS)})")
         for name in self.merge_methods:
-            if check_method(name) in STATISTICS:
-                # The bench would need per-task statistics of every vector (standard mode only); not wired yet.
-                raise TaskArithError(
-                    f"bench merging method '{name}' needs statistics files, which the bench does not compute: "
-                    "merge with `taskarith statistics` and `taskarith merge --statistics` instead"
-                )
+            check_method(name)
         if len(self.tasks) < 2:
             raise TaskArithError(f"the protocol needs at least two tasks, got {list(self.tasks)}")
         if self.control in self.tasks:
@@ -477,12 +473,34 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
     """Addition, negation, disentanglement (unless ``with_xi`` is false) and pairwise interference of one method's vectors."""
     p, tasks, control = suite.profile, suite.tasks, suite.control
     names = [t.name for t in tasks]
+    mode = next(iter(vectors.values())).mode if vectors else ""
     # Each merging method's merge of the vectors, under a name no task can have, beside the vectors themselves.
-    merged = {f"{method}()": merge_task_vectors([vectors[n] for n in names], method) for method in p.merge_methods}
+    merged, merge_cost, not_applicable = {}, {}, {}
+    for method in p.merge_methods:
+        started = time.perf_counter()
+        statistics_of = None
+        if method in STATISTICS:
+            if mode != "standard":
+                not_applicable[method] = (
+                    "RegMean and Fisher read the layers of each fine-tuned network; a linear-mode vector has none"
+                )
+                continue
+            statistics_of = [
+                compute_merge_statistics(
+                    suite.pretrained, t, vectors[t.name], gram=method == "regmean", fisher=method == "fisher"
+                )
+                for t in tasks
+            ]
+        merged[f"{method}()"] = merge_task_vectors([vectors[n] for n in names], method, statistics=statistics_of)
+        merge_cost[method] = {
+            "seconds": round(time.perf_counter() - started, 3),
+            # Passes through the network to collect the statistics: one per example and task (the Fisher's
+            # also a backward pass); the data-free methods need none.
+            "statistics_examples": sum(s.examples for s in statistics_of) if statistics_of else 0,
+        }
     outputs = suite.outputs({**vectors, **merged})
     limit, val_limit = p.eval_limit, p.choice_limit
     pairs = [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))][: p.xi_pairs] if with_xi else []
-    mode = next(iter(vectors.values())).mode if vectors else ""
     # single-task, addition, each merge, each negation, interference, each xi pair, tau-Jp
     bar = tqdm(
         total=3 + len(merged) + len(tasks) + len(pairs) + 1,
@@ -498,12 +516,15 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
     # Task addition: one alpha for the sum, chosen on validation, and alpha = 1 untuned.
     addition = _addition_with_search(outputs, tasks, finetuned, finetuned_val, names, p.alpha_grid, limit, val_limit)
     bar.update()
-    merging = {}
-    for method in p.merge_methods:
+    merging: dict[str, Any] = {}
+    for method in merge_cost:
         merging[method] = _addition_with_search(
             outputs, tasks, finetuned, finetuned_val, [f"{method}()"], p.alpha_grid, limit, val_limit
         )
+        merging[method]["cost"] = merge_cost[method]
         bar.update()
+    if not_applicable:
+        merging["not_applicable"] = not_applicable
 
     # Task negation: the largest drop on the target that keeps control >= 95% of its pre-trained accuracy
     # (validation); alpha = 0 always qualifies, so every seed has an answer.
@@ -731,8 +752,10 @@ def summarize(per_seed: Mapping[int, Mapping[str, Any]], methods: Sequence[str])
                     for label in ("alpha_1", "alpha_searched")
                 },
                 "alpha_chosen": [r["merging"][merge]["alpha_searched"]["alpha"] for r in runs],
+                "seconds": _spread([r["merging"][merge].get("cost", {}).get("seconds", math.nan) for r in runs]),
             }
             for merge in runs[0].get("merging", {})
+            if merge != "not_applicable"
         }
         xs = [x for r in runs for x in off_diagonal(r["taujp"])]
         ys = [y for r in runs for y in off_diagonal(r["interference_drop"])]
