@@ -49,6 +49,9 @@ VARIANTS: dict[str, dict] = {
     "standard_attention": {"mode": "standard", "trainable": "attention"},
     "lora": {"mode": "lora"},
     "linear_lora": {"mode": "linear_lora"},
+    # The tangent model on the attention projections only (a cheaper JVP), and OrthoReg's dataless penalty.
+    "linear_attention": {"mode": "linear", "trainable": "attention"},
+    "standard_orthoreg": {"mode": "standard", "regularizer": "orthoreg", "reg_strength": 0.1},
 }
 
 
@@ -130,6 +133,8 @@ def main() -> None:
         ("lora", "standard"),
         ("linear_lora", "linear"),
         ("linear_lora", "lora"),
+        ("linear_attention", "linear"),
+        ("standard_orthoreg", "standard"),
     ):
         if name in result and reference in result:
             result.setdefault("ratios", {})[f"{name}/{reference}"] = round(
