@@ -98,3 +98,13 @@ def test_two_gloo_processes_under_torchrun_match_one_process(tmp_path):
     single, double = TaskVector.load(tmp_path / "one.safetensors"), TaskVector.load(tmp_path / "two.safetensors")
     assert single.norm() > 0 and single.allclose(double, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(single.norm(), double.norm(), rtol=1e-4, atol=0)
+
+
+def test_linearized_trainer_evaluates_with_its_labels(tmp_path):
+    trainer = make_trainer(tmp_path / "run", steps=2)
+    trainer.train()
+    metrics = trainer.evaluate(eval_dataset=examples(8, seed=5))
+    assert "eval_loss" in metrics and metrics["eval_loss"] > 0
+    prediction = trainer.predict(examples(8, seed=5))
+    assert prediction.label_ids is not None and prediction.predictions.shape == (8, 3)
+    assert trainer.task_vector().config["penalty_form"].startswith("taujp/")

@@ -247,3 +247,80 @@ def test_task_vector_of_a_model_trained_in_place_refuses_a_foreign_one(pretraine
         task_vector(copy_, pretrained.encoder)
     with pytest.raises(TaskArithError, match="parameter names"):
         task_vector(nn.Linear(2, 2), pretrained.encoder)
+
+
+class CountingOutputModel(TupleModel):
+    def forward(self, x: torch.Tensor):  # type: ignore[override]
+        hidden = torch.tanh(self.a(x))
+        return SequenceClassifierOutput(logits=self.b(hidden), loss=None, attentions=(torch.argmax(hidden, dim=-1),))
+
+
+def test_linearized_forward_keeps_non_float_fields_of_a_model_output():
+    torch.manual_seed(0)
+    model = CountingOutputModel()
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        out = Linearized(model)(x)
+        expected = model(x)
+    assert isinstance(out, SequenceClassifierOutput)
+    torch.testing.assert_close(out.logits, expected.logits)
+    assert torch.equal(out.attentions[0], expected.attentions[0]) and out.attentions[0].dtype == torch.long
+
+
+def test_a_decoder_with_a_key_value_cache_linearizes():
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    decoder = GPT2Model(GPT2Config(vocab_size=20, n_embd=16, n_layer=1, n_head=2, n_positions=8)).eval()
+    ids = torch.randint(0, 20, (2, 5))
+    with torch.no_grad():
+        out = Linearized(decoder)(input_ids=ids)
+        expected = decoder(input_ids=ids, use_cache=False)
+    torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state)
+    names = trainable_parameters(decoder, "attention")
+    assert sorted(names) == ["h.0.attn.c_attn.weight", "h.0.attn.c_proj.weight"]
+
+
+def test_linearized_state_dict_holds_delta_only_and_saves_with_tied_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    tied = BertForMaskedLM(
+        BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
+    model = Linearized(tied, trainable=True)
+    with torch.no_grad():
+        next(iter(model.delta.parameters())).add_(1.0)
+    state = model.state_dict()
+    assert state and all(key.startswith("delta.") for key in state)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    fresh = Linearized(tied, trainable=True)
+    fresh.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    for name, value in model.deltas().items():
+        assert torch.equal(fresh.deltas()[name], value)
+
+
+def test_attention_preset_takes_whole_blocks_of_every_family_it_knows(pretrained):
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    names = trainable_parameters(pretrained.encoder, "attention")
+    layers = pretrained.encoder.config.num_hidden_layers
+    for projection in ("self.query", "self.key", "self.value", "output.dense"):
+        assert sum(f"attention.{projection}.weight" in n for n in names) == layers
+    assert len(names) == 4 * layers
+    deberta = DebertaV2Model(
+        DebertaV2Config(vocab_size=20, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    )
+    found = trainable_parameters(deberta, "attention")
+    assert len(found) == 8 and sum("query_proj" in n for n in found) == 2
+
+
+def test_partly_known_attention_is_refused():
+    class Half(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.ModuleDict({"output": nn.ModuleDict({"dense": nn.Linear(2, 2)})})
+
+    with pytest.raises(TaskArithError, match="only in part"):
+        trainable_parameters(Half(), "attention")

@@ -20,6 +20,12 @@ cross-entropy on the logits (of f_lin when linearized; the model's own loss othe
 2 x B equals one batch of 2B. The penalty draws its inputs from the global step, so a resumed run sees the
 same inputs; under several processes every process computes the whole penalty and DDP's averaging of
 the gradients leaves it counted once. Mixed precision is the Trainer's (its autocast wraps the JVP too).
+
+Where it differs from ``taskarith finetune``: AdamW's weight decay is the Trainer's, on the trained tensors
+(delta in linear mode, TAK's choice, not theta); in standard mode dropout is the model's own (the Trainer
+trains in train mode), while f_lin is always taken in eval mode; a token-level loss (causal LM) is a
+per-micro-batch mean, so there accumulation equals a large batch only for micro-batches of equal token
+counts. Sharded training (FSDP, DeepSpeed ZeRO-3) is not supported: delta must be whole on every process.
 """
 
 from __future__ import annotations
@@ -108,7 +114,14 @@ class TaskArithTrainer(Trainer):
         )
         if isinstance(penalty, TauJp) and not linearize and penalty.model is model and penalty.theta0 is None:
             penalty.theta0 = {name: param.detach().clone() for name, param in model.named_parameters()}
+        self.model_class = type(model.base if isinstance(model, Linearized) else model).__name__
         super().__init__(model, *args, **kwargs)
+        if isinstance(self.model, Linearized) and not self.label_names:
+            # The Trainer finds the label names from the model's signature, which the wrapper hides; without
+            # them evaluate() and predict() would never compute a loss or return labels.
+            from transformers.utils import find_labels
+
+            self.label_names = self.args.label_names or find_labels(type(self.model.base)) or ["labels"]
 
     def _set_signature_columns_if_needed(self) -> None:
         # The dataset's columns are the pre-trained model's arguments, not the wrapper's (*args, **kwargs).
@@ -126,7 +139,10 @@ class TaskArithTrainer(Trainer):
         if isinstance(model, Linearized):
             return model.deltas()
         params = dict(model.named_parameters())
-        return {name: params[name] - self.theta0[name].to(params[name].device) for name in self.theta0}
+        device = next(iter(params.values())).device
+        if self.theta0 and next(iter(self.theta0.values())).device != device:
+            self.theta0 = {name: value.to(device) for name, value in self.theta0.items()}  # moved once
+        return {name: params[name] - self.theta0[name] for name in self.theta0}
 
     def compute_loss(
         self,
@@ -137,7 +153,14 @@ class TaskArithTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         if self.linearized:
             inputs = dict(inputs)
+            if "labels" not in inputs:
+                raise TaskArithError("TaskArithTrainer (linearize=True): the batch has no 'labels' to compute the loss")
             labels = inputs.pop("labels")
+            # Eval mode inside f_lin, as taskarith finetune and the papers' linear runs: dropout would make
+            # f(x; theta0) and its Jacobian random functions of the step.
+            unwrapped = self._unwrapped()
+            if isinstance(unwrapped, Linearized):
+                unwrapped.base.eval()
             outputs = model(**inputs)
             loss = F.cross_entropy(_logits(outputs).float(), labels)
         else:
@@ -148,15 +171,32 @@ class TaskArithTrainer(Trainer):
 
     def task_vector(self) -> TaskVector:
         """The task vector trained so far, with the Trainer's options in its configuration."""
+        from taskarith.regularizers import PENALTY_FORMS
+
         model = self._unwrapped()
+        name = getattr(self.penalty, "name", None)
+        args = self.args
         config = {
             "trainer": "transformers.Trainer",
+            "model_class": self.model_class,
+            "pretrained_hash": self.pretrained_hash,
             "linearize": self.linearized,
-            "penalty": getattr(self.penalty, "name", None),
+            "trained_parameters": len(self.trained_names),
+            "penalty": name,
+            "penalty_form": PENALTY_FORMS.get(name or "", ""),
+            "penalty_options": {
+                key: getattr(self.penalty, key)
+                for key in ("sampling", "batch_size", "every", "seed", "options")
+                if hasattr(self.penalty, key)
+            },
             "reg_strength": self.reg_strength,
-            "learning_rate": self.args.learning_rate,
+            "learning_rate": args.learning_rate,
+            "weight_decay": args.weight_decay,  # AdamW's, on the trained tensors (delta, in linear mode)
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "processes": args.world_size,
             "steps": self.state.global_step,
-            "seed": self.args.seed,
+            "seed": args.seed,
         }
         if self.linearized:
             return task_vector(model, model.base, task=self.task_name, config=config)  # type: ignore[arg-type]
@@ -164,12 +204,12 @@ class TaskArithTrainer(Trainer):
 
     def save_task_vector(self, path: str | Path, *, overwrite: bool = False) -> TaskVector | None:
         """Write the task vector through taskarith's output rules (rank 0 only; others return None)."""
-        vector = self.task_vector()
-        if not self.is_world_process_zero():
-            return None
         target = Path(path)
-        if target.suffix != ".safetensors":
+        if target.suffix != ".safetensors":  # checked on every process, so all of them refuse alike
             raise TaskArithError(f"{shown(target)}: a task vector file ends in .safetensors")
-        with output_file(target, (), overwrite=overwrite, format=VECTOR_FORMAT) as tmp:
-            vector.save(tmp)
-        return vector
+        vector = self.task_vector()
+        if self.is_world_process_zero():
+            with output_file(target, (), overwrite=overwrite, format=VECTOR_FORMAT) as tmp:
+                vector.save(tmp)
+        self.accelerator.wait_for_everyone()
+        return vector if self.is_world_process_zero() else None

@@ -25,6 +25,7 @@ run literally the same operations.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.utils import ModelOutput
 
 from taskarith.errors import TaskArithError
 
@@ -77,14 +79,17 @@ def _flatten(output: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
         keys = list(output.keys())
         parts = [_flatten(output[key]) for key in keys]
         mapping_kind: Any = type(output)
+        is_model_output = isinstance(output, ModelOutput)
 
         def rebuild_mapping(leaves: list[Any]) -> Any:
             values, start = {}, 0
             for key, (items, rebuild) in zip(keys, parts, strict=True):
                 values[key] = rebuild(leaves[start : start + len(items)])
                 start += len(items)
-            # ModelOutput subclasses (and dataclass-like mappings) take their fields as keywords.
-            return mapping_kind(**values) if mapping_kind is not dict else values
+            if mapping_kind is dict:
+                return values
+            # ModelOutput subclasses take their fields as keywords; other mappings (BatchEncoding) a dict.
+            return mapping_kind(**values) if is_model_output else mapping_kind(values)
 
         return [leaf for items, _ in parts for leaf in items], rebuild_mapping
     if isinstance(output, (tuple, list)):
@@ -103,23 +108,28 @@ def _flatten(output: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
         return [leaf for items, _ in parts for leaf in items], rebuild_sequence
     raise TaskArithError(
         f"cannot linearize a module returning {type(output).__name__}: the output must be a tensor or a "
-        "tuple, list, dict or ModelOutput of tensors"
+        "tuple, list, dict or ModelOutput of tensors (a decoder's key-value cache: call it with use_cache=False)"
     )
 
 
-def linearized_call(
+def _without_cache(module: nn.Module, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The call's keywords, with use_cache=False for modules that take it and were not told otherwise: a
+    decoder's key-value cache is an object of the forward pass, not an output to linearize."""
+    call = dict(kwargs or {})
+    if "use_cache" not in call and "use_cache" in inspect.signature(module.forward).parameters:
+        call["use_cache"] = False
+    return call
+
+
+def _linearized_leaves(
     module: nn.Module,
     theta0: Mapping[str, torch.Tensor],
     delta: Mapping[str, torch.Tensor],
-    args: Sequence[Any] = (),
-    kwargs: Mapping[str, Any] | None = None,
-) -> tuple[Any, Any]:
-    """(f(x; theta0), J_theta0 f(x) . delta), each in the structure of the module's own output, by one JVP.
-
-    ``delta`` may name a subset of ``theta0``: the other parameters stay at theta0 and the JVP does not
-    differentiate through them. Gradients flow into delta. In the tangent, leaves that are not floating-point
-    tensors are None.
-    """
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any] | None,
+) -> tuple[list[Any], list[Any], Callable[[list[Any]], Any]]:
+    """The output's leaves at theta0, their tangents (None where not floating point) and the rebuild."""
+    kwargs = _without_cache(module, kwargs)
     fixed = {name: value for name, value in theta0.items() if name not in delta}
     moving = {name: theta0[name] for name in delta}
     structure: list[Callable[[list[Any]], Any]] = []
@@ -149,14 +159,37 @@ def linearized_call(
     tangents = iter(tangent_floats)
     primal_leaves = [next(sources[kind]) for kind in kinds]
     tangent_leaves = [next(tangents) if kind == "float" else None for kind in kinds]
-    rebuild = structure[0]
-    return rebuild(primal_leaves), rebuild(tangent_leaves)
+    return primal_leaves, tangent_leaves, structure[0]
 
 
-def _added(primal: Any, tangent: Any) -> Any:
-    primal_leaves, rebuild = _flatten(primal)
-    tangent_leaves, _ = _flatten(tangent)
-    return rebuild([p if t is None else p + t for p, t in zip(primal_leaves, tangent_leaves, strict=True)])
+def linearized_call(
+    module: nn.Module,
+    theta0: Mapping[str, torch.Tensor],
+    delta: Mapping[str, torch.Tensor],
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+) -> tuple[Any, Any]:
+    """(f(x; theta0), J_theta0 f(x) . delta), each in the structure of the module's own output, by one JVP.
+
+    ``delta`` may name a subset of ``theta0``: the other parameters stay at theta0 and the JVP does not
+    differentiate through them. Gradients flow into delta. In the tangent, leaves that are not floating-point
+    tensors are None (a ``ModelOutput`` leaves such fields out). Modules taking ``use_cache`` are called
+    with ``use_cache=False`` unless told otherwise.
+    """
+    primal, tangent, rebuild = _linearized_leaves(module, theta0, delta, args, kwargs)
+    return rebuild(primal), rebuild(tangent)
+
+
+def linearized_output(
+    module: nn.Module,
+    theta0: Mapping[str, torch.Tensor],
+    delta: Mapping[str, torch.Tensor],
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+) -> Any:
+    """f_lin(x) = f(x; theta0) + J_theta0 f(x) . delta in the structure of the module's own output."""
+    primal, tangent, rebuild = _linearized_leaves(module, theta0, delta, args, kwargs)
+    return rebuild([p if t is None else p + t for p, t in zip(primal, tangent, strict=True)])
 
 
 def hidden_and_tangent(
@@ -236,7 +269,16 @@ class Linearized(nn.Module):
         return primal.last_hidden_state, tangent.last_hidden_state
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return _added(*self.outputs_and_tangents(*args, **kwargs))
+        return linearized_output(self.base, self.theta0(), self.deltas(), args, kwargs)
+
+    # A checkpoint of the linearized model is delta: theta0 belongs to the base model, which whoever saves
+    # the checkpoint has already (and whose tied weights safetensors would refuse to store twice).
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        return self.delta.state_dict(destination=destination, prefix=prefix + "delta.", keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        own = {key[len("delta.") :]: value for key, value in state_dict.items() if key.startswith("delta.")}
+        return self.delta.load_state_dict(own, strict=strict, assign=assign)
 
 
 # The name under which the encoder-shaped linearized model was first published; it is the same module.

@@ -36,7 +36,7 @@ from torch.func import functional_call
 
 from taskarith.display import quoted
 from taskarith.errors import TaskArithError
-from taskarith.linearize import _added, _check_attention, linearized_call
+from taskarith.linearize import _check_attention, linearized_call, linearized_output
 from taskarith.sampling import derived_seed
 
 DEFAULT_RANK = 8
@@ -187,4 +187,4 @@ class LinearLora(LoraModel):
         return primal.last_hidden_state, tangent.last_hidden_state
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return _added(*self.outputs_and_tangents(*args, **kwargs))
+        return linearized_output(self.base, self._frozen(), self.deltas(), args, kwargs)

@@ -254,7 +254,11 @@ class TauJp:
         reference = next(iter(delta.values()))
         if not groups:
             return reference.new_zeros(())
-        batch = self.collate([item for group in groups for item in group])
+        collated = self.collate([item for group in groups for item in group])
+        # On delta's device: a collate function of CPU tensors must serve a model trained on a GPU.
+        batch = {k: v.to(reference.device) if isinstance(v, torch.Tensor) else v for k, v in collated.items()}
+        if self.theta0 is not None and next(iter(self.theta0.values())).device != reference.device:
+            self.theta0 = {k: v.to(reference.device) for k, v in self.theta0.items()}  # moved once
         theta0 = self.theta0 if self.theta0 is not None else dict(self.model.named_parameters())
         _, tangent = linearized_call(self.model, theta0, delta, kwargs=batch)
         tangents = list(torch.split(self.features(tangent, batch), [len(group) for group in groups], dim=0))

@@ -29,37 +29,98 @@ from taskarith.vectors import TaskVector
 
 # The attention projections' weights per model family, as the papers fine-tune them (Jin et al., ICLR 2025:
 # the query, key, value and output projections of every attention block; their biases stay frozen, as in
-# OrthoReg's released attention-only code). Matched with re.search on parameter names.
-ATTENTION_PATTERNS: dict[str, str] = {
-    "bert": r"attention\.self\.(query|key|value)\.weight$|attention\.output\.dense\.weight$",
-    "clip": r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight$",
-    "open_clip": r"attn\.in_proj_weight$|attn\.out_proj\.weight$",
-    "timm": r"attn\.qkv\.weight$|attn\.proj\.weight$",
-    "gpt2": r"attn\.c_attn\.weight$|attn\.c_proj\.weight$",
-    "llama": r"self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight$",
+# OrthoReg's released attention-only code). One regular expression per projection (re.search on parameter
+# names); a family counts only when every one of its projections is found equally often (whole blocks).
+ATTENTION_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "bert": (
+        r"attention\.self\.query\.weight$",
+        r"attention\.self\.key\.weight$",
+        r"attention\.self\.value\.weight$",
+        r"attention\.output\.dense\.weight$",
+    ),
+    "deberta": (
+        r"attention\.self\.query_proj\.weight$",
+        r"attention\.self\.key_proj\.weight$",
+        r"attention\.self\.value_proj\.weight$",
+        r"attention\.output\.dense\.weight$",
+    ),
+    "vit": (
+        r"attention\.attention\.query\.weight$",
+        r"attention\.attention\.key\.weight$",
+        r"attention\.attention\.value\.weight$",
+        r"attention\.output\.dense\.weight$",
+    ),
+    "distilbert": (
+        r"attention\.q_lin\.weight$",
+        r"attention\.k_lin\.weight$",
+        r"attention\.v_lin\.weight$",
+        r"attention\.out_lin\.weight$",
+    ),
+    "mpnet": (
+        r"attention\.attn\.q\.weight$",
+        r"attention\.attn\.k\.weight$",
+        r"attention\.attn\.v\.weight$",
+        r"attention\.attn\.o\.weight$",
+    ),
+    "clip": (
+        r"self_attn\.q_proj\.weight$",
+        r"self_attn\.k_proj\.weight$",
+        r"self_attn\.v_proj\.weight$",
+        r"self_attn\.out_proj\.weight$",
+    ),
+    "llama": (
+        r"self_attn\.q_proj\.weight$",
+        r"self_attn\.k_proj\.weight$",
+        r"self_attn\.v_proj\.weight$",
+        r"self_attn\.o_proj\.weight$",
+    ),
+    "open_clip": (r"attn\.in_proj_weight$", r"attn\.out_proj\.weight$"),
+    "timm": (r"attn\.qkv\.weight$", r"attn\.proj\.weight$"),
+    "gpt2": (r"attn\.c_attn\.weight$", r"attn\.c_proj\.weight$"),
 }
 PRESETS = ("attention",)
+
+
+def attention_parameters(names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the attention projections' weights among ``names``, the families found only in part)."""
+    chosen: set[str] = set()
+    partial: list[str] = []
+    for family, projections in ATTENTION_PROJECTIONS.items():
+        found = [[n for n in names if re.search(pattern, n)] for pattern in projections]
+        counts = {len(group) for group in found}
+        if counts == {0}:
+            continue
+        if len(counts) == 1:
+            chosen.update(n for group in found for n in group)
+        else:
+            partial.append(family)
+    # A family seen in part is one whose complete sibling explains it (DeBERTa's output is BERT's): only
+    # when nothing complete was found is it a model the preset does not know.
+    return [n for n in names if n in chosen], partial if not chosen else []
 
 
 def trainable_parameters(module: nn.Module, spec: str | None, *, model_name: str = "the model") -> list[str]:
     """The parameter names fine-tuning trains: all (``spec`` None), a named preset, or a regular expression.
 
     The ``attention`` preset takes the attention projections' weights of whichever family the module
-    belongs to (:data:`ATTENTION_PATTERNS`); a model without attention (the embedded EfficientNet) is
-    refused, as is a pattern matching no parameter.
+    belongs to (:data:`ATTENTION_PROJECTIONS`), whole blocks only; a model without attention (the embedded
+    EfficientNet), or whose attention the preset knows only in part, is refused, as is a pattern matching
+    no parameter.
     """
     names = [name for name, _ in module.named_parameters()]
     if spec is None:
         return names
     if spec == "attention":
-        families = {
-            family: [n for n in names if re.search(pattern, n)] for family, pattern in ATTENTION_PATTERNS.items()
-        }
-        chosen = sorted({n for found in families.values() for n in found}, key=names.index)
+        chosen, partial = attention_parameters(names)
+        if partial:
+            raise TaskArithError(
+                f"--trainable attention: {shown(model_name)} has attention projections that taskarith knows only "
+                f"in part ({', '.join(partial)} names): name its parameters with a regular expression instead"
+            )
         if not chosen:
             raise TaskArithError(
                 f"--trainable attention: {shown(model_name)} has no attention projections that taskarith knows "
-                f"(families: {', '.join(ATTENTION_PATTERNS)}); it may have no attention at all (a CNN such as "
+                f"(families: {', '.join(ATTENTION_PROJECTIONS)}); it may have no attention at all (a CNN such as "
                 "efficientnet-lite0): name the parameters with a regular expression instead"
             )
         return chosen
@@ -71,7 +132,7 @@ def trainable_parameters(module: nn.Module, spec: str | None, *, model_name: str
     if not chosen:
         raise TaskArithError(
             f"--trainable {shown(spec)} matches none of the {len(names)} parameters of {shown(model_name)} "
-            f"(e.g. {', '.join(names[:3])})"
+            f"(e.g. {', '.join(shown(n) for n in names[:3])})"
         )
     return chosen
 
@@ -122,7 +183,8 @@ def task_vector(
         if not chosen:
             raise TaskArithError("the trained model has no trainable parameter: nothing was fine-tuned")
         with torch.no_grad():
-            deltas = {name: (source[name] - theta0[name]).detach().cpu() for name in sorted(chosen)}
+            # On the CPU both: the trained model may be on a GPU and theta0 a CPU snapshot.
+            deltas = {name: source[name].detach().cpu() - theta0[name].detach().cpu() for name in sorted(chosen)}
         mode = "standard"
     recorded = config.to_json() if hasattr(config, "to_json") else dict(config) if config is not None else {}
     return TaskVector(
