@@ -141,6 +141,7 @@ class AdaMergingResult:
     transductive: bool = False
     config: AdaMergingConfig = field(default_factory=AdaMergingConfig)
     cache_seconds: float = 0.0  # the shortcut's JVPs (part of ``seconds``)
+    optimize_seconds: float = 0.0  # the steps themselves (part of ``seconds``)
 
     def record(self) -> dict[str, Any]:
         """The JSON record written beside the merged vector (:data:`COEFFICIENTS_FORMAT`)."""
@@ -161,6 +162,7 @@ class AdaMergingResult:
                 "path": self.path,
                 "seconds": self.seconds,
                 "cache_seconds": self.cache_seconds,
+                "optimize_seconds": self.optimize_seconds,
                 "forward_passes": self.forward_passes,
                 "backward_passes": self.backward_passes,
                 "examples_through_network": self.examples_through_network,
@@ -381,6 +383,7 @@ def adamerging(
         return loss
 
     history: list[float] = []
+    looping = time.perf_counter()
     for step in range(config.steps):
         loss = objective()
         optimizer.zero_grad()
@@ -390,6 +393,7 @@ def adamerging(
         if on_step is not None:
             on_step(step, history[-1])
 
+    optimize_seconds = time.perf_counter() - looping
     with torch.no_grad():
         final = coefficients().detach().cpu()
     tasks = [v.task for v in vectors]
@@ -435,6 +439,7 @@ def adamerging(
         transductive=split == "test",
         config=config,
         cache_seconds=cache_seconds,
+        optimize_seconds=optimize_seconds,
     )
 
 
