@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--unlabeled", type=int, default=32, help="test inputs per task learned on")
     parser.add_argument("--ft-steps", type=int, default=30)
     parser.add_argument("--eval-limit", type=int, default=100)
+    parser.add_argument("--granularities", default="taskwise,layerwise", help="comma-separated")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -104,7 +105,8 @@ def main() -> None:
     ]
     runs: dict[str, Any] = {}
     merged: dict[str, dict[str, Any]] = {"standard": {}, "linear": {}}
-    for granularity in ("taskwise", "layerwise"):
+    granularities = args.granularities.split(",")
+    for granularity in granularities:
         for mode, shortcut in (("standard", False), ("linear", False), ("linear", True)):
             config = AdaMergingConfig(granularity=granularity, steps=args.steps, shortcut=shortcut)
             with PeakRSS() as memory:
@@ -127,7 +129,9 @@ def main() -> None:
                 "final_entropy": result.history[-1],
                 "coefficients": result.record()["coefficients"],
             }
-            print(f"{granularity:9s} {result.path:8s} {result.seconds:7.1f} s  {result.forward_passes} passes")
+            print(
+                f"{granularity:9s} {result.path:8s} {result.seconds:7.1f} s  {result.forward_passes} passes", flush=True
+            )
             if result.path != "f_lin":
                 merged[mode][f"adamerging_{granularity}"] = result.vector
         fl, sc = runs[f"{granularity}/f_lin"], runs[f"{granularity}/shortcut"]
@@ -175,6 +179,7 @@ def main() -> None:
             "tasks": list(TASKS),
             "unlabeled_test_inputs_per_task": args.unlabeled,
             "steps_measured": args.steps,
+            "granularities": granularities,
             "finetune_steps": args.ft_steps,
             "transductive": True,
             "eval_test_examples_per_task": args.eval_limit,
