@@ -554,3 +554,19 @@ def test_a_results_folder_is_claimed_once_and_written_again_by_its_own_command(t
     (tmp_path / "file").write_text("x")
     with pytest.raises(TaskArithError):
         claim_results_folder(tmp_path / "file", "taskarith.demo/1", ("results.json",))
+
+
+def test_overwrite_replaces_a_json_record_of_its_format_only(tmp_path):
+    """A JSON record is recognised by its "format" field also where commit examines it, moved aside."""
+    from taskarith.io import write_json
+    from taskarith.outputs import output_file
+
+    record = tmp_path / "coefficients.json"
+    for value in (1, 2):
+        with output_file(record, (), overwrite=True, format="taskarith.test_record/1") as tmp:
+            write_json(tmp, {"format": "taskarith.test_record/1", "value": value})
+    assert json.loads(record.read_text())["value"] == 2
+    with pytest.raises(TaskArithError, match="'format' is 'taskarith.test_record/1'"):
+        with output_file(record, (), overwrite=True, format="taskarith.other/1") as tmp:
+            write_json(tmp, {"format": "taskarith.other/1"})
+    assert json.loads(record.read_text())["value"] == 2

@@ -723,6 +723,111 @@ def statistics(
 
 
 @app.command()
+def adamerge(
+    vector: Annotated[list[Path], typer.Option("--vector", "-v", help="Task vector file to merge (repeatable).")],
+    task: Annotated[
+        list[str],
+        typer.Option("--task", "-t", help="Task whose unlabeled inputs the coefficients are learned on (repeatable)."),
+    ],
+    out_file: Annotated[
+        Path, typer.Option("--out", "-o", help="Where to write the merged task vector (.safetensors).")
+    ],
+    coefficients_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--coefficients", help="Where to write the learned coefficients (default: OUT with .adamerging.json)."
+        ),
+    ] = None,
+    split: Annotated[
+        str, typer.Option(help="Split whose inputs (labels unused) are learned on; test is the paper's (transductive).")
+    ] = "test",
+    granularity: Annotated[
+        str, typer.Option(help="layerwise (one coefficient per tensor per vector) or taskwise.")
+    ] = "layerwise",
+    init: Annotated[float, typer.Option(help="Initial coefficient.")] = 0.3,
+    clamp: Annotated[str, typer.Option(help="LOW,HIGH the coefficients are clamped to, or 'none'.")] = "0,1",
+    lr: Annotated[float, typer.Option(help="Adam's learning rate.")] = 1e-3,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 500,
+    batch_size: Annotated[int, typer.Option(help="Inputs per batch.")] = 16,
+    batches_per_step: Annotated[int, typer.Option(help="Batches per task per step.")] = 2,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N inputs of each task's split.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the batches' shuffles.")] = 0,
+    shortcut: Annotated[
+        bool,
+        typer.Option(
+            "--shortcut/--no-shortcut", help="Linear vectors: optimize on cached JVPs (exact) or through f_lin."
+        ),
+    ] = True,
+    model: ModelOption = "all-MiniLM-L6-v2",
+    overwrite: OverwriteOption = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """AdaMerging: learn merge coefficients by minimizing prediction entropy on unlabeled inputs, write the merge."""
+    from tqdm.auto import tqdm
+
+    from taskarith.data import load_task
+    from taskarith.io import write_json
+    from taskarith.merging.adamerging import COEFFICIENTS_FORMAT, AdaMergingConfig, adamerge_tasks
+    from taskarith.outputs import check_output, output_file
+    from taskarith.vectors import FORMAT, TaskVector
+
+    bounds: tuple[float, float] | None = None
+    if clamp.strip().lower() != "none":
+        low, sep, high = clamp.partition(",")
+        try:
+            bounds = (float(low), float(high))
+        except ValueError:
+            raise TaskArithError(f"--clamp {shown(clamp)}: expected LOW,HIGH (e.g. 0,1) or 'none'") from None
+        if not sep:
+            raise TaskArithError(f"--clamp {shown(clamp)}: expected LOW,HIGH (e.g. 0,1) or 'none'")
+    _at_least("--limit", limit)
+    config = AdaMergingConfig(
+        granularity=granularity,
+        init=init,
+        clamp=bounds,
+        lr=lr,
+        steps=steps,
+        batch_size=batch_size,
+        batches_per_step=batches_per_step,
+        seed=seed,
+        shortcut=shortcut,
+    )
+    record_file = coefficients_file or out_file.with_name(
+        out_file.name.removesuffix(".safetensors") + ".adamerging.json"
+    )
+    inputs = [("task vector", str(path)) for path in vector] + _existing("task", *task)
+    check_output(out_file, inputs, overwrite=overwrite, format=FORMAT, folder=False)
+    check_output(
+        record_file,
+        [*inputs, ("merged vector output", str(out_file))],
+        overwrite=overwrite,
+        format=COEFFICIENTS_FORMAT,
+        folder=False,
+    )
+    vectors = [TaskVector.load(path) for path in vector]
+    loaded = [load_task(t) for t in task]
+    pretrained = _load_model(model, device)
+    with tqdm(total=steps, desc=f"adamerging ({granularity})", unit="step", leave=False) as bar:
+
+        def advance(step: int, loss: float) -> None:
+            bar.update()
+            bar.set_postfix(entropy=f"{loss:.4f}")
+
+        result = adamerge_tasks(vectors, pretrained, loaded, split, config, limit=limit, on_step=advance)
+    result.vector.check_finite(out_file)
+    with output_file(out_file, inputs, overwrite=overwrite, format=FORMAT) as tmp:
+        result.vector.save(tmp)
+    with output_file(record_file, inputs, overwrite=overwrite, format=COEFFICIENTS_FORMAT) as tmp:
+        write_json(tmp, result.record())
+    marking = " (transductive: learned on the test inputs)" if result.transductive else ""
+    history = f"entropy {result.history[0]:.4f} -> {result.history[-1]:.4f}, " if result.history else ""
+    out.print(
+        f"wrote {shown(out_file)} and {shown(record_file)}: {granularity} AdaMerging on {split}{marking}; "
+        f"{history}{result.seconds:.1f} s, {result.forward_passes} passes ({result.path})"
+    )
+
+
+@app.command()
 def interference(
     vectors: Annotated[list[Path], typer.Argument(help="Task vector files (rows of the matrix).")],
     task: Annotated[

@@ -177,7 +177,7 @@ def commit(
     except FileNotFoundError:  # it went away meanwhile: nothing left to replace
         return commit(built, out, inputs, overwrite=False, format=format, folder=folder)
     sync_folder(target.parent)
-    problem = "is a symbolic link" if os.path.islink(aside) else _not_replaceable(aside, format, folder)
+    problem = "is a symbolic link" if os.path.islink(aside) else _not_replaceable(aside, format, folder, target)
     if problem:
         rename_no_replace(aside, target)
         sync_folder(target.parent)
@@ -308,12 +308,15 @@ class RunLock:
         self.release()
 
 
-def _not_replaceable(target: Path, format: str, folder: bool) -> str | None:
-    """Why an existing ``target`` is not a previous taskarith output of ``format`` (None if it is one)."""
+def _not_replaceable(target: Path, format: str, folder: bool, named: Path | None = None) -> str | None:
+    """Why an existing ``target`` is not a previous taskarith output of ``format`` (None if it is one).
+
+    ``named``: the output's own path when ``target`` is where it was moved aside (whose suffix is not its kind's).
+    """
     if not folder:
         if not target.is_file():
             return "is a folder, not a taskarith file"
-        if target.suffix == ".json":  # a record: its own "format" field says who wrote it
+        if (named or target).suffix == ".json":  # a record: its own "format" field says who wrote it
             try:
                 found = json.loads(target.read_text(encoding="utf-8")).get("format")
             except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
