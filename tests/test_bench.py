@@ -632,3 +632,26 @@ def test_regmean_and_fisher_in_the_bench_on_standard_vectors_not_on_linear_ones(
     assert result["merging"]["ties"]["cost"]["statistics_examples"] == 0
     linear = evaluate_vectors(bench_suite, linear_vectors, with_xi=False)
     assert set(linear["merging"]["not_applicable"]) == {"regmean", "fisher"} and "ties" in linear["merging"]
+
+
+def test_adamerging_in_the_bench_is_read_at_its_learned_coefficients(tmp_path, pretrained, suite, linear_vectors):
+    colours, sizes, moods = suite
+    profile = BenchProfile(
+        tasks=(colours.name, sizes.name),
+        control=moods.name,
+        methods=("linear",),
+        eval_limit=6,
+        alpha_grid=(0.5, 1.0),
+        negation_grid=(1.0,),
+        incremental_methods=(),
+        merge_methods=("adamerging_taskwise",),
+        adamerging_steps=3,
+    )
+    bench_suite = Suite(pretrained, [colours, sizes], moods, profile, tmp_path, lambda stage: None)
+    entry = evaluate_vectors(bench_suite, linear_vectors, with_xi=False)["merging"]["adamerging_taskwise"]
+    cost = entry["cost"]
+    assert cost["path"] == "shortcut" and cost["transductive"] is True and cost["backward_passes"] == 0
+    assert set(cost["coefficients"]) == {colours.name, sizes.name}
+    assert entry["alpha_searched"]["alpha"] == 1.0 and set(entry["val_curve"]) == {"1.0"}
+    with pytest.raises(TaskArithError, match="adamerging_steps"):
+        BenchProfile(tasks=("a", "b"), control="c", adamerging_steps=-1)

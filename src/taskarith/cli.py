@@ -1030,8 +1030,11 @@ def bench(
         list[str] | None,
         typer.Option(
             "--merge-method",
-            help="Merging method compared with the plain sum in task addition (repeatable; see 'taskarith merge --list').",
+            help="Merging method compared with the plain sum in task addition (repeatable; see 'taskarith merge --list'; also regmean, fisher (standard vectors) and adamerging, adamerging_taskwise).",
         ),
+    ] = None,
+    adamerging_steps: Annotated[
+        int | None, typer.Option(help="AdaMerging's optimizer steps in the bench (default: the paper's 500).")
     ] = None,
     seeds: Annotated[int | None, typer.Option(help="Number of seeds (default: the profile's).")] = None,
     steps: Annotated[int | None, typer.Option(help="Fine-tuning steps per task (default: the profile's).")] = None,
@@ -1135,6 +1138,7 @@ def bench(
                 ("reg_sampling", reg_sampling),
                 ("reg_batch_size", reg_batch_size),
                 ("reg_control", reg_control),
+                ("adamerging_steps", adamerging_steps),
             )
             if value is not None
         }

@@ -35,6 +35,7 @@ from taskarith.evaluate import (
 from taskarith.experiments.claims import ledger
 from taskarith.experiments.stats import correlation, off_diagonal
 from taskarith.finetune import FinetuneConfig, finetune_cached, run_key
+from taskarith.merging.adamerging import AdaMergingConfig, adamerge_tasks
 from taskarith.merging.hyperparameters import STATISTICS, check_method
 from taskarith.merging.methods import merge_task_vectors
 from taskarith.merging.statistics import compute_merge_statistics
@@ -67,6 +68,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "lora": {"mode": "lora"},  # LoRA on the attention projections (rank 8, alpha 16): a standard vector
     "linear_lora": {"mode": "linear_lora"},  # LoRA linearized at PEFT's init (Tang et al. 2024): a linear vector
 }
+# Learned merging methods the bench runs beside the registry's: AdaMerging's granularity per name.
+LEARNED_MERGES = {"adamerging": "layerwise", "adamerging_taskwise": "taskwise"}
 # Regularizers that need nothing of the other tasks: their runs name no protected tasks or factor files.
 DATALESS_REGULARIZERS = ("orthoreg", "orthoreg_sq")
 DEFAULT_METHODS = ("standard", "linear", "posthoc", "linear_taujp", "linear_kfac")
@@ -120,6 +123,9 @@ class BenchProfile:
     # Merging methods compared with the plain sum in task addition (each with its default hyper-parameters,
     # its scaling searched on validation like the sum's alpha); any of taskarith.merging's registry.
     merge_methods: tuple[str, ...] = ()
+    # AdaMerging (a learned merge, LEARNED_MERGES): optimizer steps (the paper: 500) and the unlabeled inputs
+    # per task it learns on: the first of each test split (the paper's transductive setting), eval_limit of them.
+    adamerging_steps: int = 500
 
     @property
     def choice_limit(self) -> int | None:
@@ -131,7 +137,10 @@ class BenchProfile:
         if unknown:
             raise TaskArithError(f"unknown methods {unknown} (known: {', '.join(METHODS)})")
         for name in self.merge_methods:
-            check_method(name)
+            if name not in LEARNED_MERGES:
+                check_method(name)
+        if self.adamerging_steps < 0:
+            raise TaskArithError(f"bench option adamerging_steps={self.adamerging_steps} must be >= 0")
         if len(self.tasks) < 2:
             raise TaskArithError(f"the protocol needs at least two tasks, got {list(self.tasks)}")
         if self.control in self.tasks:
@@ -479,6 +488,20 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
     for method in p.merge_methods:
         started = time.perf_counter()
         statistics_of = None
+        if method in LEARNED_MERGES:
+            config = AdaMergingConfig(granularity=LEARNED_MERGES[method], steps=p.adamerging_steps)
+            learned = adamerge_tasks(
+                [vectors[n] for n in names], suite.pretrained, tasks, "test", config, limit=p.eval_limit
+            )
+            merged[f"{method}()"] = learned.vector
+            record = learned.record()
+            merge_cost[method] = {
+                **record["cost"],
+                "transductive": record["transductive"],
+                "coefficients": record["coefficients"],
+                "groups": len(record["groups"]),
+            }
+            continue
         if method in STATISTICS:
             if mode != "standard":
                 not_applicable[method] = (
@@ -518,8 +541,10 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
     bar.update()
     merging: dict[str, Any] = {}
     for method in merge_cost:
+        # A learned merge's coefficients are its scaling: it is read at alpha = 1 only.
+        grid = (1.0,) if method in LEARNED_MERGES else p.alpha_grid
         merging[method] = _addition_with_search(
-            outputs, tasks, finetuned, finetuned_val, [f"{method}()"], p.alpha_grid, limit, val_limit
+            outputs, tasks, finetuned, finetuned_val, [f"{method}()"], grid, limit, val_limit
         )
         merging[method]["cost"] = merge_cost[method]
         bar.update()
