@@ -220,3 +220,24 @@ def test_cli_adamerge(cli, tmp_path, pretrained, tiny_model_dir, tiny_csv):
     assert json.loads((tmp_path / "merged.adamerging.json").read_text())["transductive"] is False
     code, _, stderr = cli(*args[:-2], "--steps", "0", "--clamp", "2,1", "--overwrite")
     assert code == 2 and "clamp" in stderr
+
+
+def test_merge_reaches_adamerging(cli, tmp_path, pretrained, tiny_model_dir, tiny_csv):
+    vectors = []
+    for seed in (1, 2):
+        path = tmp_path / f"t{seed}.safetensors"
+        random_vector(pretrained, seed).save(path)
+        vectors += ["--vector", path]
+    out = tmp_path / "merged.safetensors"
+    args = ["merge", "--method", "adamerging_taskwise", *vectors, "--task", tiny_csv, "--base", tiny_model_dir]
+    code, stdout, stderr = cli(*args, "--set", "steps=2", "--set", "batch_size=4", "--out", out)
+    assert code == 0, stderr
+    record = json.loads((tmp_path / "merged.adamerging.json").read_text())
+    assert record["hyperparameters"]["granularity"] == "taskwise" and len(record["history"]) == 2
+    assert TaskVector.load(out).config["coefficients"] == record["coefficients"]
+    code, _, stderr = cli(*args, "--set", "density=0.2", "--out", tmp_path / "other.safetensors")
+    assert code == 2 and "density" in stderr
+    code, _, stderr = cli(*args, "--set", "steps=two", "--out", tmp_path / "other.safetensors")
+    assert code == 2 and "expected an integer" in stderr
+    code, out_text, _ = cli("merge", "--list")
+    assert code == 0 and "adamerging_taskwise: learned" in out_text

@@ -597,6 +597,12 @@ def merge(
         ),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for randomised methods (DARE).")] = None,
+    task: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task", "-t", help="adamerging: task whose unlabeled test inputs the coefficients learn on (repeatable)."
+        ),
+    ] = None,
     out_path: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Output model folder (models) or .safetensors file (task vectors)."),
@@ -619,6 +625,11 @@ def merge(
         for name in DEFAULTS:
             params = ", ".join(f"{k}={v}" for k, v in DEFAULTS[name].items()) or "(none)"
             out.print(f"{name}: {params}")
+        for name, granularity in LEARNED_MERGES.items():
+            out.print(f"{name}: learned ({granularity}; --task per vector, see `taskarith adamerge --help`)")
+        return
+    if method in LEARNED_MERGES:
+        _merge_learned(method, vector, task, assignments, seed, base, out_path, overwrite)
         return
     models = tuple(Source(str(p), w) for p, w in (_parse_weighted(spec, 1.0) for spec in finetuned or []))
     vectors = tuple(Source(str(p), w) for p, w in (_parse_weighted(spec, 1.0) for spec in vector or []))
@@ -722,6 +733,56 @@ def statistics(
     )
 
 
+# `merge --method` names of the learned methods (AdaMerging's granularity), beside the registry's.
+LEARNED_MERGES = {"adamerging": "layerwise", "adamerging_taskwise": "taskwise"}
+
+
+def _merge_learned(
+    method: str,
+    vector: list[str] | None,
+    task: list[str] | None,
+    assignments: list[str] | None,
+    seed: int | None,
+    base: str | None,
+    out_path: Path | None,
+    overwrite: bool,
+) -> None:
+    """`merge --method adamerging`: the vectors, one --task each, --set for AdaMerging's settings, --base the
+    pre-trained model (default: the one the first vector records, else the embedded encoder)."""
+    from taskarith.merging.adamerging import AdaMergingConfig
+
+    if not vector or not task or out_path is None:
+        raise TaskArithError(f"--method {method} needs --vector files, one --task per vector and --out")
+    paths = []
+    for spec in vector:
+        path, weight = _parse_weighted(spec, 1.0)
+        if weight != 1.0:
+            raise TaskArithError(f"--vector {shown(spec)}: {method} learns the weights; give the file alone")
+        paths.append(Path(path))
+    settings = dict(_parse_assignment(spec) for spec in assignments or [])
+    known = {"init", "lr", "steps", "batch_size", "batches_per_step"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TaskArithError(f"--set {shown(unknown[0])}: {method} takes {', '.join(sorted(known))}")
+    typed = {k: v for k, v in settings.items()}
+    for key, value in typed.items():
+        wanted = float if key in ("init", "lr") else int
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (wanted is int and not isinstance(value, int))
+        ):
+            raise TaskArithError(
+                f"--set {key}={shown(str(value))}: expected {'a number' if wanted is float else 'an integer'}"
+            )
+    config = AdaMergingConfig(granularity=LEARNED_MERGES[method], seed=seed or 0, **typed)  # type: ignore[arg-type]
+    from taskarith.vectors import TaskVector
+
+    recorded = TaskVector.load(paths[0]).config.get("model") if base is None else None
+    model = base or (recorded if isinstance(recorded, str) else "all-MiniLM-L6-v2")
+    _run_adamerging(paths, task, out_path, None, "test", config, None, model, overwrite, "auto")
+
+
 @app.command()
 def adamerge(
     vector: Annotated[list[Path], typer.Option("--vector", "-v", help="Task vector file to merge (repeatable).")],
@@ -763,13 +824,7 @@ def adamerge(
     device: DeviceOption = "auto",
 ) -> None:
     """AdaMerging: learn merge coefficients by minimizing prediction entropy on unlabeled inputs, write the merge."""
-    from tqdm.auto import tqdm
-
-    from taskarith.data import load_task
-    from taskarith.io import write_json
-    from taskarith.merging.adamerging import COEFFICIENTS_FORMAT, AdaMergingConfig, adamerge_tasks
-    from taskarith.outputs import check_output, output_file
-    from taskarith.vectors import FORMAT, TaskVector
+    from taskarith.merging.adamerging import AdaMergingConfig
 
     bounds: tuple[float, float] | None = None
     if clamp.strip().lower() != "none":
@@ -792,6 +847,31 @@ def adamerge(
         seed=seed,
         shortcut=shortcut,
     )
+    _run_adamerging(vector, task, out_file, coefficients_file, split, config, limit, model, overwrite, device)
+
+
+def _run_adamerging(
+    vector: list[Path],
+    task: list[str],
+    out_file: Path,
+    coefficients_file: Path | None,
+    split: str,
+    config: Any,
+    limit: int | None,
+    model: str,
+    overwrite: bool,
+    device: str,
+) -> None:
+    """Learn AdaMerging's coefficients and write the merged vector and its record (`adamerge`, `merge`)."""
+    from tqdm.auto import tqdm
+
+    from taskarith.data import load_task
+    from taskarith.io import write_json
+    from taskarith.merging.adamerging import COEFFICIENTS_FORMAT, adamerge_tasks
+    from taskarith.outputs import check_output, output_file
+    from taskarith.vectors import FORMAT, TaskVector
+
+    granularity, steps = config.granularity, config.steps
     record_file = coefficients_file or out_file.with_name(
         out_file.name.removesuffix(".safetensors") + ".adamerging.json"
     )
