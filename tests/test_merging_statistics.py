@@ -396,3 +396,14 @@ def test_cli_and_recipes_reach_the_statistics_methods(
         tmp_path / "x",
     )
     assert code != 0 and "needs one statistics file per model" in err
+
+
+def test_vectors_of_a_parameter_subset_merge_with_statistics_of_the_whole_model(vectors, stats_files) -> None:
+    # An attention-only or LoRA vector holds some of the parameters: the statistics of the rest take no part.
+    kept = sorted(k for k in vectors[0].deltas if "attention.self.query" in k)
+    subset = [dataclasses.replace(v, deltas={k: v.deltas[k] for k in kept}) for v in vectors]
+    whole = merge_task_vectors(vectors, "regmean", statistics=stats_files)
+    part = merge_task_vectors(subset, "regmean", statistics=stats_files)
+    assert sorted(part.deltas) == kept
+    for key in kept:  # RegMean is per layer: the same layers merge to the same weights
+        torch.testing.assert_close(part.deltas[key], whole.deltas[key])

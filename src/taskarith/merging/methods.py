@@ -578,10 +578,11 @@ def merge_task_vectors(
         stats = load_statistics(statistics)
         check_statistics(method, stats, len(vectors))
         layout = {key: tuple(delta.shape) for key, delta in anchor.deltas.items()}
-        names = tensor_names(stats[0], layout, layout, f"task vector {anchor.task or '?'}")
-        # A vector keyed by the encoder's names hashes the base as statistics do; one read from prefixed
-        # checkpoints hashed other names, so only merge_checkpoints (which rehashes the base) can check it.
-        if all(key == name for key, name in names.items()):
+        names = tensor_names(stats[0], layout, layout, f"task vector {anchor.task or '?'}", subset=True)
+        # A vector keyed by the encoder's names, over all of them, hashes the base as statistics do; one read
+        # from prefixed checkpoints hashed other names, and one over a subset (attention-only, LoRA) the subset
+        # only: their shapes are checked, and merge_checkpoints (which rehashes the base) checks the rest.
+        if all(key == name for key, name in names.items()) and set(names) == set(stats[0].parameters):
             check_base_hash(stats, meta["base_hash"], f"of task vector {anchor.task or '?'}")
         per_tensor = {key: [s.for_tensor(names[key]) for s in stats] for key in anchor.deltas}
     deltas = {}

@@ -332,13 +332,20 @@ def check_statistics(method: str, statistics: Sequence[MergeStatistics], models:
 
 
 def tensor_names(
-    stats: MergeStatistics, layout: Mapping[str, tuple[int, ...]], floating: Collection[str], where: str
+    stats: MergeStatistics,
+    layout: Mapping[str, tuple[int, ...]],
+    floating: Collection[str],
+    where: str,
+    *,
+    subset: bool = False,
 ) -> dict[str, str]:
     """Tensor name -> statistics name for the tensors of ``layout`` (name -> shape) that ``where`` holds.
 
     Task models wrap the encoder under a prefix (``bert.``, ``roberta.``); the prefix is the one under which
     the most of the statistics' parameters are found. Refused, by name: a parameter of the statistics with
-    no tensor of its shape, and a ``floating`` tensor (one the merge changes) with no statistics.
+    no tensor of its shape (unless ``subset``: task vectors of a parameter subset, attention-only or LoRA,
+    hold only some of the model's parameters), and a ``floating`` tensor (one the merge changes) with no
+    statistics.
     """
     names = set(layout)
     prefixes = [""] + sorted({n.split(".", 1)[0] + "." for n in names if "." in n})
@@ -346,6 +353,8 @@ def tensor_names(
     label = shown(stats.source) if stats.source else "the statistics"
     for name, shape in stats.parameters.items():
         tensor = prefix + name
+        if tensor not in names and subset:
+            continue
         if tensor not in names:
             raise TaskArithError(
                 f"{label}: parameter {quoted(name)} has no tensor {quoted(tensor)} in {shown(where)} "
@@ -356,7 +365,7 @@ def tensor_names(
                 f"{label}: parameter {quoted(name)} is {list(shape)}, tensor {quoted(tensor)} of {shown(where)} "
                 f"is {list(layout[tensor])}"
             )
-    mapping = {prefix + name: name for name in stats.parameters}
+    mapping = {prefix + name: name for name in stats.parameters if prefix + name in names}
     unmapped = sorted(n for n in floating if n not in mapping)
     if unmapped:
         raise TaskArithError(
