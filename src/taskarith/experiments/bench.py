@@ -508,12 +508,16 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
                     "RegMean and Fisher read the layers of each fine-tuned network; a linear-mode vector has none"
                 )
                 continue
-            statistics_of = [
-                compute_merge_statistics(
-                    suite.pretrained, t, vectors[t.name], gram=method == "regmean", fisher=method == "fisher"
-                )
-                for t in tasks
-            ]
+            try:
+                statistics_of = [
+                    compute_merge_statistics(
+                        suite.pretrained, t, vectors[t.name], gram=method == "regmean", fisher=method == "fisher"
+                    )
+                    for t in tasks
+                ]
+            except TaskArithError as exc:  # e.g. RegMean on a CNN: no linear layer to take a Gram of
+                not_applicable[method] = str(exc)
+                continue
         merged[f"{method}()"] = merge_task_vectors([vectors[n] for n in names], method, statistics=statistics_of)
         merge_cost[method] = {
             "seconds": round(time.perf_counter() - started, 3),
