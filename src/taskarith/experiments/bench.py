@@ -365,8 +365,9 @@ class Suite:
         self, method: str, task: Task, protected: Sequence[Task], seed: int, strength: float | None = None
     ) -> TaskVector:
         config = self.config(method, task, protected, seed, strength)
+        protecting = "no data" if config.regularizer in DATALESS_REGULARIZERS else f"protecting {len(protected)}"
         label = f"{method}, {task.name}" + (
-            f", protecting {len(protected)}, lambda {config.reg_strength:g}" if config.regularizer else ""
+            f", {protecting}, lambda {config.reg_strength:g}" if config.regularizer else ""
         )
         self.on_stage(f"fine-tuning ({label}, seed {seed})")
         # K-FAC factor paths live in the cache folder: key the run on their content, not their location.
