@@ -18,7 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from taskarith.data import Task
-from taskarith.display import StageProgress
+from taskarith.display import StageProgress, shown
 from taskarith.errors import TaskArithError
 from taskarith.evaluate import (
     CONTROL_KEEP,
@@ -857,7 +857,13 @@ def run_bench(
         settings = METHODS[method]
         lora = settings["mode"] in ("lora", "linear_lora")  # LoRA's targets default to the attention projections
         spec = settings.get("trainable", "attention" if lora else None)
-        trainable_parameters(pretrained.encoder, spec, model_name=pretrained.name)
+        names = set(trainable_parameters(pretrained.encoder, spec, model_name=pretrained.name))
+        matrices = [n for n, p in pretrained.encoder.named_parameters() if n in names and p.dim() == 2]
+        if settings.get("regularizer") in DATALESS_REGULARIZERS and not matrices:
+            raise TaskArithError(
+                f"method {method!r}: OrthoReg regularizes weight matrices and {shown(pretrained.name)} trains none "
+                "(a CNN's kernels are 4-D): leave the method out for this model"
+            )
     ntk_models: dict[str, Pretrained] = {}
     if ntk_examples:  # built and checked now, so a study that cannot run fails before the fine-tuning, not after
         from taskarith.models import reinitialized
