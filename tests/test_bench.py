@@ -605,6 +605,15 @@ def test_attention_methods_are_refused_up_front_on_a_model_without_attention(tmp
     no_attention.encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
     with pytest.raises(TaskArithError, match="no attention projections"):
         run_bench(no_attention, [colours, sizes], moods, profile, tmp_path / "cache")
+    orthoreg = BenchProfile(
+        tasks=(colours.name, sizes.name),
+        control=moods.name,
+        methods=("standard_orthoreg",),
+        incremental_methods=(),
+        reg_strengths={"orthoreg": (0.1,)},
+    )
+    with pytest.raises(TaskArithError, match="OrthoReg regularizes weight matrices"):
+        run_bench(no_attention, [colours, sizes], moods, orthoreg, tmp_path / "cache")
     assert not (tmp_path / "cache" / "vectors").exists()
 
 
