@@ -610,6 +610,7 @@ def test_attention_methods_are_refused_up_front_on_a_model_without_attention(tmp
         control=moods.name,
         methods=("standard_orthoreg",),
         incremental_methods=(),
+        checkpoint_method="standard_orthoreg",
         reg_strengths={"orthoreg": (0.1,)},
     )
     with pytest.raises(TaskArithError, match="OrthoReg regularizes weight matrices"):
