@@ -618,17 +618,17 @@ def merge(
 
     from tqdm.auto import tqdm
 
-    from taskarith.merging.hyperparameters import DEFAULTS
+    from taskarith.merging.hyperparameters import DEFAULTS, LEARNED_METHODS
     from taskarith.merging.recipe import MergeRecipe, Source, load_recipe, parse_size, run_recipe, with_overrides
 
     if list_methods:
         for name in DEFAULTS:
             params = ", ".join(f"{k}={v}" for k, v in DEFAULTS[name].items()) or "(none)"
             out.print(f"{name}: {params}")
-        for name, granularity in LEARNED_MERGES.items():
+        for name, granularity in LEARNED_METHODS.items():
             out.print(f"{name}: learned ({granularity}; --task per vector, see `taskarith adamerge --help`)")
         return
-    if method in LEARNED_MERGES:
+    if method in LEARNED_METHODS:
         _merge_learned(method, vector, task, assignments, seed, base, out_path, overwrite)
         return
     models = tuple(Source(str(p), w) for p, w in (_parse_weighted(spec, 1.0) for spec in finetuned or []))
@@ -733,10 +733,6 @@ def statistics(
     )
 
 
-# `merge --method` names of the learned methods (AdaMerging's granularity), beside the registry's.
-LEARNED_MERGES = {"adamerging": "layerwise", "adamerging_taskwise": "taskwise"}
-
-
 def _merge_learned(
     method: str,
     vector: list[str] | None,
@@ -750,6 +746,7 @@ def _merge_learned(
     """`merge --method adamerging`: the vectors, one --task each, --set for AdaMerging's settings, --base the
     pre-trained model (default: the one the first vector records, else the embedded encoder)."""
     from taskarith.merging.adamerging import AdaMergingConfig
+    from taskarith.merging.hyperparameters import LEARNED_METHODS
 
     if not vector or not task or out_path is None:
         raise TaskArithError(f"--method {method} needs --vector files, one --task per vector and --out")
@@ -775,7 +772,7 @@ def _merge_learned(
             raise TaskArithError(
                 f"--set {key}={shown(str(value))}: expected {'a number' if wanted is float else 'an integer'}"
             )
-    config = AdaMergingConfig(granularity=LEARNED_MERGES[method], seed=seed or 0, **typed)  # type: ignore[arg-type]
+    config = AdaMergingConfig(granularity=LEARNED_METHODS[method], seed=seed or 0, **typed)  # type: ignore[arg-type]
     from taskarith.vectors import TaskVector
 
     recorded = TaskVector.load(paths[0]).config.get("model") if base is None else None

@@ -98,17 +98,17 @@ class TaskArithTrainer(Trainer):
         self.linearized = linearize
         self.task_name, self.penalty, self.reg_strength = task, penalty, float(reg_strength)
         self.trained_names = names
+        trained = set(names)
         if linearize:
             model = Linearized(model, trainable=True, params=names)
             # The model's own loss would be the linearization of the loss, not the loss of f_lin.
             model.accepts_loss_kwargs = False  # type: ignore[assignment]
         else:
-            chosen = set(names)
             for name, param in model.named_parameters():
-                param.requires_grad_(name in chosen)
+                param.requires_grad_(name in trained)
         # theta0 of the trained parameters, on the CPU: standard fine-tuning moves the weights themselves.
         self.theta0 = (
-            {name: param.detach().cpu().clone() for name, param in model.named_parameters() if name in set(names)}
+            {name: param.detach().cpu().clone() for name, param in model.named_parameters() if name in trained}
             if not linearize
             else {}
         )

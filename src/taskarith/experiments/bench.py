@@ -36,7 +36,7 @@ from taskarith.experiments.claims import ledger
 from taskarith.experiments.stats import correlation, off_diagonal
 from taskarith.finetune import FinetuneConfig, finetune_cached, run_key
 from taskarith.merging.adamerging import AdaMergingConfig, adamerge_tasks
-from taskarith.merging.hyperparameters import STATISTICS, check_method
+from taskarith.merging.hyperparameters import LEARNED_METHODS, STATISTICS, check_method
 from taskarith.merging.methods import merge_task_vectors
 from taskarith.merging.statistics import compute_merge_statistics
 from taskarith.models import Pretrained
@@ -68,8 +68,6 @@ METHODS: dict[str, dict[str, Any]] = {
     "lora": {"mode": "lora"},  # LoRA on the attention projections (rank 8, alpha 16): a standard vector
     "linear_lora": {"mode": "linear_lora"},  # LoRA linearized at PEFT's init (Tang et al. 2024): a linear vector
 }
-# Learned merging methods the bench runs beside the registry's: AdaMerging's granularity per name.
-LEARNED_MERGES = {"adamerging": "layerwise", "adamerging_taskwise": "taskwise"}
 # Regularizers that need nothing of the other tasks: their runs name no protected tasks or factor files.
 DATALESS_REGULARIZERS = ("orthoreg", "orthoreg_sq")
 DEFAULT_METHODS = ("standard", "linear", "posthoc", "linear_taujp", "linear_kfac")
@@ -123,7 +121,7 @@ class BenchProfile:
     # Merging methods compared with the plain sum in task addition (each with its default hyper-parameters,
     # its scaling searched on validation like the sum's alpha); any of taskarith.merging's registry.
     merge_methods: tuple[str, ...] = ()
-    # AdaMerging (a learned merge, LEARNED_MERGES): optimizer steps (the paper: 500) and the unlabeled inputs
+    # AdaMerging (a learned merge, LEARNED_METHODS): optimizer steps (the paper: 500) and the unlabeled inputs
     # per task it learns on: the first of each test split (the paper's transductive setting), eval_limit of them.
     adamerging_steps: int = 500
 
@@ -137,7 +135,7 @@ class BenchProfile:
         if unknown:
             raise TaskArithError(f"unknown methods {unknown} (known: {', '.join(METHODS)})")
         for name in self.merge_methods:
-            if name not in LEARNED_MERGES:
+            if name not in LEARNED_METHODS:
                 check_method(name)
         if self.adamerging_steps < 0:
             raise TaskArithError(f"bench option adamerging_steps={self.adamerging_steps} must be >= 0")
@@ -489,8 +487,8 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
     for method in p.merge_methods:
         started = time.perf_counter()
         statistics_of = None
-        if method in LEARNED_MERGES:
-            config = AdaMergingConfig(granularity=LEARNED_MERGES[method], steps=p.adamerging_steps)
+        if method in LEARNED_METHODS:
+            config = AdaMergingConfig(granularity=LEARNED_METHODS[method], steps=p.adamerging_steps)
             learned = adamerge_tasks(
                 [vectors[n] for n in names], suite.pretrained, tasks, "test", config, limit=p.eval_limit
             )
@@ -547,7 +545,7 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
     merging: dict[str, Any] = {}
     for method in merge_cost:
         # A learned merge's coefficients are its scaling: it is read at alpha = 1 only.
-        grid = (1.0,) if method in LEARNED_MERGES else p.alpha_grid
+        grid = (1.0,) if method in LEARNED_METHODS else p.alpha_grid
         merging[method] = _addition_with_search(
             outputs, tasks, finetuned, finetuned_val, [f"{method}()"], grid, limit, val_limit
         )

@@ -18,6 +18,7 @@ from taskarith.errors import TaskArithError
 __all__ = [
     "DEFAULTS",
     "HYPERPARAMETERS",
+    "LEARNED_METHODS",
     "METHOD_KINDS",
     "STATISTICS",
     "Hyperparameter",
@@ -110,6 +111,9 @@ METHOD_KINDS: dict[str, str] = {
     method: "statistics" if method in ("regmean", "fisher") else "tensor" for method in HYPERPARAMETERS
 }
 STATISTICS = frozenset(m for m, kind in METHOD_KINDS.items() if kind == "statistics")
+# The learned methods by name, each AdaMerging at one granularity (merging/adamerging.py); torch-free here,
+# so that `taskarith merge` can tell them apart without importing torch.
+LEARNED_METHODS: dict[str, str] = {"adamerging": "layerwise", "adamerging_taskwise": "taskwise"}
 
 DEFAULTS: dict[str, dict[str, float]] = {
     method: {key: spec.default for key, spec in specs.items()} for method, specs in HYPERPARAMETERS.items()
