@@ -407,3 +407,85 @@ def test_vectors_of_a_parameter_subset_merge_with_statistics_of_the_whole_model(
     assert sorted(part.deltas) == kept
     for key in kept:  # RegMean is per layer: the same layers merge to the same weights
         torch.testing.assert_close(part.deltas[key], whole.deltas[key])
+
+
+# statistics of linear-mode vectors (f_lin at delta = tau) -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def linear_vectors(vectors) -> list[TaskVector]:
+    return [v.with_mode("linear") for v in vectors]
+
+
+def test_linear_mode_grams_are_the_pretrained_layer_inputs(tiny, task, linear_vectors) -> None:
+    linear = compute_merge_statistics(tiny, task, linear_vectors[0], fisher=False, num_examples=8)
+    base = compute_merge_statistics(tiny, task, None, fisher=False, num_examples=8)
+    assert (linear.mode, linear.activations) == ("linear", "pretrained")
+    assert set(linear.gram) == set(base.gram) and all(torch.equal(linear.gram[k], base.gram[k]) for k in base.gram)
+    with pytest.raises(TaskArithError, match="multiply the pre-trained model's layer inputs"):
+        compute_merge_statistics(tiny, task, linear_vectors[0], fisher=False, activations="finetuned")
+
+
+def test_linear_mode_fisher_is_the_squared_gradient_of_f_lin_in_delta(tiny, task, linear_vectors) -> None:
+    vector = linear_vectors[1]
+    stats = compute_merge_statistics(tiny, task, vector, gram=False, num_examples=3, fisher_kind="empirical")
+    before = [p.requires_grad for p in tiny.encoder.parameters()]
+    # f_lin's pooled output is p0 + J tau, so the gradient in delta of log p(y | f_lin) at tau is
+    # J^T (d log p / d pooled): a JVP for the point, then the plain network's VJP at theta0.
+    theta0 = {k: v.detach() for k, v in tiny.encoder.named_parameters()}
+    head = tiny.head(task)
+
+    def pooled(params, batch):
+        hidden = torch.func.functional_call(tiny.encoder, params, args=(), kwargs=batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    order = sorted(torch.randperm(len(task.train.inputs), generator=torch.Generator().manual_seed(0))[:3].tolist())
+    name = "encoder.layer.1.output.dense.weight"
+    total = torch.zeros_like(theta0[name], dtype=torch.float64)
+    tangent = {k: vector.deltas[k] if k in vector.deltas else torch.zeros_like(v) for k, v in theta0.items()}
+    for i in order:
+        batch = tiny.tokenize([task.train.inputs[i]])
+        p0, jt = torch.func.jvp(lambda params, batch=batch: pooled(params, batch), (theta0,), (tangent,))
+        point = (p0 + jt).detach().requires_grad_(True)
+        logits = tiny.logit_scale * torch.nn.functional.normalize(point, dim=-1) @ head.T
+        (upstream,) = torch.autograd.grad(torch.log_softmax(logits.double(), -1)[0, task.train.labels[i]], point)
+        params = {k: v.clone().requires_grad_(k == name) for k, v in theta0.items()}
+        (grad,) = torch.autograd.grad(pooled(params, batch), [params[name]], grad_outputs=upstream)
+        total += grad.double() ** 2
+    torch.testing.assert_close(stats.fisher[name], (total / 3).float(), rtol=1e-4, atol=1e-12)
+    assert stats.mode == "linear" and [p.requires_grad for p in tiny.encoder.parameters()] == before
+    standard = compute_merge_statistics(
+        tiny, task, vector.with_mode("standard"), gram=False, num_examples=3, fisher_kind="empirical"
+    )
+    assert not torch.equal(standard.fisher[name], stats.fisher[name])
+
+
+def test_merges_refuse_statistics_of_the_other_mode_by_name(
+    tmp_path, tiny, task, tiny_model_dir, finetuned, vectors, linear_vectors, stats_files
+) -> None:
+    files = []
+    for i, vector in enumerate(linear_vectors):
+        files.append(tmp_path / f"lin{i}.safetensors")
+        compute_merge_statistics(tiny, task, vector, num_examples=4, seed=i).save(files[-1])
+    assert MergeStatistics.load(files[0]).mode == "linear" and MergeStatistics.load(stats_files[0]).mode == "standard"
+    for method in ("regmean", "fisher"):
+        merged = merge_task_vectors(linear_vectors, method, statistics=files)
+        assert merged.mode == "linear"
+        with pytest.raises(TaskArithError, match=r"t0.safetensors holds statistics of a standard-mode model"):
+            merge_task_vectors(linear_vectors, method, statistics=stats_files)
+        with pytest.raises(TaskArithError, match=r"lin0.safetensors holds statistics of a linear-mode model"):
+            merge_task_vectors(vectors, method, statistics=files)
+        with pytest.raises(TaskArithError, match=r"lin0.safetensors holds statistics of a linear-mode model"):
+            merge_checkpoints(tiny_model_dir, finetuned, tmp_path / f"out-{method}", method, statistics=files)
+    assert not (tmp_path / "out-regmean").exists()
+    # RegMean of linear vectors is RegMean on the pre-trained Grams: the delta it returns is the same.
+    pretrained_grams = []
+    for i, vector in enumerate(vectors):
+        pretrained_grams.append(tmp_path / f"pre{i}.safetensors")
+        compute_merge_statistics(
+            tiny, task, vector, num_examples=4, seed=i, activations="pretrained", fisher=False
+        ).save(pretrained_grams[-1])
+    ours = merge_task_vectors(linear_vectors, "regmean", statistics=files)
+    theirs = merge_task_vectors(vectors, "regmean", statistics=pretrained_grams)
+    assert all(torch.equal(ours.deltas[k], theirs.deltas[k]) for k in ours.deltas)

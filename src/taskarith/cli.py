@@ -689,8 +689,12 @@ def statistics(
         str, typer.Option(help="sampled (y ~ the model, once per example), expected (all classes) or empirical.")
     ] = "sampled",
     activations: Annotated[
-        str, typer.Option(help="Gram of the finetuned model's layer inputs (RegMean) or the pretrained one's.")
-    ] = "finetuned",
+        str | None,
+        typer.Option(
+            help="Gram of the finetuned model's layer inputs (RegMean; the default for a standard-mode vector) or "
+            "the pretrained one's (the only choice for a linear-mode vector, whose deltas multiply them)."
+        ),
+    ] = None,
     seed: int = 0,
     model: ModelOption = "all-MiniLM-L6-v2",
     overwrite: OverwriteOption = False,

@@ -502,11 +502,7 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
             }
             continue
         if method in STATISTICS:
-            if mode != "standard":
-                not_applicable[method] = (
-                    "RegMean and Fisher read the layers of each fine-tuned network; a linear-mode vector has none"
-                )
-                continue
+            # A linear-mode vector's statistics are f_lin's: pre-trained Grams, the Fisher in delta.
             try:
                 statistics_of = [
                     compute_merge_statistics(

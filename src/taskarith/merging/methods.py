@@ -576,7 +576,7 @@ def merge_task_vectors(
     per_tensor: dict[str, list[TensorStatistics]] = {}
     if statistics is not None:
         stats = load_statistics(statistics)
-        check_statistics(method, stats, len(vectors))
+        check_statistics(method, stats, len(vectors), mode=meta["mode"])
         layout = {key: tuple(delta.shape) for key, delta in anchor.deltas.items()}
         names = tensor_names(stats[0], layout, layout, f"task vector {anchor.task or '?'}", subset=True)
         # A vector keyed by the encoder's names, over all of them, hashes the base as statistics do; one read

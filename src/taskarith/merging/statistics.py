@@ -17,6 +17,15 @@ time by the merge.
   example (seeded), ``"expected"`` averages over every class weighted by p(y|x) (exact, one backward pass
   per class), ``"empirical"`` uses the true label.
 
+**Linear-mode vectors** (taskarith's extension; neither paper has them): the fine-tuned model is f_lin, and
+the statistics are those of its parameters, delta = theta - theta0. In f_lin a linear layer's weight delta
+multiplies the *pre-trained* model's layer input (``J(x) . dW`` holds ``dW x0``; the ``dW dx`` term is second
+order and dropped), so RegMean's objective ``sum_t ||X W - X W_t||^2`` for that delta is over the pre-trained
+inputs: the Gram of a linear-mode vector is the pre-trained model's (recorded as ``activations
+"pretrained"``). Its Fisher is that of f_lin's classifier at delta = tau, one gradient of log p(y|x) in delta
+per example, through f_lin (a JVP and its backward pass). Files record the ``mode`` they describe, and a
+merge refuses statistics of the other mode.
+
 Files: safetensors with ``gram/<weight name>`` and ``fisher/<parameter name>`` tensors keyed by the encoder's
 parameter names, and metadata in the conventions of K-FAC factor files (``format``, ``tasks``, ``examples``,
 ``base_hash``) plus the parameter shapes, the per-layer token counts, the transposed layers, the
@@ -66,6 +75,7 @@ __all__ = [
 
 FORMAT = "taskarith.merge_statistics/1"
 ACTIVATIONS = ("finetuned", "pretrained")
+MODES = ("standard", "linear")  # the vectors' modes statistics can describe
 FISHER_KINDS = ("sampled", "expected", "empirical")
 # FusionBench's CLIP configurations (num_regmean_examples, num_fisher_examples); see docs/protocol.md.
 DEFAULT_EXAMPLES = 256
@@ -146,12 +156,15 @@ class MergeStatistics:
     activations: str = "finetuned"
     fisher_kind: str = ""
     fisher_norm: float = 0.0
+    mode: str = "standard"  # of the fine-tuned model: weights (standard) or f_lin's delta (linear)
     source: str = ""
 
     def __post_init__(self) -> None:
         where = self.source or f"statistics of {self.task!r}"
         if self.activations not in ACTIVATIONS:
             raise TaskArithError(f"{shown(where)}: activations {quoted(self.activations)} is not one of {ACTIVATIONS}")
+        if self.mode not in MODES:
+            raise TaskArithError(f"{shown(where)}: mode {quoted(self.mode)} is not one of {MODES}")
         if self.fisher and self.fisher_kind not in FISHER_KINDS:
             raise TaskArithError(f"{shown(where)}: Fisher kind {quoted(self.fisher_kind)} is not one of {FISHER_KINDS}")
         if not self.gram and not self.fisher:
@@ -195,6 +208,7 @@ class MergeStatistics:
             "activations": self.activations,
             "fisher_kind": self.fisher_kind,
             "fisher_norm": repr(float(self.fisher_norm)),
+            "mode": self.mode,
         }
         save_tensors(path, tensors, metadata)
 
@@ -257,6 +271,7 @@ class MergeStatistics:
             activations=metadata.get("activations", "finetuned"),
             fisher_kind=metadata.get("fisher_kind", ""),
             fisher_norm=fisher_norm,
+            mode=metadata.get("mode", "standard"),  # files written before linear-mode statistics existed
             source=where,
         )
         gram_shapes = {name: probe.gram_shape(name) for name in tables["gram"]}
@@ -283,14 +298,21 @@ def _label(stats: MergeStatistics, index: int) -> str:
     return shown(stats.source) if stats.source else f"statistics {index} ({shown(stats.task)})"
 
 
-def check_statistics(method: str, statistics: Sequence[MergeStatistics], models: int) -> None:
-    """Refuse statistics that cannot serve ``method``: not one per model, of different base models or
-    architectures, or lacking a table or a layer another file has (each refusal names the file and key)."""
+def check_statistics(method: str, statistics: Sequence[MergeStatistics], models: int, mode: str = "standard") -> None:
+    """Refuse statistics that cannot serve ``method`` on ``models`` models of ``mode``: not one per model, of
+    the other mode, of different base models or architectures, or lacking a table or a layer another file
+    has (each refusal names the file and key)."""
     if len(statistics) != models:
         raise TaskArithError(f"{method} needs one statistics file per model: got {len(statistics)} for {models} models")
     first = statistics[0]
     table = "gram" if method == "regmean" else "fisher"
     for i, stats in enumerate(statistics):
+        if stats.mode != mode:
+            raise TaskArithError(
+                f"{_label(stats, i)} holds statistics of a {stats.mode}-mode model, but the merge is of "
+                f"{mode}-mode {'task vectors' if mode == 'linear' else 'weights'}: compute them with "
+                f"`taskarith statistics --vector` on the {mode}-mode vector"
+            )
         if stats.base_hash != first.base_hash:
             raise TaskArithError(
                 f"{_label(stats, i)} was computed on base model {stats.base_hash}, {_label(first, 0)} on "
@@ -464,7 +486,7 @@ def _gram(encoder: nn.Module, batches: Iterator[dict[str, torch.Tensor]]) -> _Gr
 
 def _fisher(
     classifier: nn.Module,
-    params: Mapping[str, nn.Parameter],
+    params: Mapping[str, torch.Tensor],
     batches: Iterator[tuple[dict[str, torch.Tensor], int]],
     kind: str,
     generator: torch.Generator,
@@ -505,20 +527,39 @@ def compute_merge_statistics(
     batch_size: int = 32,
     seed: int = 0,
     split: str = "train",
-    activations: str = "finetuned",
+    activations: str | None = None,
     fisher_kind: str = "sampled",
 ) -> MergeStatistics:
     """RegMean's Gram matrices and/or the diagonal Fisher of the model ``pretrained + vector`` on up to
     ``num_examples`` of ``task``'s ``split`` inputs (a seeded subset, the same for both statistics).
 
-    ``vector`` None: the pre-trained model itself. ``activations="pretrained"``: Grams of the pre-trained
-    encoder's layer inputs (the Fisher is always the fine-tuned model's). Labels are used only by
-    ``fisher_kind="empirical"``. Deterministic for a seed; the pre-trained encoder is left untouched.
+    ``vector`` None: the pre-trained model itself. ``activations`` ``"finetuned"`` (the default for a
+    standard-mode vector, as the paper) or ``"pretrained"``: whose layer inputs the Grams sum (the Fisher is
+    always the fine-tuned model's). A linear-mode vector's model is f_lin at delta = tau: its Grams are the
+    pre-trained inputs (the only choice; ``"finetuned"`` is refused) and its Fisher is in delta (see the
+    module's docstring). Labels are used only by ``fisher_kind="empirical"``. Deterministic for a seed; the
+    pre-trained encoder is left untouched.
     """
     if not gram and not fisher:
         raise TaskArithError("nothing to compute: ask for the Gram matrices, the Fisher, or both")
+    mode = vector.mode if vector is not None else "standard"
+    if mode not in MODES:
+        raise TaskArithError(
+            f"task vector {shown(vector.task or '?') if vector else '?'} is {quoted(mode)}-mode; statistics "
+            f"describe models of mode {' or '.join(MODES)}"
+        )
+    if activations is None:
+        activations = "pretrained" if mode == "linear" else "finetuned"
     if activations not in ACTIVATIONS:
         raise TaskArithError(f"activations {quoted(activations)} is not one of {', '.join(ACTIVATIONS)}")
+    if mode == "linear" and activations != "pretrained":
+        raise TaskArithError(
+            "a linear-mode vector's weight deltas multiply the pre-trained model's layer inputs in f_lin: its "
+            "Grams are the pre-trained activations (activations 'pretrained'), there are no others"
+        )
+    if mode == "linear":
+        assert vector is not None
+        _check_linear_vector(pretrained, vector)
     if fisher_kind not in FISHER_KINDS:
         raise TaskArithError(f"Fisher kind {quoted(fisher_kind)} is not one of {', '.join(FISHER_KINDS)}")
     if num_examples < 1 or batch_size < 1:
@@ -532,20 +573,10 @@ def compute_merge_statistics(
         order = sorted(chosen.tolist())
     inputs = [examples.inputs[i] for i in order]
     labels = [examples.labels[i] for i in order]
-    if vector is None:
-        finetuned = pretrained.trainable_copy()
-    else:
-        if vector.mode != "standard":
-            raise TaskArithError(
-                f"task vector {vector.task or '?'} is {vector.mode}-mode; RegMean and Fisher merging merge "
-                "weights: use a standard-mode vector"
-            )
-        finetuned = vector.apply_to(pretrained.encoder)  # a copy; refuses a vector of another base
-    finetuned.eval()
     parameters = {name: tuple(p.shape) for name, p in pretrained.encoder.named_parameters()}
     result: dict[str, Any] = {}
     if gram:
-        encoder = pretrained.encoder if activations == "pretrained" else finetuned
+        encoder = pretrained.encoder if activations == "pretrained" else _finetuned(pretrained, vector)
         was = encoder.training
         encoder.eval()
         try:
@@ -558,18 +589,28 @@ def compute_merge_statistics(
             transposed={k: v for k, v in collector.transposed.items() if v},
         )
     if fisher:
-        params = dict(finetuned.named_parameters())
-        for p in params.values():
-            p.requires_grad_(True)
-        classifier = pretrained.classifier(task, finetuned)
+        flags = [p.requires_grad for p in pretrained.encoder.parameters()]
+        if mode == "linear":
+            assert vector is not None
+            classifier, params = _linearized_classifier(pretrained, task, vector)
+        else:
+            finetuned = _finetuned(pretrained, vector)
+            params = dict(finetuned.named_parameters())
+            for p in params.values():
+                p.requires_grad_(True)
+            classifier = pretrained.classifier(task, finetuned)
         generator = torch.Generator().manual_seed(seed)
 
         def one_by_one() -> Iterator[tuple[dict[str, torch.Tensor], int]]:
             for i, item in enumerate(inputs):
                 yield pretrained.tokenize([item]), labels[i]
 
-        with torch.enable_grad():
-            diagonal, _ = _fisher(classifier, params, one_by_one(), fisher_kind, generator)
+        try:
+            with torch.enable_grad():
+                diagonal, _ = _fisher(classifier, params, one_by_one(), fisher_kind, generator)
+        finally:
+            for p, flag in zip(pretrained.encoder.parameters(), flags, strict=True):
+                p.requires_grad_(flag)
         norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in diagonal.values()))
         result.update(fisher=diagonal, fisher_kind=fisher_kind, fisher_norm=norm)
     return MergeStatistics(
@@ -578,5 +619,37 @@ def compute_merge_statistics(
         parameters=parameters,
         examples=len(inputs),
         activations=activations,
+        mode=mode,
         **result,
     )
+
+
+def _finetuned(pretrained: Pretrained, vector: TaskVector | None) -> nn.Module:
+    """The fine-tuned encoder in eval mode, a copy (``apply_to`` refuses a vector of another base)."""
+    model = pretrained.trainable_copy() if vector is None else vector.apply_to(pretrained.encoder)
+    return model.eval()
+
+
+def _check_linear_vector(pretrained: Pretrained, vector: TaskVector) -> None:
+    """A linear-mode vector's statistics are keyed by the encoder's own names and need its base model."""
+    from taskarith.vectors import _target_module
+
+    if _target_module(pretrained.encoder, vector.deltas) is not pretrained.encoder:
+        raise TaskArithError(
+            f"task vector {shown(vector.task or '?')} is keyed by the names of a part of the encoder; its "
+            "linear-mode statistics need the encoder's own parameter names"
+        )
+    vector.check_base(pretrained.encoder.state_dict())
+
+
+def _linearized_classifier(
+    pretrained: Pretrained, task: Task, vector: TaskVector
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The task's classifier on f_lin at delta = tau, and its delta parameters (keyed by the encoder's names)
+    set to require gradients. f_lin references the pre-trained weights and turns their requires_grad off;
+    the caller restores the flags."""
+    from taskarith.linearize import Linearized
+
+    linearized = Linearized(pretrained.encoder, dict(vector.deltas)).eval()
+    params = {name: delta.requires_grad_(True) for name, delta in linearized.deltas().items()}
+    return pretrained.classifier(task, linearized), params
