@@ -12,10 +12,12 @@ from taskarith.data import task_from_file
 from taskarith.errors import TaskArithError
 from taskarith.evaluate import edited_encoder
 from taskarith.linearize import LinearizedEncoder
+from taskarith.merging import adamerging as adamerging_module
 from taskarith.merging.adamerging import (
     COEFFICIENTS_FORMAT,
     AdaMergingConfig,
     _draws,
+    _group_chunks,
     _pooled_cache,
     adamerge_tasks,
     entropy,
@@ -138,8 +140,11 @@ def test_clamp_holds_the_coefficients_and_can_be_turned_off(pretrained, tasks):
     assert (free.coefficients < 0).any() or (free.coefficients > 1).any()
 
 
-def test_shortcut_outputs_equal_f_lin(pretrained, tasks):
-    """p0 + sum_{t,g} lambda[t,g] J tau_t|g, from the cache, is f_lin's pooled output at those coefficients."""
+@pytest.mark.parametrize("budget", [2**25, 1])
+def test_shortcut_outputs_equal_f_lin(pretrained, tasks, budget, monkeypatch):
+    """p0 + sum_{t,g} lambda[t,g] J tau_t|g, from the cache, is f_lin's pooled output at those coefficients,
+    whether the groups' JVPs share a vmapped call (the default budget) or each has its own (budget 1)."""
+    monkeypatch.setattr(adamerging_module, "_CHUNK_ELEMENTS", budget)
     vectors = [random_vector(pretrained, 1, "linear"), random_vector(pretrained, 2, "linear")]
     names = list(vectors[0].deltas)
     groups = layer_groups(names, "layerwise")
@@ -147,7 +152,10 @@ def test_shortcut_outputs_equal_f_lin(pretrained, tasks):
     taus = {n: torch.stack([v.deltas[n] for v in vectors]) for n in names}
     inputs = tasks[0].test.inputs[:10]
     base, tangents, calls = _pooled_cache(pretrained, inputs, theta0, taus, groups, batch_size=4)
-    assert calls == 3 * len(groups)  # 10 inputs in batches of 4, one vmapped JVP per group
+    chunks = _group_chunks(groups, {n: theta0[n].numel() for n in names}, 2)
+    assert [g for chunk in chunks for g in chunk] == list(range(len(groups)))
+    assert len(chunks) == (len(groups) if budget == 1 else -(-len(groups) // 16))
+    assert calls == 3 * len(chunks)  # 10 inputs in batches of 4, one vmapped JVP per chunk of groups
     lam = torch.rand(2, len(groups), generator=torch.Generator().manual_seed(0))
     cached = base + torch.einsum("ntgd,tg->nd", tangents, lam)
     delta = {n: sum(lam[t, g] * vectors[t].deltas[n] for t in range(2)) for g, (n,) in enumerate(groups)}

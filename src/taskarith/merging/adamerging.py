@@ -27,10 +27,11 @@ Three ways to compute the merged model's output, chosen by the vectors' mode:
   ``p0(x) + sum_{t,g} lambda[t, g] * J(x) tau_t|g`` (mean pooling is linear too), so ``p0`` and every
   restricted tangent are computed once per unlabeled input and the coefficients are optimized on those
   cached tensors with no further pass through the network. The head (normalization, cosine) stays outside,
-  exactly as in f_lin. Its cost is one JVP per (group, input batch), each carrying the T tasks' tangents
-  at once (``torch.func.vmap``): cheaper than optimizing through the network when the unlabeled sets are
-  small against ``steps * batches * batch_size`` or the groups few (task-wise), dearer for per-tensor groups
-  on large sets; benchmarks/adamerging_cost.py measures both.
+  exactly as in f_lin. Its cost is one JVP per (group, task, input batch), vmapped over up to 16
+  consecutive groups and the T tasks at once so that they share the primal pass (``torch.func.vmap``):
+  cheaper than optimizing through the network when the unlabeled sets are small against
+  ``steps * batches * batch_size`` or the groups few (task-wise); benchmarks/adamerging_cost.py measures
+  both.
 """
 
 from __future__ import annotations
@@ -235,6 +236,30 @@ def _draws(
     return draw
 
 
+# The shortcut vmaps the JVPs of up to this many groups at once (fewer where their stacked tangents,
+# groups x tasks x the groups' parameters, would pass _CHUNK_ELEMENTS floats): their primal pass is shared.
+_CHUNK_GROUPS = 16
+_CHUNK_ELEMENTS = 2**25
+
+
+def _group_chunks(groups: Sequence[Sequence[str]], sizes: Mapping[str, int], tasks: int) -> list[list[int]]:
+    """Consecutive groups (model order, so one chunk's groups sit close in depth) in chunks of at most
+    ``_CHUNK_GROUPS``, each chunk's stacked tangents within ``_CHUNK_ELEMENTS`` floats (a larger group alone)."""
+    chunks: list[list[int]] = []
+    elements = 0
+    for g, names in enumerate(groups):
+        size = sum(sizes[name] for name in names)
+        if chunks and len(chunks[-1]) < _CHUNK_GROUPS:
+            grown = (len(chunks[-1]) + 1) * tasks * (elements + size)
+            if grown <= _CHUNK_ELEMENTS:
+                chunks[-1].append(g)
+                elements += size
+                continue
+        chunks.append([g])
+        elements = size
+    return chunks
+
+
 def _pooled_cache(
     pretrained: Pretrained,
     inputs: Sequence[Any],
@@ -245,19 +270,31 @@ def _pooled_cache(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(p0 (N, D), tangents (N, T, G, D), JVP calls): f(x; theta0) and J(x) tau_t|g, pooled, for every input.
 
-    Per group one JVP whose function takes only that group's parameters (the others enter as constants,
-    so forward-mode work starts at the group's first use), vmapped over the T tasks' tangents.
+    Per chunk of consecutive groups (:func:`_group_chunks`) one JVP whose function takes only that chunk's
+    parameters (the others enter as constants, so forward-mode work starts at the chunk's first use),
+    vmapped over every (group, task) tangent: tau_t on the group's parameters, zero on the chunk's others.
+    vmap leaves the unbatched primal computation unbatched, so the chunk's groups share one primal pass.
     """
     from taskarith.linearize import jvp_safe_kernels
 
+    tasks = next(iter(taus.values())).shape[0]
+    chunks = _group_chunks(groups, {name: theta0[name].numel() for group in groups for name in group}, tasks)
     calls = 0
     base: torch.Tensor | None = None
     tangents: torch.Tensor | None = None
     with torch.no_grad(), jvp_safe_kernels():
         for indices, batch in pretrained.batches(inputs, batch_size):
             mask = batch["attention_mask"]
-            for g, names in enumerate(groups):
+            for chunk in chunks:
+                names = [name for g in chunk for name in groups[g]]
                 sub = {name: theta0[name] for name in names}
+                stacked = {}
+                for name in names:
+                    tangent = theta0[name].new_zeros(len(chunk), tasks, *theta0[name].shape)
+                    for j, g in enumerate(chunk):
+                        if name in groups[g]:
+                            tangent[j] = taus[name]
+                    stacked[name] = tangent.flatten(0, 1)
 
                 def states(group: Params, batch: Mapping[str, torch.Tensor] = batch) -> torch.Tensor:
                     return functional_call(pretrained.encoder, {**theta0, **group}, args=(), kwargs=dict(batch))[
@@ -268,20 +305,18 @@ def _pooled_cache(
                     primal, out = jvp(states, (sub,), (tangent,))[:2]
                     return primal, out
 
-                primal, tangent = vmap(one)({name: taus[name] for name in names})
+                primal, tangent = vmap(one)(stacked)
                 calls += 1
-                p, t = (
-                    mean_pool(primal[0], mask).float(),
-                    mean_pool(tangent.flatten(0, 1), mask.repeat(len(tangent), 1)),
-                )
-                t = t.float().unflatten(0, (len(tangent), -1)).transpose(0, 1)  # (batch, T, D)
+                p = mean_pool(primal[0], mask).float()
+                t = mean_pool(tangent.flatten(0, 1), mask.repeat(len(tangent), 1)).float()
+                t = t.unflatten(0, (len(chunk), tasks, -1)).permute(2, 1, 0, 3)  # (batch, T, chunk, D)
                 if base is None or tangents is None:
                     base = p.new_zeros(len(inputs), p.shape[1])
-                    tangents = p.new_zeros(len(inputs), t.shape[1], len(groups), p.shape[1])
+                    tangents = p.new_zeros(len(inputs), tasks, len(groups), p.shape[1])
                 where = indices.to(p.device)
-                if g == 0:
+                if chunk[0] == 0:
                     base[where] = p
-                tangents[where, :, g] = t
+                tangents[where, :, chunk[0] : chunk[-1] + 1] = t
     assert base is not None and tangents is not None
     return base, tangents, calls
 
