@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
+from taskarith import patterns
 from taskarith.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_REPORT
 from taskarith.errors import TaskArithError
 from taskarith.merging import merge_task_vectors
@@ -336,6 +337,14 @@ def test_malformed_configs_are_refused_naming_the_field(tmp_path, changes, messa
     base = tiny_bert()
     folder = edit_config(adapter(tmp_path / "a", base, r=2), **changes)
     with pytest.raises(TaskArithError, match=message):
+        TaskVector.from_peft(folder, base)
+
+
+def test_a_rank_pattern_that_backtracks_exponentially_is_stopped_and_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(patterns, "MATCH_SECONDS", 0.05)
+    base = tiny_bert()
+    folder = edit_config(adapter(tmp_path / "a", base, r=2), rank_pattern={"([a-z0-9.]|[a-z0-9.])+[!#]": 4})
+    with pytest.raises(TaskArithError, match=r"rank_pattern '.*' took over 0.05 s to match encoder\.layer"):
         TaskVector.from_peft(folder, base)
 
 

@@ -11,6 +11,7 @@ from conftest import write_tiny_csv
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from taskarith import patterns
 from taskarith.data import load_task, task_from_file
 from taskarith.errors import TaskArithError
 from taskarith.finetune import FinetuneConfig, finetune
@@ -146,6 +147,14 @@ def test_attention_preset_refuses_a_model_without_attention_and_a_regex_matching
         trainable_parameters(pretrained.encoder, r"^nothing$")
     with pytest.raises(TaskArithError, match="not a regular expression"):
         trainable_parameters(pretrained.encoder, "(")
+
+
+def test_a_regex_that_backtracks_exponentially_is_stopped_and_named(pretrained, monkeypatch):
+    monkeypatch.setattr(patterns, "MATCH_SECONDS", 0.05)
+    # Two identical alternatives under + make 2^n ways to fail on every name of n characters.
+    with pytest.raises(TaskArithError, match=r"--trainable '\(\[a-z0-9\.\]\|.*' took over 0.05 s to match"):
+        trainable_parameters(pretrained.encoder, r"([a-z0-9.]|[a-z0-9.])+[!#]")
+    assert trainable_parameters(pretrained.encoder, r"([a-z0-9.]|[a-z0-9.])+query\.weight$")
 
 
 def test_orthoreg_penalty_and_gradient_against_a_direct_computation():

@@ -36,6 +36,7 @@ from taskarith.display import quoted, shown
 from taskarith.errors import TaskArithError
 from taskarith.io import ensure_finite, load_tensors, read_json, save_tensors, state_hash, write_json
 from taskarith.outputs import check_output, output_folder
+from taskarith.patterns import Pattern
 
 if TYPE_CHECKING:
     from taskarith.vectors import TaskVector
@@ -102,8 +103,8 @@ class AdapterConfig:
 
     def rank_and_alpha(self, module: str) -> tuple[int, float]:
         """``module``'s rank and alpha, its name matched against the patterns as peft matches them."""
-        rank_key = _pattern_key(self.rank_pattern, module)
-        alpha_key = _pattern_key(self.alpha_pattern, module)
+        rank_key = _pattern_key(self.rank_pattern, module, "adapter_config.json: rank_pattern")
+        alpha_key = _pattern_key(self.alpha_pattern, module, "adapter_config.json: alpha_pattern")
         r = self.rank_pattern[rank_key] if rank_key is not None else self.r
         alpha = self.alpha_pattern[alpha_key] if alpha_key is not None else self.lora_alpha
         return r, alpha
@@ -279,20 +280,19 @@ def _patterns(path: Path, key: str, value: object, check: Callable[[Path, str, o
     for pattern, entry in value.items():
         if len(pattern) > MAX_PATTERN_CHARS:
             raise TaskArithError(f"{shown(path)}: {key} has a pattern of {len(pattern)} characters")
-        try:
-            re.compile(pattern)
-        except re.error:
-            raise TaskArithError(
-                f"{shown(path)}: {key} pattern {quoted(pattern)} is not a regular expression"
-            ) from None
+        Pattern(pattern, f"{shown(path)}: {key} pattern")
         checked[pattern] = check(path, f"{key}[{quoted(pattern)}]", entry)
     return checked
 
 
-def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
+# peft's get_pattern_key: a pattern matches the end of a module's name, at a name boundary.
+_NAME_END = (r"(.*\.)?(", ")")
+
+
+def _pattern_key(patterns: Mapping[str, Any], module: str, where: str) -> str | None:
     """The first pattern that matches the end of ``module`` at a name boundary (peft's get_pattern_key)."""
     for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", module):
+        if Pattern(pattern, where, within=_NAME_END).fullmatch(module):
             return pattern
     return None
 

@@ -25,6 +25,7 @@ from taskarith.display import shown
 from taskarith.errors import TaskArithError
 from taskarith.io import state_hash
 from taskarith.linearize import Linearized
+from taskarith.patterns import Pattern
 from taskarith.vectors import TaskVector
 
 # The attention projections' weights per model family, as the papers fine-tune them (Jin et al., ICLR 2025:
@@ -124,10 +125,7 @@ def trainable_parameters(module: nn.Module, spec: str | None, *, model_name: str
                 "efficientnet-lite0): name the parameters with a regular expression instead"
             )
         return chosen
-    try:
-        pattern = re.compile(spec)
-    except re.error as exc:
-        raise TaskArithError(f"--trainable {shown(spec)}: not a regular expression ({exc})") from None
+    pattern = Pattern(spec, "--trainable")
     chosen = [name for name in names if pattern.search(name)]
     if not chosen:
         raise TaskArithError(
