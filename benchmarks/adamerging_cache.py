@@ -4,8 +4,9 @@ Layer-wise, the shortcut caches J(x) tau_t|g for every parameter tensor g, task 
 taskarith vmaps the JVPs of up to 16 consecutive groups (and the T tasks) in one call, so they share the
 primal pass; with the chunk budget set to one element every group gets its own call, as before the change.
 Both ways are timed on the same inputs (the first ``--inputs`` test inputs of one task, one batch), the
-first ``--groups`` parameter tensors of each embedded model and two random linear vectors, alone and in
-the same process, alternating ``--repeats`` times; the cached tangents of both ways are compared.
+first ``--groups`` parameter tensors of each embedded model and two random linear vectors, in the same
+process, alternating ``--repeats`` times, with the peak resident memory above each call's start; the
+cached tangents of both ways are compared.
 
     python benchmarks/adamerging_cache.py     # -> benchmarks/results/adamerging_cache.json (~10 min on 2 cores)
 """
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from adamerging_cost import PeakRSS
 from environment import environment, machine
 
 from taskarith.data import load_task
@@ -43,6 +45,7 @@ def measure(model: str, task_name: str, groups_wanted: int, inputs_wanted: int, 
     groups = [(n,) for n in names]
     budget = adamerging_module._CHUNK_ELEMENTS
     seconds: dict[str, list[float]] = {"per_group": [], "chunked": []}
+    peak_mib: dict[str, float] = {"per_group": 0.0, "chunked": 0.0}
     calls: dict[str, int] = {}
     cached: dict[str, torch.Tensor] = {}
     for _ in range(repeats):
@@ -50,12 +53,14 @@ def measure(model: str, task_name: str, groups_wanted: int, inputs_wanted: int, 
             adamerging_module._CHUNK_ELEMENTS = elements
             try:
                 started = time.perf_counter()
-                _, tangents, calls[way] = _pooled_cache(pretrained, inputs, theta0, taus, groups, len(inputs))
+                with PeakRSS() as peak:
+                    _, tangents, calls[way] = _pooled_cache(pretrained, inputs, theta0, taus, groups, len(inputs))
                 seconds[way].append(time.perf_counter() - started)
+                peak_mib[way] = max(peak_mib[way], round(peak.mib, 1))
             finally:
                 adamerging_module._CHUNK_ELEMENTS = budget
             cached[way] = tangents
-    chunks = _group_chunks(groups, {n: theta0[n].numel() for n in names}, 2)
+    chunks = _group_chunks(groups, {n: theta0[n].numel() for n in names}, 2, len(inputs))
     row = {
         "model": pretrained.name,
         "task": task_name,
@@ -67,6 +72,7 @@ def measure(model: str, task_name: str, groups_wanted: int, inputs_wanted: int, 
         "calls": calls,
         "seconds": {way: [round(s, 2) for s in values] for way, values in seconds.items()},
         "median_seconds": {way: round(statistics.median(values), 2) for way, values in seconds.items()},
+        "peak_rss_above_start_mib": peak_mib,
         "speedup": round(statistics.median(seconds["per_group"]) / statistics.median(seconds["chunked"]), 2),
         "max_abs_difference": float((cached["per_group"] - cached["chunked"]).abs().max()),
         "max_abs_tangent": float(cached["per_group"].abs().max()),

@@ -428,8 +428,13 @@ def test_linear_mode_grams_are_the_pretrained_layer_inputs(tiny, task, linear_ve
 
 def test_linear_mode_fisher_is_the_squared_gradient_of_f_lin_in_delta(tiny, task, linear_vectors) -> None:
     vector = linear_vectors[1]
-    stats = compute_merge_statistics(tiny, task, vector, gram=False, num_examples=3, fisher_kind="empirical")
-    before = [p.requires_grad for p in tiny.encoder.parameters()]
+    # f_lin turns the base's requires_grad off and eval() its training flag: both must come back.
+    tiny.encoder.requires_grad_(True).train()
+    try:
+        stats = compute_merge_statistics(tiny, task, vector, gram=False, num_examples=3, fisher_kind="empirical")
+        assert all(p.requires_grad for p in tiny.encoder.parameters()) and tiny.encoder.training
+    finally:
+        tiny.encoder.requires_grad_(False).eval()
     # f_lin's pooled output is p0 + J tau, so the gradient in delta of log p(y | f_lin) at tau is
     # J^T (d log p / d pooled): a JVP for the point, then the plain network's VJP at theta0.
     theta0 = {k: v.detach() for k, v in tiny.encoder.named_parameters()}
@@ -454,7 +459,7 @@ def test_linear_mode_fisher_is_the_squared_gradient_of_f_lin_in_delta(tiny, task
         (grad,) = torch.autograd.grad(pooled(params, batch), [params[name]], grad_outputs=upstream)
         total += grad.double() ** 2
     torch.testing.assert_close(stats.fisher[name], (total / 3).float(), rtol=1e-4, atol=1e-12)
-    assert stats.mode == "linear" and [p.requires_grad for p in tiny.encoder.parameters()] == before
+    assert stats.mode == "linear"
     standard = compute_merge_statistics(
         tiny, task, vector.with_mode("standard"), gram=False, num_examples=3, fisher_kind="empirical"
     )
@@ -474,11 +479,14 @@ def test_merges_refuse_statistics_of_the_other_mode_by_name(
         assert merged.mode == "linear"
         with pytest.raises(TaskArithError, match=r"t0.safetensors holds statistics of a standard-mode model"):
             merge_task_vectors(linear_vectors, method, statistics=stats_files)
-        with pytest.raises(TaskArithError, match=r"lin0.safetensors holds statistics of a linear-mode model"):
-            merge_task_vectors(vectors, method, statistics=files)
-        with pytest.raises(TaskArithError, match=r"lin0.safetensors holds statistics of a linear-mode model"):
-            merge_checkpoints(tiny_model_dir, finetuned, tmp_path / f"out-{method}", method, statistics=files)
-    assert not (tmp_path / "out-regmean").exists()
+    # A linear model's Fisher is f_lin's, not the weights'; its Grams are the pre-trained inputs', which any
+    # merge may use (as it may a standard file's with activations "pretrained").
+    with pytest.raises(TaskArithError, match=r"lin0.safetensors holds statistics of a linear-mode model"):
+        merge_task_vectors(vectors, "fisher", statistics=files)
+    with pytest.raises(TaskArithError, match=r"lin0.safetensors holds statistics of a linear-mode model"):
+        merge_checkpoints(tiny_model_dir, finetuned, tmp_path / "out-fisher", "fisher", statistics=files)
+    assert not (tmp_path / "out-fisher").exists()
+    assert merge_task_vectors(vectors, "regmean", statistics=files).mode == "standard"
     # RegMean of linear vectors is RegMean on the pre-trained Grams: the delta it returns is the same.
     pretrained_grams = []
     for i, vector in enumerate(vectors):
@@ -489,3 +497,26 @@ def test_merges_refuse_statistics_of_the_other_mode_by_name(
     ours = merge_task_vectors(linear_vectors, "regmean", statistics=files)
     theirs = merge_task_vectors(vectors, "regmean", statistics=pretrained_grams)
     assert all(torch.equal(ours.deltas[k], theirs.deltas[k]) for k in ours.deltas)
+    # Grams of the pre-trained inputs do not depend on the fine-tuned model, so they serve linear vectors too.
+    also = merge_task_vectors(linear_vectors, "regmean", statistics=pretrained_grams)
+    assert all(torch.equal(ours.deltas[k], also.deltas[k]) for k in ours.deltas)
+    stats = MergeStatistics.load(files[0])
+    with pytest.raises(TaskArithError, match="Grams of a linear-mode model with activations 'finetuned'"):
+        dataclasses.replace(stats, activations="finetuned")
+
+
+def test_statistics_cli_refuses_finetuned_activations_of_a_linear_vector_before_loading(
+    cli, tmp_path, tiny_csv, linear_vectors, monkeypatch
+) -> None:
+    import taskarith.cli
+
+    def model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the option was refused")
+
+    monkeypatch.setattr(taskarith.cli, "_load_model", model)
+    linear_vectors[0].save(tmp_path / "tau")
+    code, _, err = cli(
+        "statistics", tiny_csv, "--vector", tmp_path / "tau", "--activations", "finetuned", "--out", tmp_path / "s"
+    )
+    assert code == 2 and "--activations finetuned: task vector" in err and "is linear-mode" in err
+    assert not (tmp_path / "s").exists()

@@ -712,6 +712,11 @@ def statistics(
     check_output(out_file, inputs, overwrite=overwrite, format=FORMAT, folder=False)  # before the computation
     loaded = load_task(task)
     tau = TaskVector.load(vector) if vector is not None else None
+    if tau is not None and tau.mode == "linear" and activations == "finetuned":
+        raise TaskArithError(
+            f"--activations finetuned: task vector {shown(vector)} is linear-mode, and f_lin's weight deltas multiply "
+            "the pre-trained layer inputs: leave --activations out (or give pretrained)"
+        )
     pretrained = _load_model(model, device)
     with err.status("computing merge statistics"):
         result = compute_merge_statistics(

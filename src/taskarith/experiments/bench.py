@@ -487,6 +487,8 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
     for method in p.merge_methods:
         started = time.perf_counter()
         statistics_of = None
+        if method in LEARNED_METHODS or method in STATISTICS:  # minutes each: say what runs
+            suite.on_stage(f"merging {mode} vectors by {method}")
         if method in LEARNED_METHODS:
             config = AdaMergingConfig(granularity=LEARNED_METHODS[method], steps=p.adamerging_steps)
             learned = adamerge_tasks(

@@ -27,8 +27,9 @@ Three ways to compute the merged model's output, chosen by the vectors' mode:
   ``p0(x) + sum_{t,g} lambda[t, g] * J(x) tau_t|g`` (mean pooling is linear too), so ``p0`` and every
   restricted tangent are computed once per unlabeled input and the coefficients are optimized on those
   cached tensors with no further pass through the network. The head (normalization, cosine) stays outside,
-  exactly as in f_lin. Its cost is one JVP per (group, task, input batch), vmapped over up to 16
-  consecutive groups and the T tasks at once so that they share the primal pass (``torch.func.vmap``):
+  exactly as in f_lin. Its cost is one JVP per (group, task, input batch), vmapped over consecutive
+  groups and the T tasks at once so that they share the primal pass (``torch.func.vmap``; 16 groups for
+  two tasks, fewer for more, so that the batched activation tangents stay those of 1,024 inputs):
   cheaper than optimizing through the network when the unlabeled sets are small against
   ``steps * batches * batch_size`` or the groups few (task-wise); benchmarks/adamerging_cost.py measures
   both.
@@ -236,20 +237,25 @@ def _draws(
     return draw
 
 
-# The shortcut vmaps the JVPs of up to this many groups at once (fewer where their stacked tangents,
-# groups x tasks x the groups' parameters, would pass _CHUNK_ELEMENTS floats): their primal pass is shared.
-_CHUNK_GROUPS = 16
+# The shortcut vmaps the JVPs of several groups at once, so that they share the primal pass. Its activation
+# tangents are those of (groups x tasks x batch) inputs: at most _CHUNK_TANGENT_INPUTS (16 groups for two
+# tasks and the cache's batches of 32), or T x batch when one group alone is more; the stacked parameter
+# tangents (groups x tasks x the groups' parameters) stay within _CHUNK_ELEMENTS floats.
+_CHUNK_TANGENT_INPUTS = 1024
 _CHUNK_ELEMENTS = 2**25
 
 
-def _group_chunks(groups: Sequence[Sequence[str]], sizes: Mapping[str, int], tasks: int) -> list[list[int]]:
-    """Consecutive groups (model order, so one chunk's groups sit close in depth) in chunks of at most
-    ``_CHUNK_GROUPS``, each chunk's stacked tangents within ``_CHUNK_ELEMENTS`` floats (a larger group alone)."""
+def _group_chunks(
+    groups: Sequence[Sequence[str]], sizes: Mapping[str, int], tasks: int, batch_size: int
+) -> list[list[int]]:
+    """Consecutive groups (model order, so one chunk's groups sit close in depth) in chunks within
+    ``_CHUNK_TANGENT_INPUTS`` and ``_CHUNK_ELEMENTS`` (a group over either alone)."""
+    most = max(1, _CHUNK_TANGENT_INPUTS // (tasks * batch_size))
     chunks: list[list[int]] = []
     elements = 0
     for g, names in enumerate(groups):
         size = sum(sizes[name] for name in names)
-        if chunks and len(chunks[-1]) < _CHUNK_GROUPS:
+        if chunks and len(chunks[-1]) < most:
             grown = (len(chunks[-1]) + 1) * tasks * (elements + size)
             if grown <= _CHUNK_ELEMENTS:
                 chunks[-1].append(g)
@@ -278,7 +284,8 @@ def _pooled_cache(
     from taskarith.linearize import jvp_safe_kernels
 
     tasks = next(iter(taus.values())).shape[0]
-    chunks = _group_chunks(groups, {name: theta0[name].numel() for group in groups for name in group}, tasks)
+    sizes = {name: theta0[name].numel() for group in groups for name in group}
+    chunks = _group_chunks(groups, sizes, tasks, batch_size)
     calls = 0
     base: torch.Tensor | None = None
     tangents: torch.Tensor | None = None

@@ -165,6 +165,11 @@ class MergeStatistics:
             raise TaskArithError(f"{shown(where)}: activations {quoted(self.activations)} is not one of {ACTIVATIONS}")
         if self.mode not in MODES:
             raise TaskArithError(f"{shown(where)}: mode {quoted(self.mode)} is not one of {MODES}")
+        if self.mode == "linear" and self.gram and self.activations != "pretrained":
+            raise TaskArithError(
+                f"{shown(where)}: Grams of a linear-mode model with activations {quoted(self.activations)}; "
+                "f_lin's are the pre-trained ones"
+            )
         if self.fisher and self.fisher_kind not in FISHER_KINDS:
             raise TaskArithError(f"{shown(where)}: Fisher kind {quoted(self.fisher_kind)} is not one of {FISHER_KINDS}")
         if not self.gram and not self.fisher:
@@ -307,11 +312,13 @@ def check_statistics(method: str, statistics: Sequence[MergeStatistics], models:
     first = statistics[0]
     table = "gram" if method == "regmean" else "fisher"
     for i, stats in enumerate(statistics):
-        if stats.mode != mode:
+        # Grams of the pre-trained inputs do not depend on the fine-tuned model: they serve either mode.
+        serves = stats.mode == mode or (table == "gram" and stats.activations == "pretrained")
+        if not serves:
             raise TaskArithError(
                 f"{_label(stats, i)} holds statistics of a {stats.mode}-mode model, but the merge is of "
-                f"{mode}-mode {'task vectors' if mode == 'linear' else 'weights'}: compute them with "
-                f"`taskarith statistics --vector` on the {mode}-mode vector"
+                f"{mode}-mode {'task vectors' if mode == 'linear' else 'weights'}: compute them from a "
+                f"{mode}-mode task vector (`taskarith statistics --vector`)"
             )
         if stats.base_hash != first.base_hash:
             raise TaskArithError(
@@ -542,12 +549,7 @@ def compute_merge_statistics(
     """
     if not gram and not fisher:
         raise TaskArithError("nothing to compute: ask for the Gram matrices, the Fisher, or both")
-    mode = vector.mode if vector is not None else "standard"
-    if mode not in MODES:
-        raise TaskArithError(
-            f"task vector {shown(vector.task or '?') if vector else '?'} is {quoted(mode)}-mode; statistics "
-            f"describe models of mode {' or '.join(MODES)}"
-        )
+    mode = vector.mode if vector is not None else "standard"  # TaskVector admits no other mode
     if activations is None:
         activations = "pretrained" if mode == "linear" else "finetuned"
     if activations not in ACTIVATIONS:
@@ -575,44 +577,46 @@ def compute_merge_statistics(
     labels = [examples.labels[i] for i in order]
     parameters = {name: tuple(p.shape) for name, p in pretrained.encoder.named_parameters()}
     result: dict[str, Any] = {}
-    if gram:
-        encoder = pretrained.encoder if activations == "pretrained" else _finetuned(pretrained, vector)
-        was = encoder.training
-        encoder.eval()
-        try:
+    # The standard fine-tuned model is one copy, shared by both statistics; f_lin references the base.
+    finetuned = (
+        _finetuned(pretrained, vector) if mode == "standard" and (fisher or activations == "finetuned") else None
+    )
+    base = pretrained.encoder
+    flags, was_training = [p.requires_grad for p in base.parameters()], base.training
+    try:
+        if gram:
+            encoder = base if activations == "pretrained" else finetuned
+            assert encoder is not None
+            encoder.eval()
             collector = _gram(encoder, (b for _, b in pretrained.batches(inputs, batch_size)))
-        finally:
-            encoder.train(was)
-        result.update(
-            gram={k: v.float() for k, v in sorted(collector.sums.items())},
-            tokens=dict(sorted(collector.tokens.items())),
-            transposed={k: v for k, v in collector.transposed.items() if v},
-        )
-    if fisher:
-        flags = [p.requires_grad for p in pretrained.encoder.parameters()]
-        if mode == "linear":
-            assert vector is not None
-            classifier, params = _linearized_classifier(pretrained, task, vector)
-        else:
-            finetuned = _finetuned(pretrained, vector)
-            params = dict(finetuned.named_parameters())
-            for p in params.values():
-                p.requires_grad_(True)
-            classifier = pretrained.classifier(task, finetuned)
-        generator = torch.Generator().manual_seed(seed)
+            result.update(
+                gram={k: v.float() for k, v in sorted(collector.sums.items())},
+                tokens=dict(sorted(collector.tokens.items())),
+                transposed={k: v for k, v in collector.transposed.items() if v},
+            )
+        if fisher:
+            if finetuned is None:
+                assert vector is not None
+                classifier, params = _linearized_classifier(pretrained, task, vector)
+            else:
+                params = dict(finetuned.named_parameters())
+                for p in params.values():
+                    p.requires_grad_(True)
+                classifier = pretrained.classifier(task, finetuned)
+            generator = torch.Generator().manual_seed(seed)
 
-        def one_by_one() -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-            for i, item in enumerate(inputs):
-                yield pretrained.tokenize([item]), labels[i]
+            def one_by_one() -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+                for i, item in enumerate(inputs):
+                    yield pretrained.tokenize([item]), labels[i]
 
-        try:
             with torch.enable_grad():
                 diagonal, _ = _fisher(classifier, params, one_by_one(), fisher_kind, generator)
-        finally:
-            for p, flag in zip(pretrained.encoder.parameters(), flags, strict=True):
-                p.requires_grad_(flag)
-        norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in diagonal.values()))
-        result.update(fisher=diagonal, fisher_kind=fisher_kind, fisher_norm=norm)
+            norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in diagonal.values()))
+            result.update(fisher=diagonal, fisher_kind=fisher_kind, fisher_norm=norm)
+    finally:  # f_lin (and eval()) change the base's flags; the caller's encoder is left as it was
+        for p, flag in zip(base.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+        base.train(was_training)
     return MergeStatistics(
         task=task.name,
         base_hash=pretrained.base_hash,
@@ -646,8 +650,8 @@ def _linearized_classifier(
     pretrained: Pretrained, task: Task, vector: TaskVector
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The task's classifier on f_lin at delta = tau, and its delta parameters (keyed by the encoder's names)
-    set to require gradients. f_lin references the pre-trained weights and turns their requires_grad off;
-    the caller restores the flags."""
+    set to require gradients. f_lin references the pre-trained weights and turns their requires_grad off
+    (and eval() their training flag): the caller restores both."""
     from taskarith.linearize import Linearized
 
     linearized = Linearized(pretrained.encoder, dict(vector.deltas)).eval()
