@@ -618,8 +618,8 @@ def test_attention_methods_are_refused_up_front_on_a_model_without_attention(tmp
     assert not (tmp_path / "cache" / "vectors").exists()
 
 
-def test_regmean_and_fisher_in_the_bench_on_standard_vectors_not_on_linear_ones(
-    tmp_path, pretrained, suite, linear_vectors
+def test_regmean_and_fisher_in_the_bench_on_standard_and_linear_vectors_with_cached_statistics(
+    tmp_path, pretrained, suite, linear_vectors, monkeypatch
 ):
     colours, sizes, moods = suite
     profile = BenchProfile(
@@ -646,6 +646,19 @@ def test_regmean_and_fisher_in_the_bench_on_standard_vectors_not_on_linear_ones(
     for method in ("regmean", "fisher"):
         assert linear["merging"][method]["cost"]["statistics_examples"] > 0
         assert 0 <= linear["merging"][method]["alpha_1"]["mean_accuracy"] <= 1
+    # A second evaluation of the same vectors reads their statistics from the suite's cache.
+    import taskarith.experiments.bench as bench_module
+
+    def computed(*args, **kwargs):
+        raise AssertionError("statistics computed again")
+
+    monkeypatch.setattr(bench_module, "compute_merge_statistics", computed)
+    again = evaluate_vectors(bench_suite, standard, with_xi=False)
+    for method in ("regmean", "fisher"):
+        assert again["merging"][method]["cost"]["statistics_from_cache"] == 2
+        assert result["merging"][method]["cost"]["statistics_from_cache"] == 0
+        assert again["merging"][method]["alpha_1"] == result["merging"][method]["alpha_1"]
+    assert len(list((tmp_path / "statistics").glob("*.safetensors"))) == 8  # 2 tasks x 2 methods x 2 modes
 
 
 def test_adamerging_in_the_bench_is_read_at_its_learned_coefficients(tmp_path, pretrained, suite, linear_vectors):

@@ -35,10 +35,12 @@ from taskarith.evaluate import (
 from taskarith.experiments.claims import ledger
 from taskarith.experiments.stats import correlation, off_diagonal
 from taskarith.finetune import FinetuneConfig, finetune_cached, run_key
+from taskarith.io import state_hash
 from taskarith.merging.adamerging import AdaMergingConfig, adamerge_tasks
 from taskarith.merging.hyperparameters import LEARNED_METHODS, STATISTICS, check_method
 from taskarith.merging.methods import merge_task_vectors
-from taskarith.merging.statistics import compute_merge_statistics
+from taskarith.merging.statistics import FORMAT as STATISTICS_FORMAT
+from taskarith.merging.statistics import MergeStatistics, compute_merge_statistics
 from taskarith.models import Pretrained
 from taskarith.regularizers import PUBLISHED_STRENGTH
 from taskarith.training import trainable_parameters
@@ -309,6 +311,24 @@ class Suite:
             )
         return path
 
+    def merge_statistics(self, method: str, task: Task, vector: TaskVector) -> tuple[MergeStatistics, bool]:
+        """(the statistics ``method`` needs of ``vector``'s model on ``task``, read from the cache?): computed once
+        per vector content, mode, task and base, as K-FAC factors are."""
+        version = STATISTICS_FORMAT.rsplit("/", 1)[-1]
+        name = (
+            f"{task.name}-{task.fingerprint}-{self.pretrained.base_hash[:12]}-{vector.mode}-"
+            f"{state_hash(vector.deltas)}-{method}-v{version}.safetensors"
+        )
+        path = self.cache_dir / "statistics" / name
+        if path.is_file():
+            return MergeStatistics.load(path), True
+        stats = compute_merge_statistics(
+            self.pretrained, task, vector, gram=method == "regmean", fisher=method == "fisher"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stats.save(path)
+        return stats, False
+
     def protected(self, method: str, task: Task, seen: Sequence[Task]) -> list[Task]:
         """What a regularized run of ``method`` on ``task`` protects: ``seen`` (the other tasks), plus the control
         for tau-Jp when the profile says so (the published regularization set includes the negation control)."""
@@ -486,7 +506,7 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
     merged, merge_cost, not_applicable = {}, {}, {}
     for method in p.merge_methods:
         started = time.perf_counter()
-        statistics_of = None
+        statistics_of, cached = None, 0
         if method in LEARNED_METHODS or method in STATISTICS:  # minutes each: say what runs
             suite.on_stage(f"merging {mode} vectors by {method}")
         if method in LEARNED_METHODS:
@@ -506,21 +526,20 @@ def evaluate_vectors(suite: Suite, vectors: Mapping[str, TaskVector], with_xi: b
         if method in STATISTICS:
             # A linear-mode vector's statistics are f_lin's: pre-trained Grams, the Fisher in delta.
             try:
-                statistics_of = [
-                    compute_merge_statistics(
-                        suite.pretrained, t, vectors[t.name], gram=method == "regmean", fisher=method == "fisher"
-                    )
-                    for t in tasks
-                ]
+                read = [suite.merge_statistics(method, t, vectors[t.name]) for t in tasks]
             except TaskArithError as exc:  # e.g. RegMean on a CNN: no linear layer to take a Gram of
                 not_applicable[method] = str(exc)
                 continue
+            statistics_of = [stats for stats, _ in read]
+            cached = sum(from_cache for _, from_cache in read)
         merged[f"{method}()"] = merge_task_vectors([vectors[n] for n in names], method, statistics=statistics_of)
         merge_cost[method] = {
             "seconds": round(time.perf_counter() - started, 3),
             # Passes through the network to collect the statistics: one per example and task (the Fisher's
             # also a backward pass); the data-free methods need none.
             "statistics_examples": sum(s.examples for s in statistics_of) if statistics_of else 0,
+            # Statistics read from the cache (an earlier run computed them) cost no pass now: seconds exclude them.
+            **({"statistics_from_cache": cached} if statistics_of else {}),
         }
     outputs = suite.outputs({**vectors, **merged})
     limit, val_limit = p.eval_limit, p.choice_limit
