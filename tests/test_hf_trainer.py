@@ -38,6 +38,21 @@ def test_linearized_trainer_trains_only_delta_and_saves_a_linear_vector(tmp_path
         trainer.save_task_vector(tmp_path / "tau.safetensors")
 
 
+def test_linearized_weight_decay_pulls_theta_as_the_papers_or_delta_as_tak(tmp_path):
+    # One step from delta = 0 at the full learning rate (no warmup): AdamW's own decay of delta = 0 is 0,
+    # and the papers' decay of theta = theta0 + delta moves delta by -lr * wd * theta0 on every tensor.
+    plain = trained(tmp_path, "plain", steps=1, warmup=0)
+    theta = trained(tmp_path, "theta", steps=1, warmup=0, weight_decay=0.1)
+    delta = trained(tmp_path, "delta", steps=1, warmup=0, weight_decay=0.1, weight_decay_on="delta")
+    theta0 = dict(tiny_classifier().named_parameters())
+    for name, value in plain.deltas.items():
+        torch.testing.assert_close(theta.deltas[name] - value, -1e-2 * 0.1 * theta0[name].detach(), atol=1e-7, rtol=0)
+        torch.testing.assert_close(delta.deltas[name], value, atol=1e-7, rtol=0)
+    assert (theta.config["weight_decay_on"], delta.config["weight_decay_on"]) == ("theta", "delta")
+    with pytest.raises(TaskArithError, match="weight_decay_on='both' is not one of theta, delta"):
+        make_trainer(tmp_path / "bad", weight_decay_on="both")
+
+
 def test_gradient_accumulation_of_two_half_batches_equals_one_batch(tmp_path):
     whole = trained(tmp_path, "whole", batch=8)
     halves = trained(tmp_path, "halves", batch=4, accum=2)

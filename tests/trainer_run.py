@@ -59,6 +59,9 @@ def make_trainer(
     linearize: bool = True,
     penalty: str = "taujp",
     trainable: str | None = None,
+    weight_decay: float = 0.0,
+    weight_decay_on: str = "theta",
+    warmup: int = 1,
 ) -> TaskArithTrainer:
     model = tiny_classifier()
     term = None
@@ -73,8 +76,8 @@ def make_trainer(
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accum,
         learning_rate=1e-2,
-        warmup_steps=1,
-        weight_decay=0.0,
+        warmup_steps=warmup,
+        weight_decay=weight_decay,
         seed=0,
         report_to=[],
         save_strategy="steps" if save_steps else "no",
@@ -93,6 +96,7 @@ def make_trainer(
         penalty=term,
         reg_strength=0.1 if term is not None else 0.0,
         task="toy",
+        weight_decay_on=weight_decay_on,
     )
 
 

@@ -51,7 +51,7 @@ from taskarith.regularizers import (
     pooled_tangents,
 )
 from taskarith.sampling import SAMPLINGS, batch_indices, derived_seed, regularization_draw, warmup_cosine
-from taskarith.training import decay_theta_, task_vector, trainable_parameters
+from taskarith.training import DECAY_TARGETS, decay_theta_, task_vector, trainable_parameters
 from taskarith.training_log import LOG_FORMAT, TrainingLog, check_log_outputs
 from taskarith.vectors import FORMAT as VECTOR_FORMAT
 from taskarith.vectors import TaskVector
@@ -64,7 +64,6 @@ RECORD_FORMAT = "taskarith.run_record/1"
 
 
 REG_SAMPLINGS = SAMPLINGS
-DECAY_TARGETS = ("theta", "delta")
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,12 @@ cross-entropy on the logits (of f_lin when linearized; the model's own loss othe
 same inputs; under several processes every process computes the whole penalty and DDP's averaging of
 the gradients leaves it counted once. Mixed precision is the Trainer's (its autocast wraps the JVP too).
 
-Where it differs from ``taskarith finetune``: AdamW's weight decay is the Trainer's, on the trained tensors
-(delta in linear mode, TAK's choice, not theta); in standard mode dropout is the model's own (the Trainer
+Weight decay when linearized (``weight_decay_on``): ``"theta"`` (the default, the tangent and tau-Jp papers'
+and ``taskarith finetune``'s) decays theta = theta0 + delta of every trained tensor, biases and norms too,
+just before each optimizer step (:func:`taskarith.training.decay_theta_`, the Trainer's own decay off);
+``"delta"`` (TAK's) leaves it to the Trainer's AdamW on delta, with its usual exclusions (biases, norms).
+
+Where it differs from ``taskarith finetune``: in standard mode dropout is the model's own (the Trainer
 trains in train mode), while f_lin is always taken in eval mode; a token-level loss (causal LM) is a
 per-micro-batch mean, so there accumulation equals a large batch only for micro-batches of equal token
 counts. Sharded training (FSDP, DeepSpeed ZeRO-3) is not supported: delta must be whole on every process.
@@ -38,7 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from taskarith.display import shown
 from taskarith.errors import TaskArithError
@@ -46,7 +50,7 @@ from taskarith.io import state_hash
 from taskarith.linearize import Linearized
 from taskarith.outputs import output_file
 from taskarith.regularizers import Penalty, TauJp
-from taskarith.training import task_vector, trainable_parameters
+from taskarith.training import DECAY_TARGETS, decay_theta_, task_vector, trainable_parameters
 from taskarith.vectors import FORMAT as VECTOR_FORMAT
 from taskarith.vectors import TaskVector
 
@@ -58,6 +62,19 @@ def _logits(outputs: Any) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor):
         raise TaskArithError("TaskArithTrainer: the model's output has no logits to compute the task loss from")
     return logits
+
+
+class _ThetaDecay(TrainerCallback):
+    """Decays theta = theta0 + delta just before each optimizer step, at the step's learning rate."""
+
+    def __init__(self, trainer: TaskArithTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model, optimizer = self.trainer._unwrapped(), self.trainer.optimizer
+        if isinstance(model, Linearized) and optimizer is not None and args.weight_decay > 0:
+            lr = optimizer.param_groups[0]["lr"]
+            decay_theta_(model.deltas(), model.theta0(), lr, args.weight_decay)
 
 
 class TaskArithTrainer(Trainer):
@@ -80,8 +97,13 @@ class TaskArithTrainer(Trainer):
         penalty: Penalty | None = None,
         reg_strength: float = 0.0,
         task: str | None = None,
+        weight_decay_on: str = "theta",
         **kwargs: Any,
     ) -> None:
+        if weight_decay_on not in DECAY_TARGETS:
+            raise TaskArithError(
+                f"TaskArithTrainer: weight_decay_on={weight_decay_on!r} is not one of {', '.join(DECAY_TARGETS)}"
+            )
         if isinstance(model, Linearized):
             raise TaskArithError("TaskArithTrainer: give the pre-trained model itself and linearize=True")
         if penalty is not None and not reg_strength > 0:
@@ -96,6 +118,7 @@ class TaskArithTrainer(Trainer):
                     "(their weights differ); build it on the pre-trained model you train"
                 )
         self.linearized = linearize
+        self.weight_decay_on = weight_decay_on if linearize else "theta"  # standard mode trains theta itself
         self.task_name, self.penalty, self.reg_strength = task, penalty, float(reg_strength)
         self.trained_names = names
         trained = set(names)
@@ -116,6 +139,8 @@ class TaskArithTrainer(Trainer):
             penalty.theta0 = {name: param.detach().clone() for name, param in model.named_parameters()}
         self.model_class = type(model.base if isinstance(model, Linearized) else model).__name__
         super().__init__(model, *args, **kwargs)
+        if self.linearized and self.weight_decay_on == "theta":
+            self.add_callback(_ThetaDecay(self))
         if isinstance(self.model, Linearized) and not self.label_names:
             # The Trainer finds the label names from the model's signature, which the wrapper hides; without
             # them evaluate() and predict() would never compute a loss or return labels.
@@ -129,6 +154,12 @@ class TaskArithTrainer(Trainer):
             columns = list(inspect.signature(self.model.base.forward).parameters)
             self._signature_columns = columns + list({"label", "label_ids", *self.label_names})  # type: ignore[assignment]
         super()._set_signature_columns_if_needed()
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        # Decaying theta is _ThetaDecay's: AdamW's own decay (of delta) is off for every tensor.
+        if self.linearized and self.weight_decay_on == "theta":
+            return []
+        return super().get_decay_parameter_names(model)
 
     def _unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
@@ -191,7 +222,8 @@ class TaskArithTrainer(Trainer):
             },
             "reg_strength": self.reg_strength,
             "learning_rate": args.learning_rate,
-            "weight_decay": args.weight_decay,  # AdamW's, on the trained tensors (delta, in linear mode)
+            "weight_decay": args.weight_decay,
+            "weight_decay_on": self.weight_decay_on,
             "per_device_train_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "processes": args.world_size,

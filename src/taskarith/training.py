@@ -194,6 +194,11 @@ def task_vector(
     )
 
 
+# What AdamW's decoupled decay pulls towards 0 while delta trains: theta = theta0 + delta (the tangent and
+# tau-Jp papers, which train a copy of theta) or delta itself (TAK).
+DECAY_TARGETS = ("theta", "delta")
+
+
 def decay_theta_(
     deltas: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor], lr: float, decay: float
 ) -> None:
