@@ -62,6 +62,22 @@ def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_bert(tmp_path_factory.mktemp("other-bert"), seed=1)
 
 
+@pytest.fixture(scope="module")
+def pretrained(tiny_model_dir: Path):
+    """The tiny BERT loaded for one test module (a module may change its flags; the next gets a fresh one)."""
+    from taskarith.models import load_pretrained
+
+    return load_pretrained(tiny_model_dir, max_length=16, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def task(tiny_csv: Path):
+    """The tiny colours task with one template."""
+    from taskarith.data import task_from_file
+
+    return task_from_file(tiny_csv, templates=("this is about {}.",))
+
+
 @pytest.fixture(scope="session")
 def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_csv(tmp_path_factory.mktemp("data") / "colours.csv")

@@ -23,14 +23,8 @@ from taskarith.merging.adamerging import (
     entropy,
     layer_groups,
 )
-from taskarith.models import load_pretrained
 from taskarith.models.zero_shot import mean_pool
 from taskarith.vectors import TaskVector, combine
-
-
-@pytest.fixture(scope="module")
-def pretrained(tiny_model_dir):
-    return load_pretrained(tiny_model_dir, max_length=16, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ from taskarith.evaluate import (
 from taskarith.experiments.bench import BenchProfile, Suite, evaluate_vectors, run_bench
 from taskarith.experiments.stats import correlation
 from taskarith.finetune import FinetuneConfig, finetune
-from taskarith.models import load_pretrained
 
 SIZES = [("the", "cow"), ("a", "bird"), ("my", "sheep"), ("this", "mouse"), ("your", "horse")]
 
@@ -34,11 +33,6 @@ def write_task(path: Path, template: str, labels: tuple[str, str]) -> Path:
     rows = [f"{template.format(f=f, w=w, s=s)},{s}" for f, w in SIZES for s in labels for _ in range(2)]
     path.write_text("text,label\n" + "\n".join(rows) + "\n")
     return path
-
-
-@pytest.fixture(scope="module")
-def pretrained(tiny_model_dir):
-    return load_pretrained(tiny_model_dir, max_length=16, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from taskarith.data import task_from_file
 from taskarith.errors import TaskArithError
 from taskarith.evaluate import accuracy, edited_encoder
 from taskarith.finetune import (
@@ -19,18 +18,8 @@ from taskarith.finetune import (
     warmup_cosine,
 )
 from taskarith.io import load_tensors, read_json
-from taskarith.models import Pretrained, load_pretrained
+from taskarith.models import Pretrained
 from taskarith.vectors import TaskVector
-
-
-@pytest.fixture(scope="module")
-def pretrained(tiny_model_dir):
-    return load_pretrained(tiny_model_dir, max_length=16)
-
-
-@pytest.fixture(scope="module")
-def task(tiny_csv):
-    return task_from_file(tiny_csv, templates=("this is about {}.",))
 
 
 def config(task, **overrides) -> FinetuneConfig:

@@ -13,17 +13,12 @@ from torch.func import functional_call
 from taskarith.data import Examples, task_from_file
 from taskarith.errors import TaskArithError
 from taskarith.experiments.interference import taujp_markdown, taujp_matrix
-from taskarith.models import Pretrained, load_pretrained
+from taskarith.models import load_pretrained
 from taskarith.models.zero_shot import mean_pool
 from taskarith.plots import heatmap
 from taskarith.vectors import TaskVector
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def pretrained(tiny_model_dir) -> Pretrained:
-    return load_pretrained(tiny_model_dir, max_length=16)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from torch import nn
 from torch.func import functional_call, jacrev
 from transformers.modeling_outputs import BaseModelOutput
 
-from taskarith.data import task_from_file
 from taskarith.errors import TaskArithError
 from taskarith.io import save_tensors
 from taskarith.kfac import (
@@ -66,11 +65,6 @@ class OneLayer(nn.Module):
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir: Path) -> Pretrained:
     return load_pretrained(tiny_model_dir, max_length=16, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def task(tiny_csv: Path):
-    return task_from_file(tiny_csv, templates=("this is about {}.",))
 
 
 @pytest.fixture(scope="module")

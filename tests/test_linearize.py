@@ -17,16 +17,6 @@ from taskarith.vectors import TaskVector
 TEXTS = ["the red cat is big", "a dog", "my blue fish is very small", "that horse"]
 
 
-@pytest.fixture(scope="module")
-def pretrained(tiny_model_dir):
-    return load_pretrained(tiny_model_dir, max_length=16, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def task(tiny_csv):
-    return task_from_file(tiny_csv, templates=("this is about {}.",))
-
-
 def random_delta(encoder, scale: float, seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return {n: scale * torch.randn(p.shape, generator=generator, dtype=p.dtype) for n, p in encoder.named_parameters()}

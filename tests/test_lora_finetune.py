@@ -12,21 +12,10 @@ from taskarith.errors import TaskArithError
 from taskarith.finetune import CHECKPOINT_FILE, FinetuneConfig, finetune, run_key
 from taskarith.linearize import Linearized
 from taskarith.lora_training import LinearLora, LoraModel, initial_lora_a
-from taskarith.models import load_pretrained
 from taskarith.training import trainable_parameters
 from taskarith.vectors import TaskVector
 
 RANK, ALPHA = 2, 4.0
-
-
-@pytest.fixture(scope="module")
-def pretrained(tiny_model_dir):
-    return load_pretrained(tiny_model_dir, max_length=16, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def task(tiny_csv):
-    return task_from_file(tiny_csv, templates=("this is about {}.",))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import BertModel
 
-from taskarith.data import task_from_file
 from taskarith.errors import TaskArithError
 from taskarith.io import read_state_dict
 from taskarith.merging import load_recipe, merge_checkpoints, merge_task_vectors, run_recipe
@@ -142,11 +141,6 @@ def test_fisher_merging_equals_a_hand_computation() -> None:
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir: Path) -> Pretrained:
     return load_pretrained(tiny_model_dir, max_length=16, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def task(tiny_csv: Path):
-    return task_from_file(tiny_csv, templates=("this is about {}.",))
 
 
 def fine_tuned_copy(base_dir: Path, folder: Path, seed: int) -> Path:

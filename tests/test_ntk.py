@@ -11,15 +11,8 @@ import torch
 from test_bench import write_task
 
 from taskarith.errors import TaskArithError
-from taskarith.models import load_pretrained
 from taskarith.models.zero_shot import mean_pool
 from taskarith.ntk import empirical_ntk, localization, ntk_cost
-
-
-@pytest.fixture(scope="module")
-def pretrained(tiny_model_dir):
-    return load_pretrained(tiny_model_dir, max_length=16, device="cpu")
-
 
 TEXTS = ["the cow is big", "a bird is very small", "my sheep", "this mouse is quite small and red"]
 

@@ -13,13 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import taskarith.finetune as finetune_module
-from taskarith.data import task_from_file
 from taskarith.errors import TaskArithError
 from taskarith.evaluate import PUBLISHED_ALPHA_GRID, best_normalized_alpha, control_constrained_alpha
 from taskarith.experiments.bench import BenchProfile, _addition_with_search
 from taskarith.finetune import FinetuneConfig, derived_seed, finetune, regularization_batches, run_key
 from taskarith.linearize import LinearizedEncoder
-from taskarith.models import load_pretrained
 from taskarith.models.zero_shot import mean_pool
 from taskarith.regularizers import (
     PENALTY_FORMS,
@@ -30,16 +28,6 @@ from taskarith.regularizers import (
     taujp_sq_penalty,
 )
 from taskarith.vectors import TaskVector
-
-
-@pytest.fixture(scope="module")
-def pretrained(tiny_model_dir):
-    return load_pretrained(tiny_model_dir, max_length=16)
-
-
-@pytest.fixture(scope="module")
-def task(tiny_csv):
-    return task_from_file(tiny_csv, templates=("this is about {}.",))
 
 
 @pytest.fixture(scope="module")

@@ -12,25 +12,14 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from taskarith import patterns
-from taskarith.data import load_task, task_from_file
+from taskarith.data import load_task
 from taskarith.errors import TaskArithError
 from taskarith.finetune import FinetuneConfig, finetune
 from taskarith.linearize import Linearized, linearized_call
-from taskarith.models import load_pretrained
 from taskarith.models.zero_shot import ZeroShotClassifier
 from taskarith.regularizers import OrthoReg, TauJp, orthogonality_gap
 from taskarith.sampling import batch_indices, warmup_cosine
 from taskarith.training import decay_theta_, task_vector, trainable_parameters
-
-
-@pytest.fixture(scope="module")
-def pretrained(tiny_model_dir):
-    return load_pretrained(tiny_model_dir, max_length=16, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def task(tiny_csv):
-    return task_from_file(tiny_csv, templates=("this is about {}.",))
 
 
 @pytest.fixture(scope="module")

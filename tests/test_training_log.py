@@ -10,14 +10,8 @@ import torch
 from taskarith.data import task_from_file
 from taskarith.errors import TaskArithError
 from taskarith.finetune import FinetuneConfig, check_run_folder, finetune
-from taskarith.models import load_pretrained
 from taskarith.plots import TRAINING_CURVES_FORMAT, png_format
 from taskarith.training_log import LOG_FILE, LOG_FORMAT, TENSORBOARD_DIR, TrainingLog, read_log
-
-
-@pytest.fixture(scope="module")
-def pretrained(tiny_model_dir):
-    return load_pretrained(tiny_model_dir, max_length=16, device="cpu")
 
 
 @pytest.fixture(scope="module")
