@@ -653,6 +653,14 @@ def test_regmean_and_fisher_in_the_bench_on_standard_and_linear_vectors_with_cac
         assert result["merging"][method]["cost"]["statistics_from_cache"] == 0
         assert again["merging"][method]["alpha_1"] == result["merging"][method]["alpha_1"]
     assert len(list((tmp_path / "statistics").glob("*.safetensors"))) == 8  # 2 tasks x 2 methods x 2 modes
+    # A damaged cache file is computed again and replaced (the folder is the bench's own).
+    monkeypatch.undo()
+    damaged = sorted((tmp_path / "statistics").glob("*-standard-*-fisher-*.safetensors"))[0]
+    damaged.write_bytes(b"not a safetensors file")
+    healed = evaluate_vectors(bench_suite, standard, with_xi=False)
+    assert healed["merging"]["fisher"]["cost"]["statistics_from_cache"] == 1
+    assert healed["merging"]["fisher"]["alpha_1"] == result["merging"]["fisher"]["alpha_1"]
+    assert damaged.read_bytes()[:8] != b"not a sa"
 
 
 def test_adamerging_in_the_bench_is_read_at_its_learned_coefficients(tmp_path, pretrained, suite, linear_vectors):

@@ -53,6 +53,15 @@ def test_linearized_weight_decay_pulls_theta_as_the_papers_or_delta_as_tak(tmp_p
         make_trainer(tmp_path / "bad", weight_decay_on="both")
 
 
+def test_theta_decay_refuses_an_optimizer_of_ones_own(tmp_path):
+    from transformers import TrainingArguments
+
+    model = tiny_classifier()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], weight_decay=0.1)
+    with pytest.raises(TaskArithError, match="pass weight_decay_on='delta'"):
+        TaskArithTrainer(model, args, linearize=True, optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+
+
 def test_gradient_accumulation_of_two_half_batches_equals_one_batch(tmp_path):
     whole = trained(tmp_path, "whole", batch=8)
     halves = trained(tmp_path, "halves", batch=4, accum=2)

@@ -101,7 +101,7 @@ def test_scaling_tau_scales_rows_linearly_and_quadratically_and_mode_is_irreleva
 
 
 def test_vector_from_another_base_is_refused(pretrained, tasks, other_model_dir):
-    other = load_pretrained(other_model_dir, max_length=16)
+    other = load_pretrained(other_model_dir, max_length=16, device="cpu")
     foreign = random_vector(other.encoder.state_dict(), 4, "foreign")
     with pytest.raises(TaskArithError) as info:
         taujp_matrix(pretrained, [foreign], tasks, max_examples=2)

@@ -344,7 +344,10 @@ def test_a_rank_pattern_that_backtracks_exponentially_is_stopped_and_named(tmp_p
     monkeypatch.setattr(patterns, "MATCH_SECONDS", 0.05)
     base = tiny_bert()
     folder = edit_config(adapter(tmp_path / "a", base, r=2), rank_pattern={"([a-z0-9.]|[a-z0-9.])+[!#]": 4})
-    with pytest.raises(TaskArithError, match=r"rank_pattern '.*' took over 0.05 s to match encoder\.layer"):
+    with pytest.raises(
+        TaskArithError,
+        match=r"a/adapter_config\.json: rank_pattern pattern '.*' took over 0.05 s to match encoder\.layer",
+    ):
         TaskVector.from_peft(folder, base)
 
 

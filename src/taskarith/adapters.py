@@ -36,7 +36,7 @@ from taskarith.display import quoted, shown
 from taskarith.errors import TaskArithError
 from taskarith.io import ensure_finite, load_tensors, read_json, save_tensors, state_hash, write_json
 from taskarith.outputs import check_output, output_folder
-from taskarith.patterns import Pattern
+from taskarith.patterns import MatchBudget, Pattern
 
 if TYPE_CHECKING:
     from taskarith.vectors import TaskVector
@@ -100,14 +100,28 @@ class AdapterConfig:
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
     base_model_name_or_path: str | None
+    source: str = ADAPTER_CONFIG  # the file, for messages
+    # Every pattern compiled once; all matches of this config share one time budget.
+    compiled: dict[str, Pattern] = field(default_factory=dict, compare=False, repr=False)
+    budget: MatchBudget = field(default_factory=MatchBudget, compare=False, repr=False)
 
     def rank_and_alpha(self, module: str) -> tuple[int, float]:
         """``module``'s rank and alpha, its name matched against the patterns as peft matches them."""
-        rank_key = _pattern_key(self.rank_pattern, module, "adapter_config.json: rank_pattern")
-        alpha_key = _pattern_key(self.alpha_pattern, module, "adapter_config.json: alpha_pattern")
+        rank_key = self._pattern_key("rank_pattern", self.rank_pattern, module)
+        alpha_key = self._pattern_key("alpha_pattern", self.alpha_pattern, module)
         r = self.rank_pattern[rank_key] if rank_key is not None else self.r
         alpha = self.alpha_pattern[alpha_key] if alpha_key is not None else self.lora_alpha
         return r, alpha
+
+    def _pattern_key(self, key: str, patterns: Mapping[str, Any], module: str) -> str | None:
+        """The first pattern that matches the end of ``module`` at a name boundary (peft's get_pattern_key)."""
+        for pattern in patterns:
+            name = f"{key}\0{pattern}"
+            if name not in self.compiled:
+                self.compiled[name] = Pattern(pattern, f"{self.source}: {key} pattern", within=_NAME_END)
+            if self.compiled[name].fullmatch(module, self.budget):
+                return pattern
+        return None
 
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
@@ -251,6 +265,7 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
         rank_pattern=_patterns(path, "rank_pattern", raw.get("rank_pattern"), _rank),
         alpha_pattern=_patterns(path, "alpha_pattern", raw.get("alpha_pattern"), _alpha),
         base_model_name_or_path=name or None,
+        source=shown(path),
     )
 
 
@@ -287,14 +302,6 @@ def _patterns(path: Path, key: str, value: object, check: Callable[[Path, str, o
 
 # peft's get_pattern_key: a pattern matches the end of a module's name, at a name boundary.
 _NAME_END = (r"(.*\.)?(", ")")
-
-
-def _pattern_key(patterns: Mapping[str, Any], module: str, where: str) -> str | None:
-    """The first pattern that matches the end of ``module`` at a name boundary (peft's get_pattern_key)."""
-    for pattern in patterns:
-        if Pattern(pattern, where, within=_NAME_END).fullmatch(module):
-            return pattern
-    return None
 
 
 def _check_base_name(folder: Path, recorded: str | None, given: str | None, ignore: bool) -> None:

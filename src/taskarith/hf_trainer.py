@@ -25,6 +25,10 @@ Weight decay when linearized (``weight_decay_on``): ``"theta"`` (the default, th
 and ``taskarith finetune``'s) decays theta = theta0 + delta of every trained tensor, biases and norms too,
 just before each optimizer step (:func:`taskarith.training.decay_theta_`, the Trainer's own decay off);
 ``"delta"`` (TAK's) leaves it to the Trainer's AdamW on delta, with its usual exclusions (biases, norms).
+The decay reads the learning rate of the optimizer's first group (the Trainer schedules all its groups
+alike), so with theta decay the Trainer builds the optimizer: an ``optimizers=`` of one's own is refused.
+In standard mode the Trainer's AdamW decays theta without biases and norms (``taskarith finetune`` decays
+every trained tensor).
 
 Where it differs from ``taskarith finetune``: in standard mode dropout is the model's own (the Trainer
 trains in train mode), while f_lin is always taken in eval mode; a token-level loss (causal LM) is a
@@ -106,6 +110,12 @@ class TaskArithTrainer(Trainer):
             )
         if isinstance(model, Linearized):
             raise TaskArithError("TaskArithTrainer: give the pre-trained model itself and linearize=True")
+        own_optimizer = kwargs.get("optimizers", (None, None))[0] is not None
+        if linearize and weight_decay_on == "theta" and own_optimizer:
+            raise TaskArithError(
+                "TaskArithTrainer: with your own optimizer (optimizers=...) pass weight_decay_on='delta' and "
+                "decay as you choose; weight_decay_on='theta' decays at the Trainer's own optimizer's rate"
+            )
         if penalty is not None and not reg_strength > 0:
             raise TaskArithError(f"TaskArithTrainer: reg_strength={reg_strength!r} must be > 0 with a penalty")
         names = trainable_parameters(model, trainable, model_name=type(model).__name__)

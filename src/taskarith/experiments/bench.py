@@ -7,6 +7,7 @@ Fine-tuned vectors are cached by content hash (``finetune_cached``), so a second
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 import time
@@ -39,6 +40,8 @@ from taskarith.io import state_hash
 from taskarith.merging.adamerging import AdaMergingConfig, adamerge_tasks
 from taskarith.merging.hyperparameters import LEARNED_METHODS, STATISTICS, check_method
 from taskarith.merging.methods import merge_task_vectors
+from taskarith.merging.statistics import COMPUTATION as STATISTICS_COMPUTATION
+from taskarith.merging.statistics import DEFAULT_EXAMPLES as DEFAULT_STATISTICS_EXAMPLES
 from taskarith.merging.statistics import FORMAT as STATISTICS_FORMAT
 from taskarith.merging.statistics import MergeStatistics, compute_merge_statistics
 from taskarith.models import Pretrained
@@ -313,17 +316,34 @@ class Suite:
 
     def merge_statistics(self, method: str, task: Task, vector: TaskVector) -> tuple[MergeStatistics, bool]:
         """(the statistics ``method`` needs of ``vector``'s model on ``task``, read from the cache?): computed once
-        per vector content, mode, task and base, as K-FAC factors are."""
+        per vector content, mode, task, base and settings, as K-FAC factors are. A cache file that cannot be
+        read (damaged) is computed again and replaced: the cache folder is the bench's own."""
         version = STATISTICS_FORMAT.rsplit("/", 1)[-1]
+        settings = {
+            "gram": method == "regmean",
+            "fisher": method == "fisher",
+            "num_examples": DEFAULT_STATISTICS_EXAMPLES,
+            "max_length": self.pretrained.max_length,
+            "computation": STATISTICS_COMPUTATION,
+        }
+        digest = hashlib.blake2b(repr(sorted(settings.items())).encode(), digest_size=6).hexdigest()
         name = (
             f"{task.name}-{task.fingerprint}-{self.pretrained.base_hash[:12]}-{vector.mode}-"
-            f"{state_hash(vector.deltas)}-{method}-v{version}.safetensors"
+            f"{state_hash(vector.deltas)}-{method}-{digest}-v{version}.safetensors"
         )
         path = self.cache_dir / "statistics" / name
         if path.is_file():
-            return MergeStatistics.load(path), True
+            try:
+                return MergeStatistics.load(path), True
+            except TaskArithError:
+                self.on_stage(f"statistics cache file {path.name} unreadable: computing it again")
         stats = compute_merge_statistics(
-            self.pretrained, task, vector, gram=method == "regmean", fisher=method == "fisher"
+            self.pretrained,
+            task,
+            vector,
+            gram=method == "regmean",
+            fisher=method == "fisher",
+            num_examples=DEFAULT_STATISTICS_EXAMPLES,
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         stats.save(path)

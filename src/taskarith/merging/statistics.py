@@ -74,6 +74,8 @@ __all__ = [
 ]
 
 FORMAT = "taskarith.merge_statistics/1"
+# Bumped when the computation changes what a file of the same format holds (caches key on it); 2: linear mode.
+COMPUTATION = 2
 ACTIVATIONS = ("finetuned", "pretrained")
 MODES = ("standard", "linear")  # the vectors' modes statistics can describe
 FISHER_KINDS = ("sampled", "expected", "empirical")
