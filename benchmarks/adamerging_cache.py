@@ -20,14 +20,12 @@ from pathlib import Path
 
 import torch
 from adamerging_cost import PeakRSS
-from environment import environment, machine
+from environment import write_results
 
 from taskarith.data import load_task
-from taskarith.io import write_json
 from taskarith.merging import adamerging as adamerging_module
 from taskarith.merging.adamerging import _group_chunks, _pooled_cache
 from taskarith.models import load_pretrained
-from taskarith.outputs import output_file
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "adamerging_cache.json"
@@ -93,18 +91,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = [measure(model, task, args.groups, args.inputs, args.repeats) for model, task in MODELS]
-    document = {
-        "format": FORMAT,
-        "what": __doc__.split("\n\n")[0],
-        "machine": machine(),
-        "environment": environment(torch.device("cpu")),
-        "settings": {"groups": args.groups, "inputs": args.inputs, "repeats": args.repeats, "max_length": 32},
-        "runs": rows,
-        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    with output_file(args.out, (), overwrite=True, format=FORMAT) as tmp:
-        write_json(tmp, document)
-    print(f"wrote {args.out}")
+    settings = {"groups": args.groups, "inputs": args.inputs, "repeats": args.repeats, "max_length": 32}
+    write_results(args.out, FORMAT, __doc__.split("\n\n")[0], settings, runs=rows)
 
 
 if __name__ == "__main__":

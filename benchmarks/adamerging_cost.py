@@ -24,22 +24,19 @@ from __future__ import annotations
 import argparse
 import os
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from environment import environment, machine
+from environment import write_results
 
 from taskarith.data import Examples, load_task
 from taskarith.evaluate import accuracy, mean, normalized_accuracy
 from taskarith.finetune import FinetuneConfig, finetune_cached
-from taskarith.io import write_json
 from taskarith.merging.adamerging import AdaMergingConfig, adamerge_tasks
 from taskarith.merging.methods import merge_task_vectors
 from taskarith.models import load_pretrained
-from taskarith.outputs import output_file
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "adamerging_cost.json"
@@ -168,29 +165,18 @@ def main() -> None:
             }
             print(f"{mode:8s} {name:22s} {accuracy_rows[mode][name]['mean_normalized']:.3f}")
 
-    document = {
-        "format": FORMAT,
-        "what": __doc__.split("\n\n")[0],
-        "machine": machine(),
-        "environment": environment(torch.device("cpu")),
-        "settings": {
-            "model": pretrained.name,
-            "max_length": 32,
-            "tasks": list(TASKS),
-            "unlabeled_test_inputs_per_task": args.unlabeled,
-            "steps_measured": args.steps,
-            "granularities": granularities,
-            "finetune_steps": args.ft_steps,
-            "transductive": True,
-            "eval_test_examples_per_task": args.eval_limit,
-        },
-        "runs": runs,
-        "accuracy": accuracy_rows,
-        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    settings = {
+        "model": pretrained.name,
+        "max_length": 32,
+        "tasks": list(TASKS),
+        "unlabeled_test_inputs_per_task": args.unlabeled,
+        "steps_measured": args.steps,
+        "granularities": granularities,
+        "finetune_steps": args.ft_steps,
+        "transductive": True,
+        "eval_test_examples_per_task": args.eval_limit,
     }
-    with output_file(args.out, (), overwrite=True, format=FORMAT) as tmp:
-        write_json(tmp, document)
-    print(f"wrote {args.out}")
+    write_results(args.out, FORMAT, __doc__.split("\n\n")[0], settings, runs=runs, accuracy=accuracy_rows)
 
 
 if __name__ == "__main__":

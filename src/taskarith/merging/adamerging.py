@@ -266,6 +266,20 @@ def _group_chunks(
     return chunks
 
 
+def _chunk_tangent(
+    name: str, chunk: Sequence[int], groups: Sequence[Sequence[str]], taus: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """(chunk x T, *shape): tau_t of parameter ``name`` for the group holding it, zero for the chunk's others.
+    A chunk of one group (task-wise: the whole model) takes the stacked vectors as they are, uncopied."""
+    if len(chunk) == 1:
+        return taus[name]
+    tangent = taus[name].new_zeros(len(chunk), *taus[name].shape)
+    for j, g in enumerate(chunk):
+        if name in groups[g]:
+            tangent[j] = taus[name]
+    return tangent.flatten(0, 1)
+
+
 def _pooled_cache(
     pretrained: Pretrained,
     inputs: Sequence[Any],
@@ -289,19 +303,14 @@ def _pooled_cache(
     calls = 0
     base: torch.Tensor | None = None
     tangents: torch.Tensor | None = None
+    batches = list(pretrained.batches(inputs, batch_size))  # tokenized once, read once per chunk
     with torch.no_grad(), jvp_safe_kernels():
-        for indices, batch in pretrained.batches(inputs, batch_size):
-            mask = batch["attention_mask"]
-            for chunk in chunks:
-                names = [name for g in chunk for name in groups[g]]
-                sub = {name: theta0[name] for name in names}
-                stacked = {}
-                for name in names:
-                    tangent = theta0[name].new_zeros(len(chunk), tasks, *theta0[name].shape)
-                    for j, g in enumerate(chunk):
-                        if name in groups[g]:
-                            tangent[j] = taus[name]
-                    stacked[name] = tangent.flatten(0, 1)
+        for chunk in chunks:
+            names = [name for g in chunk for name in groups[g]]
+            sub = {name: theta0[name] for name in names}
+            stacked = {name: _chunk_tangent(name, chunk, groups, taus) for name in names}
+            for indices, batch in batches:
+                mask = batch["attention_mask"]
 
                 def states(group: Params, batch: Mapping[str, torch.Tensor] = batch) -> torch.Tensor:
                     return functional_call(pretrained.encoder, {**theta0, **group}, args=(), kwargs=dict(batch))[
